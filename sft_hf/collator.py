@@ -1,0 +1,84 @@
+"""Batching: pad to the longest row, build labels, mask what must not be trained.
+
+Labels are built from each row's own length, not by comparing token ids with the pad id. That is what keeps the
+row's EOS a training target when pad == eos (chapter 7 masks "every end-of-text but the first" for the same reason;
+masking by id is the classic "the model never stops" bug).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy (and every HF loss) skips
+
+
+@dataclass
+class InstructionDataCollator:
+    """A Hugging Face data collator for rows made by `tokenize_dataset` (or any rows with `input_ids`).
+
+    Returns `input_ids`, `attention_mask` and `labels` (right padding), or with `padding_free=True` one row per batch
+    with `position_ids` restarting at 0 for each example and no padding at all (attention stays within an example).
+
+    - `completion_only_loss`: mask the prompt (needs the `prompt_length` column) so only responses are trained.
+    - `max_length`: truncate rows longer than this from the right (a safety net; `tokenize_dataset` already
+      truncated the prompt and kept the response).
+    - `pad_to_multiple_of`: round the padded length up (tensor-core friendly shapes on GPU).
+    Rows without `prompt_length` train every non-padding token.
+    """
+
+    pad_token_id: int
+    completion_only_loss: bool = False
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    padding_free: bool = False
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows, labels = [], []
+        for f in features:
+            ids = list(f["input_ids"])[: self.max_length]
+            target = list(ids)
+            if self.completion_only_loss and f.get("prompt_length") is not None:
+                n_prompt = min(int(f["prompt_length"]), len(ids))
+                target[:n_prompt] = [IGNORE_INDEX] * n_prompt
+            rows.append(ids)
+            labels.append(target)
+        if self.padding_free:
+            return self._flatten(rows, labels)
+
+        longest = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), longest), dtype=torch.long),
+            "labels": torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long),
+        }
+        for i, (ids, target) in enumerate(zip(rows, labels)):
+            batch["input_ids"][i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            batch["attention_mask"][i, : len(ids)] = 1
+            batch["labels"][i, : len(ids)] = torch.tensor(target, dtype=torch.long)
+        return batch
+
+    def _flatten(self, rows: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+        input_ids, position_ids, flat_labels = [], [], []
+        for ids, target in zip(rows, labels):
+            input_ids += ids
+            position_ids += range(len(ids))
+            # The first token of an example must not be predicted from the previous example's EOS.
+            flat_labels += [IGNORE_INDEX] + target[1:]
+        # No attention_mask: transformers derives a block-diagonal mask (or varlen kernel) from position_ids.
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            "labels": torch.tensor([flat_labels], dtype=torch.long),
+        }
+
+
+def resolve_pad_token_id(tokenizer) -> int:
+    """Pad with the tokenizer's pad token, else its EOS (safe here: labels are masked by length, not by id)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token")

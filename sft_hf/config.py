@@ -1,0 +1,140 @@
+"""Recipe arguments: YAML recipe + command-line overrides, parsed into dataclasses by `HfArgumentParser`.
+
+Names follow `TrainingArguments` and TRL's `SFTConfig` / `ModelConfig` / `ScriptArguments` where the concept is
+the same, so a TRL or alignment-handbook recipe reads the same here.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="builtin:tiny-llama", metadata={"help": "Hub id, local dir, or builtin:tiny-llama (built offline)."}
+    )
+    model_revision: str = "main"
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16 for the weights."})
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default="builtin:toy-tasks",
+        metadata={"help": "Hub dataset name, local file (.json/.jsonl/.csv/.parquet) or folder, or builtin:toy-tasks."},
+    )
+    dataset_config: str | None = None
+    column_mapping: str | dict | None = field(
+        default=None, metadata={"help": 'Rename fields, e.g. \'{"question": "instruction", "answer": "output"}\'.'}
+    )
+    template: str = field(default="alpaca", metadata={"help": "alpaca, phi3, chatml, chat_template, raw, or a YAML."})
+    train_split_ratio: float = 0.85
+    test_split_ratio: float = 0.10
+    shuffle_seed: int | None = None
+    dataset_num_proc: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.column_mapping, str):
+            self.column_mapping = json.loads(self.column_mapping)
+
+
+@dataclass
+class SFTArguments(TrainingArguments):
+    output_dir: str = "outputs/default"
+    max_length: int | None = field(default=1024, metadata={"help": "Truncate examples to this many tokens."})
+    completion_only_loss: bool = field(default=False, metadata={"help": "Train on responses only (mask prompts)."})
+    packing: bool = field(default=False, metadata={"help": "Alias of padding_free: examples concatenated per batch."})
+    padding_free: bool = field(default=False, metadata={"help": "One row per batch, no padding (position_ids)."})
+    pad_to_multiple_of: int | None = None
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 only where native), fp32, bf16, fp16."})
+    eval_exact_match: bool = field(
+        default=False, metadata={"help": "Greedy-generate the test split before and after training; exact match."}
+    )
+    max_new_tokens: int = 256
+    num_sample_generations: int = 3
+    remove_unused_columns: bool = False  # our collator needs prompt_length
+
+    def __post_init__(self):
+        choose_precision(self)
+        super().__post_init__()
+
+
+def choose_precision(args: SFTArguments) -> None:
+    """bf16 only where the device runs it natively; CPU autocast to bf16 makes training many times slower."""
+    if args.precision == "auto":
+        args.bf16 = args.bf16 or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        args.fp16 = args.fp16 or (torch.cuda.is_available() and not args.bf16)
+    elif args.precision in ("bf16", "fp16", "fp32"):
+        args.bf16, args.fp16 = args.precision == "bf16", args.precision == "fp16"
+    else:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {args.precision!r}")
+
+
+ARG_CLASSES = (ModelArguments, DataArguments, SFTArguments)
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def _to_argv(recipe: dict) -> list[str]:
+    argv = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, list):
+            argv += [str(v) for v in value]
+        elif isinstance(value, dict):
+            argv.append(json.dumps(value))
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def _check_names(names: list[str], where: str) -> None:
+    known = {f.name for cls in ARG_CLASSES for f in fields(cls)}
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{where}: unknown recipe key {name!r}{hint}")
+
+
+def parse_recipe(argv: list[str] | None = None, default_recipe: Path | None = DEFAULT_RECIPE):
+    """`--config recipe.yaml` (else `default_recipe`) then every other flag overrides a recipe value."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = default_recipe
+    if "--config" in argv:
+        i = argv.index("--config")
+        config = Path(argv[i + 1])
+        del argv[i : i + 2]
+    recipe = {}
+    if config is not None:
+        if not Path(config).is_file():
+            raise RecipeError(f"recipe {config} not found")
+        recipe = yaml.safe_load(Path(config).read_text()) or {}
+        _check_names(list(recipe), str(config))
+    _check_names([a[2:].split("=")[0] for a in argv if a.startswith("--")], "command line")
+    parser = HfArgumentParser(ARG_CLASSES)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=_to_argv(recipe) + argv)
+    return model_args, data_args, train_args

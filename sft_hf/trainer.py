@@ -1,0 +1,55 @@
+"""`InstructionTrainer`: `transformers.Trainer` plus the bookkeeping instruction tuning needs.
+
+The loss itself is Trainer's: since transformers 4.46 it passes `num_items_in_batch` (trained tokens over all
+gradient-accumulation micro-batches, counted after the causal shift, summed over processes when
+`average_tokens_across_devices`) to the model's loss, so the loss is a mean over trained tokens, not a mean of
+per-batch means. `tests/test_trainer.py` checks that equality holds; this class adds what Trainer lacks:
+trained tokens per second and the padding fraction in the logs, and a collator by default.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import Trainer
+
+from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, resolve_pad_token_id
+
+
+class InstructionTrainer(Trainer):
+    def __init__(self, *args, completion_only_loss: bool = False, **kwargs):
+        if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
+            kwargs["data_collator"] = InstructionDataCollator(
+                pad_token_id=resolve_pad_token_id(kwargs["processing_class"]),
+                completion_only_loss=completion_only_loss,
+            )
+        super().__init__(*args, **kwargs)
+        # trained tokens, padding positions, all positions since the last log; summed over processes when logged
+        self._token_counts = torch.zeros(3, dtype=torch.float64)
+        self._last_log_time: float | None = None
+        self.trained_tokens_total = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._last_log_time is None:
+            self._last_log_time = time.perf_counter()
+        labels = inputs.get("labels")
+        if labels is not None:
+            trained = (labels[..., 1:] != IGNORE_INDEX).sum().item()  # targets after the model's internal shift
+            mask = inputs.get("attention_mask")
+            padding = (mask == 0).sum().item() if mask is not None else 0
+            self._token_counts += torch.tensor([trained, padding, labels.numel()], dtype=torch.float64)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._last_log_time is not None:  # a training log: every process is here
+            counts = self._token_counts.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            now = time.perf_counter()
+            trained, padding, positions = counts.tolist()
+            logs["train_tokens_per_second"] = round(trained / max(now - self._last_log_time, 1e-9), 1)
+            logs["padding_fraction"] = round(padding / max(positions, 1), 4)
+            self.trained_tokens_total += int(trained)
+            self._token_counts.zero_()
+            self._last_log_time = now
+        super().log(logs, start_time)
