@@ -7,9 +7,11 @@ Every value comes from the YAML recipe (recipes/default.yaml when --config is no
 """
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import set_seed
 
@@ -26,7 +28,12 @@ from sft_hf import (  # noqa: E402
     parse_recipe,
     tokenize_dataset,
 )
+from sft_hf import hub  # noqa: E402
+from sft_hf.config import RecipeError  # noqa: E402
+from sft_hf.checkpoints import CheckpointCompleteCallback, resolve_resume_checkpoint  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template, write_model_card  # noqa: E402
+from sft_hf.safety import (  # noqa: E402
+    StopOnNonFiniteLoss, atomic_save, check_output_dir, install_secret_redaction, run_cli)
 
 logger = logging.getLogger("sft_hf")
 
@@ -42,9 +49,21 @@ def measure_exact_match(model, tokenizer, records, template, args, label):
 
 
 def main(argv=None):
+    # torchrun (accelerate's multi-process launcher) never tells processes to use the CPU: without a GPU each would
+    # silently train alone as world size 1. With this they join one gloo group (accelerate_configs/cpu_2proc.yaml).
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     model_args, data_args, args = parse_recipe(argv)
+    # The Hub push runs once at the end (sft_hf/hub.py), not from Trainer at start-up and at every checkpoint; the
+    # token is kept out of `args`, which Trainer pickles into training_args.bin.
+    push_to_hub, hub_token = args.push_to_hub, args.hub_token
+    args.push_to_hub, args.hub_token = False, None
+    if push_to_hub and not args.hub_model_id:
+        raise RecipeError("push_to_hub needs hub_model_id (user/name)")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    install_secret_redaction()  # tokens / API keys from the environment never reach a log line
+    check_output_dir(args, is_main=args.process_index == 0)  # before any work: a second run must not clobber the first
     set_seed(args.seed)
 
     # 1. Data: load, split, template, tokenize (the main process first, the others reuse its datasets cache).
@@ -53,6 +72,7 @@ def main(argv=None):
     raw = load_instruction_dataset(
         data_args.dataset_name, data_args.dataset_config, data_args.column_mapping,
         data_args.train_split_ratio, data_args.test_split_ratio, data_args.shuffle_seed,
+        skip_bad_records=data_args.skip_bad_records, template=template,
     )
     if data_args.max_train_samples:
         raw["train"] = raw["train"].select(range(min(data_args.max_train_samples, len(raw["train"]))))
@@ -86,8 +106,21 @@ def main(argv=None):
         eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
         processing_class=tokenizer,
         data_collator=collator,
+        # marks checkpoints all processes finished writing; stops at a NaN/inf gradient before it is applied
+        callbacks=[CheckpointCompleteCallback(), StopOnNonFiniteLoss()],
     )
-    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if getattr(args, "eval_generation_samples", 0) and len(raw["validation"]):  # show what the model writes
+        from sft_hf.callbacks import GenerationSamplesCallback
+
+        samples = raw["validation"].select(range(min(args.eval_generation_samples, len(raw["validation"]))))
+        trainer.add_callback(GenerationSamplesCallback(samples.to_list(), template, args.max_new_tokens,
+                                                       check_answers=args.eval_exact_match,
+                                                       batch_size=args.per_device_eval_batch_size))
+    if push_to_hub and (reason := hub.cannot_push_reason(hub_token)):
+        logger.warning("push_to_hub: %s; training anyway, the push at the end will fail", reason)
+    # `true` / `latest` → the newest checkpoint in output_dir that was completely written
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     metrics.update(train_result.metrics)
     metrics["train_trained_tokens"] = trainer.trained_tokens_total
     if trainer.eval_dataset is not None:
@@ -100,19 +133,31 @@ def main(argv=None):
         records = [{**r, "model_response": resp} for r, resp in zip(held_out.to_list(), responses)]
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         Path(args.output_dir, "test_responses.json").write_text(json.dumps(records, indent=2) + "\n")
-    trainer.save_model(args.output_dir)
+    if trainer.is_fsdp_enabled:  # sharded checkpoints while training, one full state dict `from_pretrained` reads
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    # Written beside output_dir and moved in once complete: an interrupted save never looks like a whole model.
+    with atomic_save(args.output_dir, enabled=trainer.is_world_process_zero()) as save_dir:
+        trainer.save_model(save_dir)
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(save_dir)
+            save_template(template, save_dir)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
-        save_template(template, args.output_dir)
         trainer.save_metrics("all", metrics)
         trainer.save_state()
         plot_loss_curve(trainer.state.log_history, str(Path(args.output_dir, "loss_curve.png")))
         write_model_card(args.output_dir, model_args, data_args, args, template, metrics)
         print(f"\nSaved model, tokenizer, template, model card and loss curve to {args.output_dir}")
         print(json.dumps({k: v for k, v in metrics.items() if "exact_match" in k or "loss" in k}, indent=2))
-    if args.push_to_hub:
-        trainer.push_to_hub()
+    if push_to_hub and trainer.is_world_process_zero():
+        card = hub.build_model_card(args.output_dir, args.hub_model_id, model_args, data_args, args, template.name,
+                                    metrics)
+        try:
+            url = hub.push_to_hub(args.output_dir, args.hub_model_id, card, args.hub_private_repo, hub_token)
+        except hub.HubPushError as error:
+            logger.error("%s", error)
+            sys.exit(1)
+        print(f"Pushed to {url}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # bad data / template / recipe: one line on stderr and exit code 2, not a traceback

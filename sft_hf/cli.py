@@ -1,14 +1,35 @@
-"""`sft-hf` console script: subcommands are added by the modules that implement them."""
+"""`sft-hf` console script (also `python -m sft_hf`): `sft-hf <command> [options] [recipe arguments]`.
+
+Each command is a `main(argv) -> exit code` in the module that implements it, imported only when it runs, so
+adding one is one line in COMMANDS.
+"""
+import importlib
 import sys
 
+COMMANDS = {
+    "inspect": ("sft_hf.inspect", "show the first N examples token by token, as the collator feeds them"),
+    "report": ("sft_hf.report", "dataset report: lengths, truncation, padding, trained tokens, duplicates"),
+    "merge-lora": ("sft_hf.lora", "fold a LoRA adapter into its base model and save a full model"),
+}
 
-def main(argv=None):
+
+def usage() -> str:
+    lines = ["usage: sft-hf <command> [options] [recipe arguments: --config x.yaml, --dataset_name ..., ...]", ""]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`sft-hf <command> --help` lists a command's own options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {}
-    if not argv or argv[0] not in commands:
-        print(f"usage: sft-hf {{{','.join(commands) or 'command'}}} [options]", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    if argv[0] not in COMMANDS:
+        print(f"sft-hf: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    return commands[argv[0]](argv[1:])
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -32,6 +32,18 @@ class ModelArguments:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = None
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base model in 4 bits (CUDA + bitsandbytes); needs use_peft."}
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Double quantization of the 4-bit scales."})
+    model_config_overrides: str | None = field(
+        default=None, metadata={"help": 'Config attributes to change at load, e.g. \'{"resid_pdrop": 0.0}\'.'}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.model_config_overrides, str):
+            self.model_config_overrides = json.loads(self.model_config_overrides)
 
 
 @dataclass
@@ -41,7 +53,7 @@ class DataArguments:
         metadata={"help": "Hub dataset name, local file (.json/.jsonl/.csv/.parquet) or folder, or builtin:toy-tasks."},
     )
     dataset_config: str | None = None
-    column_mapping: str | dict | None = field(
+    column_mapping: str | None = field(  # a JSON object; HfArgumentParser cannot parse a `dict` type
         default=None, metadata={"help": 'Rename fields, e.g. \'{"question": "instruction", "answer": "output"}\'.'}
     )
     template: str = field(default="alpaca", metadata={"help": "alpaca, phi3, chatml, chat_template, raw, or a YAML."})
@@ -51,10 +63,16 @@ class DataArguments:
     dataset_num_proc: int | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Drop malformed/incomplete records (counted and logged) instead of failing."}
+    )
 
     def __post_init__(self):
         if isinstance(self.column_mapping, str):
-            self.column_mapping = json.loads(self.column_mapping)
+            try:
+                self.column_mapping = json.loads(self.column_mapping)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"column_mapping is not valid JSON ({e}): {self.column_mapping!r}") from None
 
 
 @dataclass
@@ -70,8 +88,16 @@ class SFTArguments(TrainingArguments):
         default=False, metadata={"help": "Greedy-generate the test split before and after training; exact match."}
     )
     max_new_tokens: int = 256
+    eval_generation_samples: int = field(
+        default=0,
+        metadata={"help": "At each evaluation, greedily generate for this many validation prompts and log them "
+                  "(with exact match when eval_exact_match); 0 = off."},
+    )
     num_sample_generations: int = 3
     remove_unused_columns: bool = False  # our collator needs prompt_length
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace what a previous run left in a non-empty output_dir."}
+    )
 
     def __post_init__(self):
         choose_precision(self)
@@ -112,9 +138,9 @@ def _to_argv(recipe: dict) -> list[str]:
 
 
 def _check_names(names: list[str], where: str) -> None:
-    known = {f.name for cls in ARG_CLASSES for f in fields(cls)}
+    known = {f.name for cls in ARG_CLASSES for f in fields(cls)} | {"help"}
     for name in names:
-        if name not in known:
+        if name not in known and not (name.startswith("no_") and name[3:] in known):  # --no_<flag> for booleans
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise RecipeError(f"{where}: unknown recipe key {name!r}{hint}")
@@ -132,9 +158,17 @@ def parse_recipe(argv: list[str] | None = None, default_recipe: Path | None = DE
     if config is not None:
         if not Path(config).is_file():
             raise RecipeError(f"recipe {config} not found")
-        recipe = yaml.safe_load(Path(config).read_text()) or {}
+        try:
+            recipe = yaml.safe_load(Path(config).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {config} is not valid YAML: {e}") from None
+        if not isinstance(recipe, dict):
+            raise RecipeError(f"recipe {config}: expected a mapping of argument names to values")
         _check_names(list(recipe), str(config))
     _check_names([a[2:].split("=")[0] for a in argv if a.startswith("--")], "command line")
     parser = HfArgumentParser(ARG_CLASSES)
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=_to_argv(recipe) + argv)
+    try:
+        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=_to_argv(recipe) + argv)
+    except ValueError as e:  # TrainingArguments.__post_init__ checks: say so in one line, not a traceback
+        raise RecipeError(f"{config or 'command line'}: {e}") from e
     return model_args, data_args, train_args

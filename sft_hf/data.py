@@ -2,9 +2,14 @@
 
 Every record ends up in one of two shapes the templates understand:
 `instruction` / `input` / `output` (Alpaca; `prompt`/`completion` are renamed onto it) or `messages` (chat).
+Every record is checked before anything is tokenized: a bad one raises `DataError` naming the file, the record (and
+line, for JSON lines) and the field, or, with `skip_bad_records=True`, is dropped and counted.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -29,6 +34,9 @@ def load_instruction_dataset(
     train_split_ratio: float = 0.85,
     test_split_ratio: float = 0.10,
     shuffle_seed: int | None = None,
+    *,
+    skip_bad_records: bool = False,
+    template=None,
 ) -> DatasetDict:
     """Returns a DatasetDict with `train`, `validation` and `test` (the latter two possibly empty).
 
@@ -36,8 +44,14 @@ def load_instruction_dataset(
     `builtin:<name>` for a dataset this project generates. When the source has only a train split, it is split in
     file order as chapter 7 does: the first `train_split_ratio` for training, the next `test_split_ratio` for test,
     the rest for validation (1100 records → 935 / 110 / 55). `shuffle_seed` shuffles before splitting.
+
+    Bad records (malformed JSON, undecodable bytes, missing or wrongly typed fields, empty outputs, fields the
+    `template` uses but the record lacks) raise `DataError`; with `skip_bad_records=True` they are dropped instead,
+    logged, and listed in the result's `skipped_records` attribute.
     """
     source = dataset_name
+    template_fields = _template_fields(template)
+    skipped: list[str] = []
     if dataset_name.startswith(BUILTIN_PREFIX):
         from sft_hf import toy
 
@@ -47,27 +61,203 @@ def load_instruction_dataset(
         builder = FILE_BUILDERS.get(Path(dataset_name).suffix.lower())
         if builder is None:
             raise DataError(f"{dataset_name}: unsupported file type; use one of {sorted(FILE_BUILDERS)}")
-        raw = _load_file(builder, dataset_name)
+        if builder == "json":  # parsed here first: errors can then name the line, and bad lines can be skipped
+            raw = _load_json_file(dataset_name, column_mapping, template_fields, skip_bad_records, skipped)
+        elif builder == "csv":  # every cell as text: pandas would read the answer "3" as an int, "2.50" as 2.5
+            header = next(csv.reader(io.StringIO(_read_text(dataset_name))), [])  # bad bytes → the line number
+            features = datasets.Features({column: datasets.Value("string") for column in header})
+            raw = _load_file(builder, dataset_name, features=features)
+        else:
+            raw = _load_file(builder, dataset_name)
+    elif not Path(dataset_name).exists() and (
+        Path(dataset_name).suffix.lower() in FILE_BUILDERS or dataset_name.startswith((".", "/", "~"))
+    ):
+        raise DataError(f"{dataset_name}: no such file or folder")
     else:  # a local folder or a Hub dataset name: `load_dataset` resolves both
-        raw = datasets.load_dataset(dataset_name, dataset_config)
+        try:
+            raw = datasets.load_dataset(dataset_name, dataset_config)
+        except Exception as e:  # not found, offline, no data files, ...: one line that names the dataset
+            raise DataError(f"{dataset_name}: could not be loaded: {type(e).__name__}: {e}") from e
 
-    raw = DatasetDict({split: normalize_columns(ds, column_mapping, source) for split, ds in raw.items()})
+    raw = DatasetDict(
+        {
+            split: normalize_columns(ds, column_mapping, source, skip_bad_records, template_fields, skipped)
+            for split, ds in raw.items()
+        }
+    )
     if "train" not in raw:
         raise DataError(f"{source}: no 'train' split (found {sorted(raw)})")
+    if skipped:
+        kept = sum(len(ds) for ds in raw.values())
+        logger.warning(f"{source}: skipped {len(skipped)} bad records, kept {kept}; the first: {skipped[0]}")
+    if sum(len(ds) for ds in raw.values()) == 0:
+        detail = f" ({len(skipped)} bad records skipped; the first: {skipped[0]})" if skipped else ""
+        raise DataError(f"{source}: no usable record left{detail}")
     if set(raw) == {"train"}:
         raw = split_dataset(raw["train"], train_split_ratio, test_split_ratio, shuffle_seed)
+    if len(raw["train"]) == 0 and train_split_ratio > 0:  # a ratio of 0: the caller only wants held-out splits
+        raise DataError(
+            f"{source}: the train split is empty (train_split_ratio={train_split_ratio} of "
+            f"{sum(len(ds) for ds in raw.values())} records)"
+        )
     for split in ("validation", "test"):
         if split not in raw:
             raw[split] = raw["train"].select([])
-    return DatasetDict({k: raw[k] for k in ("train", "validation", "test")})
+    result = DatasetDict({k: raw[k] for k in ("train", "validation", "test")})
+    result.skipped_records = skipped  # the messages of the dropped records (empty unless skip_bad_records)
+    return result
 
 
-def _load_file(builder: str, path: str) -> DatasetDict:
+def _template_fields(template) -> set[str]:
+    """Record fields a template reads besides instruction/input/output (e.g. `{context}` in a YAML template)."""
+    if template is None:
+        return set()
+    from sft_hf.templates import get_template
+
+    return get_template(template).fields() - {"instruction", "input", "output"}
+
+
+def _load_file(builder: str, path: str, **kwargs) -> DatasetDict:
     try:
-        return datasets.load_dataset(builder, data_files={"train": path})
+        return datasets.load_dataset(builder, data_files={"train": path}, **kwargs)
     except Exception as e:  # datasets wraps parser errors deep inside; say which file
         cause = e.__cause__ or e
         raise DataError(f"{path}: could not be read as {builder}: {type(cause).__name__}: {cause}") from e
+
+
+def _read_text(path: str, data: bytes | None = None) -> str:
+    data = Path(path).read_bytes() if data is None else data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {_bad_bytes(data, e)}") from None
+
+
+def _bad_bytes(data: bytes, e: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return f"line {line}, byte {column}: not valid UTF-8 ({data[e.start:e.start + 4]!r}...); re-save the file as UTF-8"
+
+
+def _parse_json(path: str, skip_bad_records: bool, skipped: list[str]) -> list[tuple[object, int | None]]:
+    """(record, line) pairs from a JSON array or JSON lines; line is None for records of an array."""
+    data = Path(path).read_bytes()
+    if not path.endswith(".jsonl"):
+        try:
+            records = json.loads(_read_text(path, data))
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first value: JSON lines in a .json file
+                raise DataError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}") from None
+        else:
+            if not isinstance(records, list):
+                raise DataError(f"{path}: expected a JSON array of records (or one record per line), "
+                                f"got a {type(records).__name__}")
+            return [(r, None) for r in records]
+    parsed = []
+    for line_number, line in enumerate(data.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            problem = f"{path}: {_bad_bytes(line, e).replace('line 1, ', f'line {line_number}, ')}"
+        else:
+            if not text.strip():
+                continue
+            try:
+                parsed.append((json.loads(text), line_number))
+                continue
+            except json.JSONDecodeError as e:
+                problem = f"{path}: line {line_number}, column {e.colno}: malformed JSON: {e.msg}"
+        if not skip_bad_records:
+            raise DataError(problem)
+        skipped.append(problem)
+    return parsed
+
+
+def _load_json_file(path, column_mapping, template_fields, skip_bad_records, skipped) -> DatasetDict:
+    parsed = _parse_json(path, skip_bad_records, skipped)
+    objects = [r for r, _ in parsed if isinstance(r, dict)]
+    if not objects:
+        detail = f" ({len(skipped)} bad records skipped; the first: {skipped[0]})" if skipped else ""
+        raise DataError(f"{path}: no usable record left{detail}")
+    columns = list(dict.fromkeys(k for r in objects for k in r))  # union of keys, in first-seen order
+    mapping = _resolve_mapping(columns, column_mapping, path)
+    renamed = [_rename(r, mapping) if isinstance(r, dict) else r for r, _ in parsed]
+    schema = _check_schema([mapping.get(c, c) for c in columns], path, template_fields)
+    kept, bad = [], 0
+    for i, ((record, line), mapped) in enumerate(zip(parsed, renamed)):
+        problem = record_problem(mapped, schema, template_fields)
+        if problem is None:
+            kept.append(record)
+            continue
+        message = f"{path}: record {i}" + (f" (line {line})" if line else "") + f", {problem}"
+        if not skip_bad_records:
+            raise DataError(message)
+        skipped.append(message)
+        bad += 1
+    if not skipped:  # the common case: let `datasets` read (and cache) the file itself
+        return _load_file("json", path)
+    if not kept:
+        return DatasetDict(train=Dataset.from_dict({c: [] for c in columns or ["instruction", "output"]}))
+    return DatasetDict(train=Dataset.from_dict({c: [r.get(c) for r in kept] for c in columns}))
+
+
+def _resolve_mapping(columns: list[str], column_mapping: dict[str, str] | None, source: str) -> dict[str, str]:
+    mapping = dict(column_mapping or {})
+    if "prompt" in columns and "completion" in columns:
+        mapping.setdefault("prompt", "instruction")
+        mapping.setdefault("completion", "output")
+    missing = [c for c in mapping if c not in columns]
+    if missing:
+        raise DataError(f"{source}: column_mapping names {missing}, which the data does not have ({columns})")
+    return {k: v for k, v in mapping.items() if k != v}
+
+
+def _rename(record: dict, mapping: dict[str, str]) -> dict:
+    return {mapping.get(k, k): v for k, v in record.items()}
+
+
+def _check_schema(columns: list[str], source: str, template_fields: set[str]) -> str:
+    """'messages' or 'alpaca'; a field no record has at all is a mapping problem, reported once."""
+    schema = "messages" if "messages" in columns else "alpaca"
+    required = ["messages"] if schema == "messages" else ["instruction", "output"]
+    for field in required:
+        if field not in columns:
+            raise DataError(
+                f"{source}: records need field {field!r} (found {columns}); map yours with column_mapping"
+            )
+    for field in sorted(template_fields):
+        if schema == "messages":
+            raise DataError(f"{source}: the template uses field {field!r}, which chat (messages) records cannot have")
+        if field not in columns:
+            raise DataError(f"{source}: the template uses field {{{field}}}, which the data does not have ({columns})")
+    return schema
+
+
+def record_problem(record, schema: str, template_fields: set[str] = frozenset()) -> str | None:
+    """What is wrong with one (renamed) record, as "field 'x': ...", or None when it can be trained on."""
+    if not isinstance(record, dict):
+        return f"expected an object with fields, got {type(record).__name__} {str(record)[:60]!r}"
+    if schema == "messages":
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return f"field 'messages': expected a non-empty list of {{role, content}} messages, got {messages!r:.60}"
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return f"field 'messages', message {j}: expected {{'role': text, 'content': text}}, got {m!r:.60}"
+        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            return "field 'messages': the last message must be a non-empty assistant reply, the response to train on"
+        return None
+    for field in ["instruction", "input", "output", *sorted(template_fields)]:
+        value = record.get(field)
+        if value is None:
+            if field != "input":  # an absent or null input just means "no input"
+                return f"field {field!r}: missing"
+            continue
+        if not isinstance(value, str):
+            return f"field {field!r}: expected text, got {type(value).__name__} {value!r:.60}"
+        if field == "output" and not value.strip():
+            return "field 'output': empty response, nothing to train on"
+    return None
 
 
 def split_dataset(ds: Dataset, train_ratio: float, test_ratio: float, shuffle_seed: int | None = None) -> DatasetDict:
@@ -76,53 +266,45 @@ def split_dataset(ds: Dataset, train_ratio: float, test_ratio: float, shuffle_se
     n = len(ds)
     n_train, n_test = int(n * train_ratio), int(n * test_ratio)
     return DatasetDict(
-        train=ds.select(range(n_train)),
-        test=ds.select(range(n_train, n_train + n_test)),
-        validation=ds.select(range(n_train + n_test, n)),
+        # list(range(...)): datasets rejects an empty contiguous range that starts at len(ds)
+        train=ds.select(list(range(n_train))),
+        test=ds.select(list(range(n_train, n_train + n_test))),
+        validation=ds.select(list(range(n_train + n_test, n))),
     )
 
 
-def normalize_columns(ds: Dataset, column_mapping: dict[str, str] | None, source: str) -> Dataset:
+def normalize_columns(
+    ds: Dataset,
+    column_mapping: dict[str, str] | None,
+    source: str,
+    skip_bad_records: bool = False,
+    template_fields: set[str] = frozenset(),
+    skipped: list[str] | None = None,
+) -> Dataset:
     """Rename columns onto instruction/input/output (or messages) and check every record has what it needs."""
-    mapping = dict(column_mapping or {})
-    if "prompt" in ds.column_names and "completion" in ds.column_names:
-        mapping.setdefault("prompt", "instruction")
-        mapping.setdefault("completion", "output")
-    missing = [c for c in mapping if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{source}: column_mapping names {missing}, which the data does not have ({ds.column_names})")
-    ds = ds.rename_columns({k: v for k, v in mapping.items() if k != v})
-    if "messages" in ds.column_names:
-        required = ["messages"]
-    else:
-        required = ["instruction", "output"]
-        if "input" not in ds.column_names:
-            ds = ds.add_column("input", [""] * len(ds))
-    for field in required:
-        if field not in ds.column_names:
-            raise DataError(
-                f"{source}: records need field {field!r} (found {ds.column_names}); map yours with column_mapping"
-            )
-    check_records(ds, required + (["input"] if "input" in ds.column_names else []), source)
-    return ds
+    mapping = _resolve_mapping(ds.column_names, column_mapping, source)
+    ds = ds.rename_columns(mapping)
+    schema = _check_schema(ds.column_names, source, template_fields)
+    if schema == "alpaca" and "input" not in ds.column_names:
+        ds = ds.add_column("input", [""] * len(ds))
+    return check_records(ds, source, schema, skip_bad_records, template_fields, skipped)
 
 
-def check_records(ds: Dataset, fields: list[str], source: str) -> None:
-    """Fail early, naming file, record and field, instead of deep inside a map worker."""
-    line_hint = " (line {})" if str(source).endswith(".jsonl") else ""
-    for field in fields:
-        for i, value in enumerate(ds[field]):
-            where = f"{source}: record {i}" + line_hint.format(i + 1)
-            if field == "messages":
-                if not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-                    raise DataError(f"{where}, field 'messages': needs a list of {{role, content}} messages")
+def check_records(ds, source, schema="alpaca", skip_bad_records=False, template_fields=frozenset(), skipped=None):
+    """Fail early, naming file, record and field, instead of deep inside a map worker; or drop bad records."""
+    bad = set()
+    for start, batch in zip(range(0, len(ds), 1000), ds.iter(batch_size=1000)):
+        for i, values in enumerate(zip(*batch.values()), start=start):
+            problem = record_problem(dict(zip(batch, values)), schema, template_fields)
+            if problem is None:
                 continue
-            if field == "input" and value is None:
-                continue
-            if not isinstance(value, str):
-                raise DataError(f"{where}, field {field!r}: expected text, got {type(value).__name__} {value!r}")
-            if field == "output" and not value.strip():
-                raise DataError(f"{where}, field 'output': empty response, nothing to train on")
+            message = f"{source}: record {i}, {problem}"
+            if not skip_bad_records:
+                raise DataError(message)
+            bad.add(i)
+            if skipped is not None:
+                skipped.append(message)
+    return ds.select([i for i in range(len(ds)) if i not in bad]) if bad else ds
 
 
 def default_num_proc() -> int:

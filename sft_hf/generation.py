@@ -1,5 +1,7 @@
-"""Greedy generation for held-out instructions, and exact match."""
+"""Greedy generation for held-out instructions (one process or sharded under `accelerate launch`), and exact match."""
 from __future__ import annotations
+
+import os
 
 import torch
 from tqdm.auto import tqdm
@@ -7,13 +9,55 @@ from tqdm.auto import tqdm
 from sft_hf.templates import Template, get_template
 
 
+def extract_response(text: str, prompt: str = "", template: str | Template = "alpaca") -> str:
+    """Chapter 7's extraction: drop the prompt the text starts with, then the response header, then whitespace.
+
+    Chapter 7 decodes prompt + generation and cuts `len(input_text)` characters; here only new tokens are
+    decoded, so this mostly strips a response header the model wrote again (e.g. a leading "### Response:").
+    """
+    if prompt and text.startswith(prompt):
+        text = text[len(prompt) :]
+    header = get_template(template).response.strip()
+    text = text.strip()
+    if header and text.startswith(header):
+        text = text[len(header) :]
+    return text.strip()
+
+
 @torch.no_grad()
 def generate_responses(
     model, tokenizer, records: list[dict], template: str | Template = "alpaca", max_new_tokens: int = 256,
-    batch_size: int = 32, show_progress: bool = True,
+    batch_size: int = 32, show_progress: bool = True, distributed: bool = False,
 ) -> list[str]:
-    """Greedy responses, prompt removed (only new tokens are decoded), stopped at EOS, whitespace-stripped."""
+    """Greedy responses, prompt removed (only new tokens are decoded), stopped at EOS, response header stripped.
+
+    With `distributed=True` (under `accelerate launch`) every process generates for its share of the records and
+    all processes return the full list in record order; every process must call it then.
+    """
     template = get_template(template)
+    indices = list(range(len(records)))
+    if distributed:
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        state = PartialState(cpu=distributed_on_cpu())
+        with state.split_between_processes(indices) as shard:
+            mine = _generate(model, tokenizer, [records[i] for i in shard], template, max_new_tokens, batch_size,
+                             show_progress and state.is_main_process)
+            pairs = gather_object(list(zip(shard, mine)))  # concatenated in process order
+        out = [None] * len(records)
+        for i, response in pairs:
+            out[i] = response
+        return out
+    return _generate(model, tokenizer, records, template, max_new_tokens, batch_size, show_progress)
+
+
+def distributed_on_cpu() -> bool:
+    """torchrun without GPUs: processes must ask for the CPU (gloo) or each would run alone as world size 1."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _generate(model, tokenizer, records, template: Template, max_new_tokens, batch_size, show_progress):
     add_special = template.name != "chat_template"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -36,7 +80,7 @@ def generate_responses(
         for i, row in zip(idx, generated[:, width:].tolist()):
             if tokenizer.eos_token_id in row:  # finished rows are filled up with padding after their EOS
                 row = row[: row.index(tokenizer.eos_token_id)]
-            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            out[i] = extract_response(tokenizer.decode(row, skip_special_tokens=True), template=template)
     model.train(was_training)
     return out
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_hf import toy
+from sft_hf import lora, toy
+from sft_hf.templates import TemplateError
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +25,10 @@ def load_tokenizer(model_args):
         path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
     )
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{path}: the tokenizer has no eos_token; the model could never learn to stop")
+        raise TemplateError(
+            f"{path}: the tokenizer has no eos_token (pad_token: {tokenizer.pad_token!r}); the model could never "
+            "learn to stop: choose a tokenizer that has one"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: the collator masks padding by length, not by id
     return tokenizer
@@ -34,27 +39,25 @@ def load_model(model_args, tokenizer, training_args=None):
     dtype = model_args.dtype
     if dtype == "auto":  # full fine-tuning keeps fp32 master weights; Trainer's autocast does the rest
         dtype = torch.float32 if not model_args.use_peft else "auto"
+    quantization = lora.quantization_config(model_args)  # QLoRA: 4-bit base weights (CUDA + bitsandbytes only)
+    if model_args.trust_remote_code:
+        logger.warning(f"trust_remote_code=True: running Python code shipped with {path}")
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=model_args.model_revision,
+        use_safetensors=True,  # never unpickle a .bin checkpoint: pickles can run code
+
         dtype=getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype,
         trust_remote_code=model_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization,
+        device_map={"": PartialState().local_process_index} if quantization else None,
+        **(model_args.model_config_overrides or {}),  # e.g. dropout 0.0, as chapter 7 trains
     )
     # Generation must stop at the EOS we train on, and pad with the pad token we batch with.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
-    if model_args.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules or "all-linear",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-        model.print_trainable_parameters()
+    if model_args.use_peft:  # target modules per architecture unless the recipe names them
+        model = lora.apply_lora(model, model_args, bool(getattr(training_args, "activation_checkpointing", False)))
     return model

@@ -6,6 +6,7 @@ appended later, as a token id, by `tokenize_dataset`.
 """
 from __future__ import annotations
 
+import difflib
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,9 @@ class Template:
             if record.get("input"):
                 text += self.input.format(**record)
         except KeyError as e:
-            raise TemplateError(f"template {self.name!r} needs field {e.args[0]!r}, which the record lacks") from None
+            raise TemplateError(
+                f"template {self.name!r} needs field {e.args[0]!r}, which the record lacks (it has {sorted(record)})"
+            ) from None
         return text + self.response
 
     def render(self, record: dict, tokenizer=None) -> tuple[str, str]:
@@ -130,16 +133,42 @@ def get_template(name_or_path: str | dict | Template) -> Template:
     elif str(name_or_path).endswith((".yaml", ".yml")) and Path(name_or_path).is_file():
         spec = yaml.safe_load(Path(name_or_path).read_text()) or {}
         spec.setdefault("name", Path(name_or_path).stem)
+    elif str(name_or_path).endswith((".yaml", ".yml")):
+        raise TemplateError(f"template file {name_or_path} not found")
     else:
+        close = difflib.get_close_matches(str(name_or_path), TEMPLATES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise TemplateError(
-            f"unknown template {name_or_path!r}: use one of {sorted(TEMPLATES)} or a YAML file with keys "
+            f"unknown template {name_or_path!r}: {hint}use one of {sorted(TEMPLATES)} or a YAML file with keys "
             "prompt, input, response"
         )
+    if not isinstance(spec, dict):
+        raise TemplateError(f"template {name_or_path}: expected a mapping with keys prompt, input, response")
     unknown = set(spec) - {"name", "prompt", "input", "response"}
     if unknown or "prompt" not in spec:
         raise TemplateError(f"template {spec.get('name')!r}: needs 'prompt' (optional 'input', 'response'); got {sorted(spec)}")
     spec.setdefault("name", "custom")
+    for key in ("prompt", "input"):  # `response` is literal text: it is not formatted
+        check_format_string(spec["name"], key, spec.get(key, ""))
+    if not isinstance(spec.get("response", ""), str):
+        raise TemplateError(f"template {spec['name']!r}, 'response': expected text")
     return Template(**spec)
+
+
+def check_format_string(name: str, key: str, text) -> None:
+    """Template text may only use named record fields, e.g. {instruction}; literal braces are written {{ }}."""
+    if not isinstance(text, str):
+        raise TemplateError(f"template {name!r}, {key!r}: expected text, got {type(text).__name__}")
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise TemplateError(f"template {name!r}, {key!r}: {e} (write literal braces as {{{{ and }}}})") from None
+    for _, field, spec, conversion in parsed:
+        if field is not None and (not field.isidentifier() or spec or conversion):
+            raise TemplateError(
+                f"template {name!r}, {key!r}: {{{field}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} is not a record field name like {{instruction}}"
+            )
 
 
 def alpaca_to_messages(record: dict) -> list[dict]:

@@ -11,21 +11,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TOY_VERSION = "v1"
+TOY_VERSION = "v3"
 CACHE = Path(os.environ.get("SFT_HF_CACHE", Path.home() / ".cache" / "sft_hf"))
 EOS = "<|endoftext|>"
 
 
 def _digits(rng: random.Random) -> list[str]:
-    return [str(rng.randrange(10)) for _ in range(rng.randint(3, 6))]
+    # Distinct digits: each output token has one source in the input, which a small model learns to attend to fast.
+    return [str(d) for d in rng.sample(range(10), rng.randint(3, 6))]
 
 
-# instruction → (how to answer from the item list). Each answer is checkable by string equality.
+# instruction → how to answer from the digits. Every answer is checkable by string equality, and depends only on which
+# digits occur (not on where), which a small model learns within minutes on a CPU.
 TASKS = {
-    "Reverse the sequence.": lambda xs: " ".join(reversed(xs)),
     "Sort the numbers in ascending order.": lambda xs: " ".join(sorted(xs)),
+    "Sort the numbers in descending order.": lambda xs: " ".join(sorted(xs, reverse=True)),
     "What is the largest number?": lambda xs: max(xs),
-    "Repeat the sequence.": lambda xs: " ".join(xs),
+    "What is the smallest number?": lambda xs: min(xs),
 }
 
 

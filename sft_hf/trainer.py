@@ -8,12 +8,35 @@ trained tokens per second and the padding fraction in the logs, and a collator b
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 from transformers import Trainer
 
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, resolve_pad_token_id
+
+logger = logging.getLogger(__name__)
+
+
+def has_varlen_attention(model) -> bool:
+    """True when the model's attention runs a variable-length kernel (flash-attention), the only case where
+    padding-free rows beat length-grouped padded batches; sdpa/eager attend over the whole concatenated row."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    return "flash" in implementation
+
+
+def describe_batching(args, collator, model) -> str:
+    if getattr(collator, "padding_free", False):
+        text = "padding-free rows (examples concatenated per batch, position_ids restart at each example)"
+        if not has_varlen_attention(model):
+            text += ("; WARNING: without a variable-length attention kernel (flash-attention) every token attends "
+                     "over the whole row, which is slower than length-grouped padded batches")
+        return text
+    sampling = getattr(args, "train_sampling_strategy", "random")
+    if sampling in ("group_by_length", "batch_rebalance"):
+        return f"padded batches of similar lengths (train_sampling_strategy={sampling}: little padding)"
+    return f"padded batches in {sampling} order (train_sampling_strategy=group_by_length would cut the padding)"
 
 
 class InstructionTrainer(Trainer):
@@ -24,8 +47,9 @@ class InstructionTrainer(Trainer):
                 completion_only_loss=completion_only_loss,
             )
         super().__init__(*args, **kwargs)
+        logger.info("Batching: %s", describe_batching(self.args, self.data_collator, self.model))
         # trained tokens, padding positions, all positions since the last log; summed over processes when logged
-        self._token_counts = torch.zeros(3, dtype=torch.float64)
+        self._token_counts = torch.zeros(3, dtype=torch.long)
         self._last_log_time: float | None = None
         self.trained_tokens_total = 0
 
@@ -34,10 +58,13 @@ class InstructionTrainer(Trainer):
             self._last_log_time = time.perf_counter()
         labels = inputs.get("labels")
         if labels is not None:
-            trained = (labels[..., 1:] != IGNORE_INDEX).sum().item()  # targets after the model's internal shift
+            # Counted on the batch's device and read only when logging: no host sync per step.
+            trained = (labels[..., 1:] != IGNORE_INDEX).sum()  # targets after the model's internal shift
             mask = inputs.get("attention_mask")
-            padding = (mask == 0).sum().item() if mask is not None else 0
-            self._token_counts += torch.tensor([trained, padding, labels.numel()], dtype=torch.float64)
+            padding = (mask == 0).sum() if mask is not None else torch.zeros_like(trained)
+            if self._token_counts.device != labels.device:
+                self._token_counts = self._token_counts.to(labels.device)
+            self._token_counts += torch.stack([trained, padding, torch.full_like(trained, labels.numel())])
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,0 +1,212 @@
+"""Evaluate an instruction-tuned model the three ways chapter 7 does, in one command.
+
+    # generate for the test split with a trained model, then reference metrics and an Ollama Llama 3 judge
+    python recipes/evaluate.py --model outputs/run --dataset_name data.json --judge_backend ollama --judge_model llama3
+    # judge responses someone else generated, with any OpenAI-compatible server (key from $OPENAI_API_KEY)
+    python recipes/evaluate.py --responses responses.json --judge_backend openai \
+        --judge_url http://localhost:8000/v1 --judge_model my-judge
+    # two response columns side by side; MMLU-format multiple choice from a local file
+    python recipes/evaluate.py --responses eval.json --response_keys "model 1 response" "model 2 response" ...
+    python recipes/evaluate.py --model outputs/run --mc_task_file mmlu-mini.jsonl
+
+Generation runs on every process under `accelerate launch` (the test split is sharded); everything after it runs
+on the main process. Writes into --output_dir: test_responses.json (chapter 7's shape: each record plus
+`model_response`), metrics.json, judge_scores_*.json, judge_histogram.png, judge_summary.json, mc_results.json.
+"""
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+# `python recipes/evaluate.py` puts recipes/ first on sys.path, where this file would shadow the `evaluate` library.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from sft_hf.templates import TEMPLATES, get_template  # noqa: E402
+
+logger = logging.getLogger("sft_hf")
+
+
+@dataclass
+class EvalArguments:
+    model: str | None = field(default=None, metadata={"help": "Trained model folder (or Hub id, builtin:tiny-llama)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset to take --split from, as in training."})
+    dataset_config: str | None = None
+    column_mapping: str | None = field(default=None, metadata={"help": "JSON renaming fields, as in training."})
+    split: str = field(default="test", metadata={"help": "train, validation or test."})
+    train_split_ratio: float = 0.85
+    test_split_ratio: float = 0.10
+    shuffle_seed: int | None = None
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N records."})
+    template: str | None = field(default=None, metadata={"help": "Default: the model's sft_template.json or alpaca."})
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    responses: str | None = field(default=None, metadata={"help": "A JSON list of records with response fields."})
+    response_keys: list[str] = field(default_factory=lambda: ["model_response"],
+                                     metadata={"help": "Response fields to score; two or more are compared."})
+    output_dir: str | None = field(default=None, metadata={"help": "Default: <model>/evaluation, outputs/evaluation."})
+    metrics: bool = field(default=True, metadata={"help": "Exact match and ROUGE against `output`."})
+    judge_backend: str | None = field(default=None, metadata={"help": "ollama, openai or hf (default: no judge)."})
+    judge_url: str | None = field(default=None, metadata={"help": "Ollama: http://localhost:11434; OpenAI: .../v1."})
+    judge_model: str | None = field(default=None, metadata={"help": "Ollama default llama3; a model folder for hf."})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Env var holding the API key."})
+    judge_prompt: str | None = field(default=None, metadata={
+        "help": "Prompt template (text or a file) with {input}, {output}, {response}; default chapter 7's."})
+    judge_stream: bool = field(default=True, metadata={"help": "Ollama: stream NDJSON (its default)."})
+    judge_concurrency: int = 4
+    judge_retries: int = 4
+    judge_backoff: float = 1.0
+    mc_task_file: str | None = field(default=None, metadata={"help": "MMLU-format .json/.jsonl/.csv, run offline."})
+    mc_tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval task names, e.g. mmlu."})
+    mc_num_fewshot: int = 0
+    mc_limit: int | None = None
+
+
+def load_template(args: EvalArguments):
+    if args.template:
+        return get_template(args.template)
+    saved = Path(args.model or "", "sft_template.json")
+    if args.model and saved.is_file():  # the template the model was trained with (sft_hf/outputs.py)
+        spec = json.loads(saved.read_text())
+        builtin = TEMPLATES.get(spec.get("name"))
+        return builtin if builtin is not None and builtin.to_dict() == spec else get_template(spec)
+    return get_template("alpaca")
+
+
+def load_model_and_tokenizer(name_or_path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_hf.modeling import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if Path(path, "adapter_config.json").is_file():  # a LoRA run saved only its adapter
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype="auto")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        model.to(PartialState().device)
+    return model, tokenizer
+
+
+def read_responses(path: str, keys: list[str]) -> list[dict]:
+    text = Path(path).read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
+        else json.loads(text)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    for i, record in enumerate(records):
+        for key in ["instruction", "output", *keys]:
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"{path}: record {i}, field {key!r}: missing or not text (fields: {sorted(record)})")
+    return records
+
+
+def generate_split(args: EvalArguments, template) -> list[dict]:
+    from accelerate import PartialState
+
+    from sft_hf.data import load_instruction_dataset
+    from sft_hf.generation import distributed_on_cpu, generate_responses
+
+    PartialState(cpu=distributed_on_cpu())  # first use decides: under torchrun without GPUs, one gloo group
+
+    if not args.dataset_name:
+        raise ValueError("--model needs --dataset_name to generate responses for (or pass --responses)")
+    mapping = json.loads(args.column_mapping) if args.column_mapping else None
+    with PartialState().main_process_first():
+        splits = load_instruction_dataset(args.dataset_name, args.dataset_config, mapping, args.train_split_ratio,
+                                          args.test_split_ratio, args.shuffle_seed)
+    records = splits[args.split].to_list()[: args.max_samples]
+    if not records:
+        raise ValueError(f"{args.dataset_name}: the {args.split!r} split is empty")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    responses = generate_responses(model, tokenizer, records, template, args.max_new_tokens,
+                                   batch_size=args.batch_size, distributed=True)
+    if PartialState().is_main_process:
+        print(f"Generated {len(records)} responses on {PartialState().num_processes} process(es)")
+    return [{**r, "model_response": response} for r, response in zip(records, responses)]
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not args.model and not args.responses:
+        raise ValueError("pass --model (with --dataset_name) to generate responses, or --responses file.json")
+    output_dir = Path(args.output_dir or (Path(args.model, "evaluation") if args.model and Path(args.model).is_dir()
+                                          else "outputs/evaluation"))
+    template = load_template(args)
+    report = {}
+
+    # 1. Responses: read them, or generate them (on every process under accelerate launch).
+    if args.responses:
+        records = read_responses(args.responses, args.response_keys)
+    elif args.dataset_name:
+        from accelerate import PartialState
+
+        records = generate_split(args, template)
+        args.response_keys = ["model_response"]
+        if not PartialState().is_main_process:
+            return None
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "test_responses.json").write_text(json.dumps(records, indent=2) + "\n")
+        print(f"Saved {len(records)} responses to {output_dir / 'test_responses.json'}")
+    else:
+        records = []
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = records[: args.max_samples]
+
+    # 2. Reference metrics.
+    if records and args.metrics:
+        from sft_hf.metrics import evaluate_responses
+
+        report["metrics"] = {key: evaluate_responses(records, key) for key in args.response_keys}
+        for key, values in report["metrics"].items():
+            print(f"{key}: " + ", ".join(f"{name} {value:.4f}" for name, value in values.items()))
+        (output_dir / "metrics.json").write_text(json.dumps(report["metrics"], indent=2) + "\n")
+
+    # 3. LLM judge.
+    if records and args.judge_backend:
+        from sft_hf.judge import JUDGE_PROMPT, make_judge, run_judge
+
+        prompt = args.judge_prompt or JUDGE_PROMPT
+        if args.judge_prompt and Path(args.judge_prompt).is_file():
+            prompt = Path(args.judge_prompt).read_text()
+        judge = make_judge(args.judge_backend, args.judge_model, args.judge_url, args.judge_api_key_env,
+                           args.judge_stream)
+        summaries = run_judge(records, judge, args.response_keys, output_dir, prompt, args.judge_concurrency,
+                              args.judge_retries, args.judge_backoff)
+        report["judge"] = {k: {n: v for n, v in s.items() if n != "unscored"} for k, s in summaries.items()}
+
+    # 4. Multiple-choice benchmarks (lm-evaluation-harness).
+    if args.model and (args.mc_task_file or args.mc_tasks):
+        from sft_hf.mc_eval import format_mc_results, run_benchmarks, run_local_mc
+        from sft_hf.modeling import resolve_model_path
+
+        model_path = resolve_model_path(args.model)
+        if args.mc_task_file:
+            report["mc"] = run_local_mc(model_path, args.mc_task_file, args.mc_num_fewshot, args.batch_size,
+                                        args.mc_limit)
+            print("\n" + format_mc_results(report["mc"]))
+        if args.mc_tasks:
+            report["mc_tasks"] = run_benchmarks(model_path, args.mc_tasks, args.mc_num_fewshot, args.batch_size,
+                                                args.mc_limit)
+            for task, result in report["mc_tasks"].items():
+                print(f"{result['alias']}: accuracy {result['acc']:.4f}")
+        (output_dir / "mc_results.json").write_text(json.dumps({k: v for k, v in report.items()
+                                                                if k.startswith("mc")}, indent=2) + "\n")
+    (output_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nWrote the evaluation to {output_dir}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Publish a finished run: model or LoRA adapter, tokenizer, template and a model card with Hub metadata.
+
+The push happens once, at the end, through `huggingface_hub` (not from Trainer at start-up and every checkpoint).
+The token comes from `hf auth login` / `HF_TOKEN` (or `--hub_token`, which recipes/train.py keeps out of the saved
+training arguments); it is never written to the card, the logs or any file. Offline or unauthenticated, the push
+fails with a `HubPushError` saying why and how to upload later; the local save is left as it is.
+"""
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
+
+from sft_hf.outputs import CARD_HYPERPARAMETERS
+
+logger = logging.getLogger(__name__)
+
+# What a run leaves in output_dir that does not belong on the Hub: resumable checkpoints, the pickled training
+# arguments (pickle is unsafe to load), temp files and the held-out generations.
+IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "training_args.bin", "*.tmp", "runs/**"]
+LORA_HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+class HubPushError(RuntimeError):
+    pass
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (`org/name` or `name`), not a local path or a builtin: name."""
+    return bool(name) and not name.startswith("builtin:") and not Path(name).exists() and name.count("/") <= 1
+
+
+def build_model_card(output_dir: str, repo_id: str, model_args, data_args, train_args, template_name: str,
+                     metrics: dict | None = None) -> ModelCard:
+    """The card for `repo_id`: Hub metadata (base model, datasets, license, tags, template, hyperparameters,
+    evaluation results) over the body of the local README.md that the run wrote (if any)."""
+    is_adapter = Path(output_dir, "adapter_config.json").is_file()
+    hyperparameters = {k: getattr(train_args, k) for k in CARD_HYPERPARAMETERS if hasattr(train_args, k)}
+    if model_args.use_peft:
+        hyperparameters.update({k: getattr(model_args, k) for k in LORA_HYPERPARAMETERS})
+    hyperparameters = {k: v.value if isinstance(v, Enum) else v for k, v in hyperparameters.items()}  # plain YAML
+    dataset = data_args.dataset_name if _is_hub_id(data_args.dataset_name) else None
+    metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    eval_results = [
+        EvalResult(task_type="text-generation", dataset_type=dataset or "local", dataset_name=data_args.dataset_name
+                   if dataset else Path(data_args.dataset_name).name, dataset_split=split, metric_type=name,
+                   metric_value=round(float(value), 6))
+        for name, split in (("eval_loss", "validation"), ("eval_exact_match", "test"),
+                            ("baseline_exact_match", "test"))
+        if (value := metrics.get(name)) is not None
+    ]
+    data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        base_model=model_args.model_name_or_path if _is_hub_id(model_args.model_name_or_path) else None,
+        datasets=[dataset] if dataset else None,
+        license="apache-2.0",
+        library_name="peft" if is_adapter else "transformers",
+        pipeline_tag="text-generation",
+        tags=["sft-hf", "sft", "instruction-tuning", f"template:{template_name}"] + (["lora", "peft"] if is_adapter
+                                                                                     else []),
+        eval_results=eval_results or None,
+        sft_template=template_name,
+        hyperparameters=hyperparameters,
+    )
+    local = Path(output_dir, "README.md")
+    body = ModelCard.load(local).text if local.is_file() else f"\n# {repo_id}\n\nInstruction-tuned with sft-hf.\n"
+    body = body.replace(f'model="{output_dir}"', f'model="{repo_id}"')
+    if is_adapter:
+        body += ("\n## Load the LoRA adapter\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
+                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")\n'
+                 "model = model.merge_and_unload()  # optional: a plain transformers model\n```\n")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def cannot_push_reason(token: str | None = None) -> str | None:
+    """Why a push cannot work from here (offline or no token), without touching the network; None if it may."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if (token or get_token()) is None:
+        return "not logged in to the Hugging Face Hub (run `hf auth login` or set HF_TOKEN)"
+    return None
+
+
+def push_to_hub(output_dir: str, repo_id: str, card: ModelCard, private: bool | None = None,
+                token: str | None = None, commit_message: str = "Upload model fine-tuned with sft-hf") -> str:
+    """Write `card` as output_dir/README.md, create the repo if needed and upload the folder; returns the commit
+    URL. Raises `HubPushError` with the reason and the `hf upload` command for later; output_dir stays as it is."""
+    card.save(Path(output_dir, "README.md"))
+    later = f"The model stays saved in {output_dir}; upload it later with: hf upload {repo_id} {output_dir}"
+    reason = cannot_push_reason(token)
+    if reason is not None:
+        raise HubPushError(f"cannot push to {repo_id}: {reason}. {later}")
+    api = HfApi(token=token or get_token())
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=commit_message,
+                                   ignore_patterns=IGNORE_PATTERNS)
+    except Exception as error:  # HfHubHTTPError (401, 403, ...), the HTTP client's connection errors, offline
+        raise HubPushError(f"push to {repo_id} failed: {type(error).__name__}: {error}. {later}") from error
+    url = getattr(commit, "commit_url", None) or str(commit)
+    logger.info("pushed %s to %s", output_dir, url)
+    return url

@@ -1,0 +1,234 @@
+"""Faults and safety: an atomic final save, a stop on non-finite loss, a policy for non-empty output dirs, secrets
+kept out of logs and saved files, and a one-line error (not a traceback) for bad input on the command line.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from sft_hf.config import RecipeError
+from sft_hf.data import DataError
+from sft_hf.templates import TemplateError
+
+logger = logging.getLogger(__name__)
+
+USER_ERRORS = (DataError, TemplateError, RecipeError)  # bad input: reported in one line, before training starts
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic save
+
+
+# What `from_pretrained` (model or PEFT adapter) reads first: removed first and moved in last, so a directory without
+# them, which is all an interrupted swap can leave, never loads as a model.
+MARKER_FILES = ("config.json", "adapter_config.json")
+WEIGHT_FILE = re.compile(
+    r"^(model|adapter_model|pytorch_model|tf_model)([-.].*)?\.(safetensors|bin|h5)(\.index\.json)?$")
+
+
+def staging_dir(output_dir: str | os.PathLike) -> Path:
+    """Beside output_dir (same filesystem, so renames are atomic) and hidden; the same name on every process."""
+    final = Path(output_dir).resolve()
+    return final.parent / f".{final.name}.saving"
+
+
+@contextmanager
+def atomic_save(output_dir: str | os.PathLike, enabled: bool = True):
+    """Yields a staging folder to save into; when the block finishes, its content replaces output_dir's.
+
+    If the block raises or the process dies, output_dir is untouched (a leftover staging folder is hidden and
+    removed by the next save). `enabled=False` (processes other than the main one) yields the same path, no I/O.
+    """
+    staging = staging_dir(output_dir)
+    if not enabled:
+        yield str(staging)
+        return
+    shutil.rmtree(staging, ignore_errors=True)  # an earlier save that was interrupted: never published
+    staging.mkdir(parents=True)
+    try:
+        yield str(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, Path(output_dir))
+
+
+def publish(staging: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(staging, final)  # one atomic step: the folder appears complete or not at all
+        return
+    # output_dir already holds checkpoints or files of this run: move the new files in one by one, config last.
+    new_names = {p.name for p in staging.iterdir()}
+    for path in final.iterdir():  # the old model's marker and weight files would mix with the new ones
+        old_model_file = path.name in MARKER_FILES or WEIGHT_FILE.match(path.name)
+        if path.is_file() and path.name not in new_names and old_model_file:
+            path.unlink()
+    for name in MARKER_FILES:
+        (final / name).unlink(missing_ok=True)
+    for path in sorted(staging.iterdir(), key=lambda p: p.name in MARKER_FILES):
+        target = final / path.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    staging.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf; raised before the bad update is applied or saved."""
+
+
+def first_non_finite(model, grads: bool) -> str | None:
+    for name, param in model.named_parameters():
+        tensor = param.grad if grads else param
+        if tensor is not None and not torch.isfinite(tensor).all():
+            return name + (".grad" if grads else "")
+    return None
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stops training at the first NaN/inf gradient, before `optimizer.step()` applies it.
+
+    Raising here means the update is never applied, no checkpoint is written for that step, and the final save never
+    runs: the weights in memory and the last checkpoint on disk stay the last good ones. (Trainer's
+    `logging_nan_inf_filter` hides NaN losses from the logs, so the gradients are what is checked.) With fp16 loss
+    scaling, inf gradients are normal (the scaler skips the step), so then the weights are checked after the step.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None and not args.fp16:
+            bad = first_non_finite(model, grads=True)
+            if bad:
+                raise NonFiniteLossError(self._message(args, state, f"the gradient {bad}", "before the update"))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and args.fp16:
+            bad = first_non_finite(model, grads=False)
+            if bad:
+                raise NonFiniteLossError(self._message(args, state, f"the weight {bad}", "after the update"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss") + (() if args.fp16 else ("grad_norm",)):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise NonFiniteLossError(self._message(args, state, f"{key}={value}", "when logging"))
+
+    @staticmethod
+    def _message(args, state, what: str, when: str) -> str:
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        return (
+            f"non-finite loss at step {state.global_step + 1}: {what} is NaN/inf ({when}). Training stopped and "
+            f"nothing was saved for this step; last good checkpoint: {last or 'none saved yet'}. "
+            "Try a lower learning_rate, max_grad_norm > 0, fp32 instead of fp16, or check the data."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output dir policy
+
+
+def check_output_dir(args, is_main: bool = True) -> None:
+    """A second run into a non-empty output_dir must say what to do instead of overwriting or crashing later.
+
+    Resuming (`resume_from_checkpoint` true or a path, resolved by sft_hf.checkpoints) and `overwrite_output_dir`
+    are the two ways in. With overwrite, the old run's checkpoints are removed now (they would mix with this run's
+    and be resumed from) and its final model stays until the new one replaces it atomically.
+    """
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir {out} is a file, not a folder")
+    contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    resume = args.resume_from_checkpoint
+    if not contents or (resume not in (None, False) and str(resume).lower() not in ("", "false", "no", "none")):
+        return
+    shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+    if not args.overwrite_output_dir:
+        raise RecipeError(
+            f"output_dir {out} is not empty ({shown}): pass --overwrite_output_dir true to replace that run, "
+            "--resume_from_checkpoint true to continue it from its last checkpoint, or choose another --output_dir"
+        )
+    stale = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    logger.warning(f"overwrite_output_dir: replacing the run in {out} ({shown}); removing {len(stale)} old checkpoints")
+    if is_main:
+        for path in stale:
+            shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Secrets
+
+SECRET_ENV_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD)(_|$)", re.IGNORECASE)
+SECRET_PATTERNS = (
+    re.compile(r"\bhf_[A-Za-z0-9]{20,}"),  # Hugging Face tokens
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"),  # OpenAI-style API keys
+    re.compile(r"(?i)(?<=bearer )[A-Za-z0-9._\-]{8,}"),
+)
+REDACTED = "<redacted>"
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables named like secrets (HF_TOKEN, OPENAI_API_KEY, ...), longest first."""
+    values = {v for k, v in os.environ.items() if SECRET_ENV_NAME.search(k) and len(v) >= 8}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    for value in secret_values():
+        text = text.replace(value, REDACTED)
+    for pattern in SECRET_PATTERNS:
+        text = pattern.sub(REDACTED, text)
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def install_secret_redaction() -> None:
+    """Redact secrets in everything the root and the transformers/datasets log handlers write."""
+    loggers = [logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("datasets")]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())
+
+
+def scrub_secrets(args) -> None:
+    """`--hub_token` would be pickled into training_args.bin in every checkpoint and the final model: hand it to
+    huggingface_hub through the environment instead (it reads HF_TOKEN), and keep it out of `args`."""
+    if getattr(args, "hub_token", None):
+        os.environ.setdefault("HF_TOKEN", args.hub_token)
+        args.hub_token = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_cli(main, argv=None) -> int:
+    """Runs `main(argv)`; bad input or a non-finite loss becomes one line on stderr and a non-zero exit code."""
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 3
+    return 0

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny tokenizers and models built locally (nothing comes from the Hub)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+INSTRUCTION_DATA = SHARED_DATA / "instruction-data.json"
+
+
+@pytest.fixture(scope="session")
+def instruction_records():
+    return json.loads(INSTRUCTION_DATA.read_text())
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(instruction_records):
+    """Byte-level BPE trained on chapter 7's data, `<|endoftext|>` as eos = pad (like GPT-2)."""
+    from sft_hf.templates import get_template
+    from sft_hf.toy import train_bpe_tokenizer
+
+    alpaca = get_template("alpaca")
+    texts = [alpaca.format_prompt(r) + r["output"] for r in instruction_records]
+    return train_bpe_tokenizer(texts, vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
+    """A 2-layer Llama from a config, saved and reloaded through from_pretrained like a Hub model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=bpe_tokenizer.eos_token_id, pad_token_id=bpe_tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    bpe_tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,270 @@
+"""Bad input gets a clear error naming file, record (line) and field, before any training; or is skipped and counted."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from sft_hf.config import RecipeError, parse_recipe
+from sft_hf.data import DataError, load_instruction_dataset
+from sft_hf.templates import TemplateError, get_template
+from sft_hf.tokenization import tokenize_dataset
+from sft_hf.toy import make_toy_records, train_bpe_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {"instruction": "Add one.", "input": "2", "output": "3"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    alpaca = get_template("alpaca")
+    return train_bpe_tokenizer([alpaca.format_prompt(r) + r["output"] for r in make_toy_records(200, 1)], 300)
+
+
+def write_jsonl(path: Path, lines: list) -> str:
+    """`lines` items are dicts (dumped as JSON) or raw str/bytes lines written as they are."""
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"instruction": "a", "output": }', r"line 3, column 32: malformed JSON: Expecting value"),
+        ({"instruction": "a"}, r"record 2 \(line 3\), field 'output': missing"),
+        ({"instruction": "a", "output": None}, r"record 2 \(line 3\), field 'output': missing"),
+        ({"instruction": "a", "output": 42}, r"record 2 \(line 3\), field 'output': expected text, got int 42"),
+        ({"instruction": ["a"], "output": "b"}, r"record 2 \(line 3\), field 'instruction': expected text, got list"),
+        ({"instruction": "a", "input": 7, "output": "b"},
+         r"record 2 \(line 3\), field 'input': expected text, got int"),
+        ({"instruction": "a", "output": "  \n"}, r"record 2 \(line 3\), field 'output': empty response"),
+        ('["not", "an", "object"]', r"record 2 \(line 3\), expected an object with fields, got list"),
+        (b'{"instruction": "caf\xe9", "output": "b"}', r"line 3, byte 21: not valid UTF-8"),
+    ],
+)
+def test_bad_jsonl_record_names_file_line_and_field(tmp_path, bad_line, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, GOOD, bad_line, GOOD])
+    with pytest.raises(DataError, match=rf"^{path}: {message}"):
+        load_instruction_dataset(path)
+
+
+def test_blank_lines_count_in_line_numbers_not_in_record_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, "", "   ", {"instruction": "a", "output": ""}])
+    with pytest.raises(DataError, match=r"record 1 \(line 4\), field 'output': empty response"):
+        load_instruction_dataset(path)
+
+
+def test_malformed_json_array_names_line_and_column(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]\n')
+    with pytest.raises(DataError, match=rf"^{path}: line 3, column 23: malformed JSON: Expecting ',' delimiter"):
+        load_instruction_dataset(str(path))
+
+
+def test_json_array_record_errors_name_the_record(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([GOOD, GOOD, GOOD, {"instruction": "x", "output": 1.5}]))
+    with pytest.raises(DataError, match=rf"^{path}: record 3, field 'output': expected text, got float 1.5"):
+        load_instruction_dataset(str(path))
+
+
+def test_json_that_is_not_a_list_of_records(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('"just a string"')
+    with pytest.raises(DataError, match="expected a JSON array of records"):
+        load_instruction_dataset(str(path))
+
+
+def test_undecodable_csv_names_the_line(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"instruction,input,output\nAdd one.,2,3\nSay hi,,h\xffi\n")
+    with pytest.raises(DataError, match=rf"^{path}: line 3, byte 10: not valid UTF-8"):
+        load_instruction_dataset(str(path))
+
+
+def test_csv_empty_output_cell_names_record_and_field(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,input,output\nAdd one.,2,3\nSay hi,,\n")
+    with pytest.raises(DataError, match=rf"^{path}: record 1, field 'output': missing"):
+        load_instruction_dataset(str(path))
+
+
+def test_field_no_record_has_suggests_column_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}] * 3)
+    with pytest.raises(DataError, match=r"records need field 'instruction' .*map yours with column_mapping"):
+        load_instruction_dataset(path)
+    mapped = load_instruction_dataset(path, column_mapping={"question": "instruction", "answer": "output"},
+                                      train_split_ratio=1.0, test_split_ratio=0.0)
+    assert mapped["train"].to_list() == [{"instruction": "q", "output": "a", "input": ""}] * 3
+
+
+def test_bad_chat_messages(tmp_path):
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    no_reply = {"messages": [{"role": "user", "content": "hi"}]}
+    bad_message = {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [ok, no_reply])
+    with pytest.raises(DataError, match=r"record 1 \(line 2\), field 'messages': the last message must be"):
+        load_instruction_dataset(path)
+    path = write_jsonl(tmp_path / "chat2.jsonl", [ok, ok, bad_message])
+    with pytest.raises(DataError, match=r"record 2 \(line 3\), field 'messages', message 0: expected"):
+        load_instruction_dataset(path)
+
+
+def test_skip_bad_records_counts_and_keeps_the_good_ones(tmp_path, caplog):
+    good = [{"instruction": f"Echo {i}.", "input": "", "output": str(i)} for i in range(8)]
+    lines = good[:3] + ['{"broken": ', {"instruction": "a", "output": ""}] + good[3:6] + [
+        {"instruction": "a", "output": 5}, b"\xff\xfe", {"instruction": "a"}] + good[6:]
+    path = write_jsonl(tmp_path / "mixed.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="sft_hf.data"):
+        ds = load_instruction_dataset(path, skip_bad_records=True, train_split_ratio=1.0, test_split_ratio=0.0)
+    assert ds["train"].to_list() == good  # all 8 good records, in file order, nothing else
+    assert len(ds.skipped_records) == 5
+    assert [m.split(": ", 1)[1].split(",")[0] for m in ds.skipped_records] == [
+        "line 4", "line 10", "record 3 (line 5)", "record 7 (line 9)", "record 8 (line 11)"]  # parse errors first
+    assert "skipped 5 bad records, kept 8" in caplog.text
+
+
+def test_skip_bad_records_on_a_non_json_source(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,input,output\nAdd one.,2,3\nSay hi,,\nAdd two.,2,4\n")
+    ds = load_instruction_dataset(str(path), skip_bad_records=True, train_split_ratio=1.0, test_split_ratio=0.0)
+    assert ds["train"]["output"] == ["3", "4"]
+    assert ds.skipped_records == [f"{path}: record 1, field 'output': missing"]
+
+
+def test_dataset_empty_after_filtering(tmp_path):
+    path = write_jsonl(tmp_path / "all_bad.jsonl", [{"instruction": "a", "output": ""}, {"instruction": "b"}])
+    with pytest.raises(DataError, match=r"no usable record left \(2 bad records skipped; the first: .*line 1"):
+        load_instruction_dataset(path, skip_bad_records=True)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match="no usable record left"):
+        load_instruction_dataset(empty)
+
+
+def test_train_split_left_empty_by_the_ratios(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [GOOD])
+    with pytest.raises(DataError, match=r"the train split is empty \(train_split_ratio=0.85 of 1 records\)"):
+        load_instruction_dataset(path)
+
+
+def test_unknown_template_suggests_the_closest_name():
+    with pytest.raises(TemplateError, match="unknown template 'chatlm': did you mean 'chatml'"):
+        get_template("chatlm")
+    with pytest.raises(TemplateError, match="template file missing.yaml not found"):
+        get_template("missing.yaml")
+    with pytest.raises(TemplateError, match=r"'prompt': \{0\} is not a record field name"):
+        get_template({"prompt": "{0} says"})
+    with pytest.raises(TemplateError, match=r"'prompt': Single '\}' encountered"):
+        get_template({"prompt": "{instruction} }"})
+
+
+def test_template_field_the_data_lacks_names_file_record_and_field(tmp_path, tokenizer):
+    template = {"name": "ctx", "prompt": "{context}\n{instruction}", "response": "\n"}
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 3)
+    with pytest.raises(DataError, match=rf"^{path}: the template uses field {{context}}, which the data does not"):
+        load_instruction_dataset(path, template=template)
+    path = write_jsonl(tmp_path / "some.jsonl", [{**GOOD, "context": "c"}, GOOD, {**GOOD, "context": "c"}])
+    with pytest.raises(DataError, match=rf"^{path}: record 1 \(line 2\), field 'context': missing"):
+        load_instruction_dataset(path, template=template)
+    # tokenize_dataset checks too, for data that did not come through load_instruction_dataset
+    with pytest.raises(TemplateError, match=r"template 'ctx' uses field\(s\) \['context'\], which the data lacks"):
+        tokenize_dataset(Dataset.from_list([GOOD]), tokenizer, template, max_length=64, verbose=False)
+
+
+def test_record_the_template_cannot_render_names_split_and_record(tokenizer):
+    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+               {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                             {"role": "assistant", "content": "d"}]}]
+    with pytest.raises(TemplateError, match=r"^\[data\] record 1: template 'alpaca' takes one user turn"):
+        tokenize_dataset(Dataset.from_list(records), tokenizer, "alpaca", max_length=64, verbose=False)
+
+
+def test_max_length_too_small_for_the_template_itself(tokenizer):
+    alpaca = get_template("alpaca")
+    empty = {"instruction": "", "input": "", "output": ""}
+    overhead = len(tokenizer(alpaca.format_prompt(empty))["input_ids"]) + 1  # + EOS
+    assert overhead > 20  # the Alpaca preamble alone is dozens of tokens
+    records = Dataset.from_list([{"instruction": "Hi", "input": "", "output": "Yo"}])
+    with pytest.raises(TemplateError, match=rf"max_length={overhead} is too small for template 'alpaca': its own "
+                                            rf"text and EOS take {overhead} tokens"):
+        tokenize_dataset(records, tokenizer, alpaca, max_length=overhead, verbose=False)
+    row = tokenize_dataset(records, tokenizer, alpaca, max_length=overhead + 1, verbose=False)[0]
+    assert row["length"] == overhead + 1 and row["truncated"]  # the instruction is cut, template and EOS kept
+
+
+def test_tokenizer_with_neither_pad_nor_eos(tmp_path, tokenizer):
+    from sft_hf.config import ModelArguments
+    from sft_hf.modeling import load_tokenizer
+
+    bare = train_bpe_tokenizer(["hello world"] * 10, 280)
+    bare.eos_token = None
+    bare.pad_token = None
+    assert bare.eos_token_id is None and bare.pad_token_id is None
+    with pytest.raises(TemplateError, match="the tokenizer has no eos_token \\(pad_token: None\\)"):
+        tokenize_dataset(Dataset.from_list([GOOD]), bare, "alpaca", max_length=64, verbose=False)
+    bare.save_pretrained(tmp_path)
+    with pytest.raises(TemplateError, match=rf"{tmp_path}: the tokenizer has no eos_token"):
+        load_tokenizer(ModelArguments(model_name_or_path=str(tmp_path)))
+
+
+def test_unknown_recipe_key_suggests_the_closest(tmp_path):
+    with pytest.raises(RecipeError, match="unknown recipe key 'learning_rte'; did you mean 'learning_rate'"):
+        parse_recipe(["--learning_rte", "1e-4"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_lenght: 64\n")
+    with pytest.raises(RecipeError, match=rf"{recipe}: unknown recipe key 'max_lenght'; did you mean 'max_length'"):
+        parse_recipe(["--config", str(recipe)])
+    recipe.write_text("max_length: [1\n")
+    with pytest.raises(RecipeError, match="is not valid YAML"):
+        parse_recipe(["--config", str(recipe)])
+    with pytest.raises(RecipeError, match="column_mapping is not valid JSON"):
+        parse_recipe(["--column_mapping", "{question: instruction}"])
+    _, data_args, _ = parse_recipe(["--column_mapping", '{"question": "instruction"}', "--skip_bad_records", "true"])
+    assert data_args.column_mapping == {"question": "instruction"} and data_args.skip_bad_records is True
+
+
+def run_train(*args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_bad_data_is_one_line_and_nonzero_exit_before_training(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 5 + [{"instruction": "a", "output": 3}] + [GOOD] * 5)
+    out = tmp_path / "out"
+    result = run_train("--dataset_name", path, "--output_dir", str(out), "--max_steps", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {path}: record 5 (line 6), field 'output': expected text, got int 3")
+    assert not out.exists()  # nothing trained, nothing written
+
+    result = run_train("--dataset_name", path, "--output_dir", str(out), "--lerning_rate", "1", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown recipe key 'lerning_rate'; did you mean 'learning_rate'?" in result.stderr
+
+
+def test_real_generated_data_with_a_null_record():
+    """Chapter 7's Llama-3-generated file has one record with instruction null and an empty output."""
+    path = str(ROOT.parent / "shared" / "data" / "instruction-data-llama3-7b.json")
+    with pytest.raises(DataError, match=rf"^{path}: record 2, field 'instruction': missing$"):
+        load_instruction_dataset(path)
+    ds = load_instruction_dataset(path, skip_bad_records=True, train_split_ratio=1.0, test_split_ratio=0.0)
+    assert len(ds["train"]) == 4 and ds.skipped_records == [f"{path}: record 2, field 'instruction': missing"]
+    assert ds["train"]["input"] == [""] * 4  # no `input` key in the file: added empty
+
+
+def test_missing_file_or_unreachable_dataset(tmp_path):
+    with pytest.raises(DataError, match=rf"^{tmp_path}/typo.jsonl: no such file or folder$"):
+        load_instruction_dataset(str(tmp_path / "typo.jsonl"))
+    with pytest.raises(DataError, match=r"^nobody/no-such-dataset: could not be loaded: "):
+        load_instruction_dataset("nobody/no-such-dataset")  # offline in tests; not found online

@@ -1,0 +1,302 @@
+"""Faults: non-finite loss, interrupted saves, a second run into the same output dir; and security (secrets,
+safetensors, remote code)."""
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from sft_hf import safety
+from sft_hf.collator import InstructionDataCollator
+from sft_hf.config import ModelArguments, RecipeError, SFTArguments
+from sft_hf.modeling import load_model, load_tokenizer
+from sft_hf.safety import NonFiniteLossError, StopOnNonFiniteLoss, atomic_save, redact, run_cli, staging_dir
+from sft_hf.templates import get_template
+from sft_hf.tokenization import tokenize_dataset
+from sft_hf.toy import make_toy_records, train_bpe_tokenizer
+from sft_hf.trainer import InstructionTrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("train_recipe", ROOT / "recipes" / "train.py")
+train_recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_recipe)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer hidden-32 Llama + BPE tokenizer saved like a Hub model, and 40 toy-task records as JSON lines."""
+    folder = tmp_path_factory.mktemp("tiny")
+    alpaca = get_template("alpaca")
+    records = make_toy_records(40, seed=3)
+    tokenizer = train_bpe_tokenizer([alpaca.format_prompt(r) + r["output"] for r in records], 300)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"model": str(folder / "model"), "data": str(folder / "data.jsonl"), "records": records}
+
+
+def train_argv(tiny, out, *extra):
+    return ["--model_name_or_path", tiny["model"], "--dataset_name", tiny["data"], "--output_dir", str(out),
+            "--max_steps", "2", "--eval_exact_match", "false", "--eval_strategy", "no", "--logging_steps", "1",
+            "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1",
+            "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none", *extra]
+
+
+def load_weights(folder) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
+
+
+# --- non-finite loss -------------------------------------------------------------------------------------------
+
+
+class NaNLossAtStep(InstructionTrainer):
+    """The loss of the 4th optimizer step is NaN (as from a bad batch or an overflow)."""
+
+    def compute_loss(self, *args, **kwargs):
+        loss = super().compute_loss(*args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 3 else loss
+
+
+class WeightsAfterStep(TrainerCallback):
+    def __init__(self, step):
+        self.step, self.weights = step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def nan_trainer(tiny, out, callbacks):
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    rows = tokenize_dataset(Dataset.from_list(tiny["records"]), tokenizer, "alpaca", max_length=128, verbose=False)
+    args = SFTArguments(output_dir=str(out), max_steps=6, save_strategy="steps", save_steps=2, logging_steps=1,
+                        per_device_train_batch_size=4, learning_rate=1e-3, report_to="none", seed=0)
+    return NaNLossAtStep(model=AutoModelForCausalLM.from_pretrained(tiny["model"]), args=args, train_dataset=rows,
+                         processing_class=tokenizer, data_collator=InstructionDataCollator(tokenizer.pad_token_id),
+                         callbacks=callbacks)
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    # Without the callback the NaN step poisons the weights and a NaN checkpoint-4 is written: what we prevent.
+    unguarded = nan_trainer(tiny, tmp_path / "unguarded", [])
+    unguarded.train()
+    assert not all(torch.isfinite(p).all() for p in load_weights(tmp_path / "unguarded" / "checkpoint-4").values())
+
+    after_step_3 = WeightsAfterStep(3)
+    trainer = nan_trainer(tiny, tmp_path / "out", [after_step_3, StopOnNonFiniteLoss()])
+    with pytest.raises(NonFiniteLossError, match=(
+            r"^non-finite loss at step 4: the gradient model\.\S+\.grad is NaN/inf \(before the update\)\. Training "
+            rf"stopped and nothing was saved for this step; last good checkpoint: {tmp_path}/out/checkpoint-2\.")):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2"]
+    # The bad update was never applied: the weights in memory are exactly those after step 3, all finite.
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, after_step_3.weights[name]), name
+    checkpoint = load_weights(tmp_path / "out" / "checkpoint-2")
+    assert all(torch.isfinite(p).all() for p in checkpoint.values())
+    assert any(not torch.equal(checkpoint[k], after_step_3.weights[k]) for k in checkpoint)  # step 3 is not in it
+
+
+def test_cli_non_finite_loss_exits_non_zero_without_a_final_model(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = train_argv(tiny, out, "--max_steps", "4", "--learning_rate", "1e38", "--lr_scheduler_type", "constant")
+    assert run_cli(train_recipe.main, argv) == 3  # step 1's update makes the weights ~1e38: step 2's loss is NaN
+    [error] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    error = error[error.index("error:"):]  # after a progress bar's carriage return
+    assert error.startswith("error: non-finite loss at step 2: the gradient ")
+    assert error.endswith(f"last good checkpoint: {out}/checkpoint-1. Try a lower learning_rate, max_grad_norm > 0, "
+                          "fp32 instead of fp16, or check the data.")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no final model, no checkpoint-2
+
+
+# --- atomic final save -----------------------------------------------------------------------------------------
+
+
+def test_save_that_raises_leaves_nothing(tiny, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), atomic_save(out) as folder:
+        model.save_pretrained(folder)
+        raise KeyboardInterrupt  # Ctrl-C during the save
+    assert not out.exists() and not staging_dir(out).exists()
+
+
+KILLED_DURING_SAVE = """
+import os, sys
+from transformers import AutoModelForCausalLM
+from sft_hf.safety import atomic_save
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+with atomic_save(sys.argv[2]) as folder:
+    model.save_pretrained(folder)
+    os._exit(9)  # killed: no exception handler, no cleanup
+"""
+
+
+def test_process_killed_during_save_leaves_no_directory_that_loads(tiny, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-1").mkdir(parents=True)  # the run's checkpoints are already there
+    (out / "checkpoint-1" / "weights").write_text("last good")
+    result = subprocess.run([sys.executable, "-c", KILLED_DURING_SAVE, tiny["model"], str(out)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 9, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # untouched, and it does not load as a model
+    with pytest.raises((OSError, ValueError), match="config.json"):
+        AutoModelForCausalLM.from_pretrained(out)
+    assert (staging_dir(out) / "model.safetensors").is_file()  # the unpublished save is hidden beside it
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    with atomic_save(out) as folder:  # the next save clears it and publishes
+        model.save_pretrained(folder)
+    assert not staging_dir(out).exists()
+    assert (out / "checkpoint-1" / "weights").read_text() == "last good"
+    for name, value in load_weights(out).items():
+        assert torch.equal(value, model.state_dict()[name])
+
+
+def test_publish_interrupted_midway_never_mixes_old_and_new_models(tiny, tmp_path, monkeypatch):
+    old = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    new = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    torch.manual_seed(1)
+    new.model.embed_tokens.weight.data.normal_()
+    out = tmp_path / "out"
+    old.save_pretrained(out)  # a model from an earlier run (overwrite_output_dir)
+    torch.save({"stale": 1}, out / "pytorch_model.bin")  # and a stale weight file of another format
+    (out / "checkpoint-1").mkdir()
+
+    real_replace, moved = os.replace, []
+
+    def replace_then_die(src, dst):
+        if len(moved) == 1:
+            raise KeyboardInterrupt
+        moved.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(safety.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt), atomic_save(out) as folder:
+        new.save_pretrained(folder)
+    assert "config.json" not in moved and not (out / "config.json").exists()  # config goes last: never reached
+    with pytest.raises((OSError, ValueError), match="config.json"):
+        AutoModelForCausalLM.from_pretrained(out)  # neither the old nor a half-new model loads
+    assert (out / "checkpoint-1").is_dir()
+
+    monkeypatch.setattr(safety.os, "replace", real_replace)
+    with atomic_save(out) as folder:
+        new.save_pretrained(folder)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint-1", "config.json", "generation_config.json", "model.safetensors"]  # the stale .bin is gone
+    assert torch.equal(load_weights(out)["model.embed_tokens.weight"], new.model.embed_tokens.weight)
+
+
+# --- a second run into the same output dir ---------------------------------------------------------------------
+
+
+def test_second_run_into_a_non_empty_output_dir(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    train_recipe.main(train_argv(tiny, out, "--max_steps", "3"))
+    first = sorted(p.name for p in out.iterdir())
+    assert {"checkpoint-1", "checkpoint-2", "checkpoint-3", "config.json", "model.safetensors"} <= set(first)
+    weights = (out / "model.safetensors").read_bytes()
+
+    with pytest.raises(RecipeError, match=rf"^output_dir {out} is not empty \(README.md, all_results.json, "
+                                          r"checkpoint-1, checkpoint-2, ...\): pass --overwrite_output_dir true"):
+        train_recipe.main(train_argv(tiny, out))
+    assert run_cli(train_recipe.main, train_argv(tiny, out)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: output_dir {out} is not empty")
+    assert not staging_dir(out).exists()
+    assert sorted(p.name for p in out.iterdir()) == first and (out / "model.safetensors").read_bytes() == weights
+
+    # Resuming is allowed: it continues from checkpoint-3 to step 4.
+    train_recipe.main(train_argv(tiny, out, "--max_steps", "4", "--resume_from_checkpoint", "true"))
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+    # Overwriting is allowed when asked: the old run's checkpoints go, a new model replaces the old one.
+    train_recipe.main(train_argv(tiny, out, "--overwrite_output_dir", "true", "--seed", "7", "--max_steps", "2"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "model.safetensors").read_bytes() != weights
+    assert not staging_dir(out).exists()
+
+
+# --- security --------------------------------------------------------------------------------------------------
+
+SECRETS = {"HF_TOKEN": "hf_EnvSecretToken1234567890abcdef", "JUDGE_API_KEY": "sk-judge-Secret-0123456789abcdef"}
+CLI_TOKEN = "hf_CliSecretToken0987654321zyxwvu"
+
+
+def test_no_token_or_api_key_in_logs_cards_or_saved_files(tiny, tmp_path, monkeypatch, caplog, capsys):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        train_recipe.main(train_argv(tiny, out, "--hub_token", CLI_TOKEN))
+        # anything that logs a key (a judge client, a failed request) is redacted by the handlers main() set up
+        logging.getLogger("sft_hf.judge").warning("POST with Authorization: Bearer %s", SECRETS["JUDGE_API_KEY"])
+    printed = capsys.readouterr()
+    logs = caplog.text + printed.out + printed.err
+    assert "Bearer <redacted>" in logs
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"README.md", "training_args.bin", "config.json", "trainer_state.json"} <= {p.name for p in files}
+    for secret in [*SECRETS.values(), CLI_TOKEN]:
+        assert secret not in logs
+        for path in files:  # pickled training args in the model and every checkpoint included
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_redact():
+    os.environ["SFT_HF_TEST_SECRET"] = "s3cret-value-42"
+    try:
+        text = redact("key=s3cret-value-42 hf_abcdefghijklmnopqrstuvwxyz sk-0123456789abcdefXYZ Bearer abc.def-123")
+    finally:
+        del os.environ["SFT_HF_TEST_SECRET"]
+    assert text == "key=<redacted> <redacted> <redacted> Bearer <redacted>"
+    assert redact("tokens/example mean 12.5") == "tokens/example mean 12.5"
+
+
+def test_weights_saved_and_loaded_only_as_safetensors(tiny, tmp_path):
+    out = tmp_path / "out"
+    train_recipe.main(train_argv(tiny, out, "--max_steps", "1"))
+    weight_files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                          if p.name.startswith(("model", "pytorch_model")) and p.suffix in (".bin", ".safetensors"))
+    assert weight_files == ["checkpoint-1/model.safetensors", "model.safetensors"]
+
+    pickled = tmp_path / "pickled"  # a model shipped only as a pickle (pytorch_model.bin): refused, not unpickled
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(tiny["model"]).save_pretrained(pickled)
+    args = ModelArguments(model_name_or_path=str(pickled))
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        load_model(args, load_tokenizer(args))
+
+
+def test_remote_code_is_not_run_unless_asked(tiny, tmp_path):
+    folder = tmp_path / "remote"
+    AutoModelForCausalLM.from_pretrained(tiny["model"]).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny["model"]).save_pretrained(folder)
+    (folder / "evil_model.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('CODE_RAN').write_text('yes')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil_model.EvilConfig",
+                                               "AutoModelForCausalLM": "evil_model.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    args = ModelArguments(model_name_or_path=str(folder))
+    assert args.trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_model(args, load_tokenizer(args))
+    assert not (folder / "CODE_RAN").exists()

@@ -1,0 +1,85 @@
+"""The map step: EOS appended, response start recorded, truncation that keeps the response, datasets cache reuse."""
+import json
+
+from datasets import Dataset
+
+from sft_hf import load_instruction_dataset, tokenize_dataset
+from sft_hf.templates import get_template
+
+
+def test_eos_appended_and_prompt_length_recorded(bpe_tokenizer):
+    tok = bpe_tokenizer
+    record = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    row = tokenize_dataset(Dataset.from_list([record]), tok, "alpaca", max_length=None, verbose=False)[0]
+    prompt_ids = tok(get_template("alpaca").format_prompt(record))["input_ids"]
+    assert row["input_ids"] == prompt_ids + tok("Blue.")["input_ids"] + [tok.eos_token_id]
+    assert row["prompt_length"] == len(prompt_ids)
+    assert row["length"] == len(row["input_ids"])
+    assert row["truncated"] is False
+
+
+def test_truncation_cuts_the_prompt_and_keeps_response_and_eos(bpe_tokenizer, capsys):
+    tok = bpe_tokenizer
+    long_input = " ".join(["word"] * 200)
+    records = [
+        {"instruction": "Summarize.", "input": long_input, "output": "Words."},  # truncated
+        {"instruction": "Say hi.", "input": "", "output": "Hi."},  # fits
+        {"instruction": "Echo.", "input": "", "output": " ".join(["echo"] * 100)},  # response alone too long: dropped
+    ]
+    out = tokenize_dataset(Dataset.from_list(records), tok, "alpaca", max_length=64, verbose=True)
+    assert len(out) == 2
+    first = out[0]
+    response = tok("Words.")["input_ids"] + [tok.eos_token_id]
+    assert len(first["input_ids"]) == 64 and first["truncated"] is True
+    assert first["input_ids"][-len(response) :] == response
+    assert first["prompt_length"] == 64 - len(response)
+    # the prompt lost tokens from its start: its end (input tail + response header) is intact
+    full_prompt = tok(get_template("alpaca").format_prompt(records[0]))["input_ids"]
+    assert first["input_ids"][: first["prompt_length"]] == full_prompt[-first["prompt_length"] :]
+    assert out[1]["truncated"] is False
+    printed = capsys.readouterr().out
+    assert "3 examples → kept 2, truncated 1, dropped 1" in printed
+
+
+def test_alpaca_file_split_like_chapter_7_and_cache_reused(tmp_path, bpe_tokenizer, instruction_records):
+    path = tmp_path / "instruction-data.json"
+    path.write_text(json.dumps(instruction_records))
+    splits = load_instruction_dataset(str(path))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 935, "validation": 55, "test": 110}
+    assert splits["test"][0] == instruction_records[935]  # file order: train, then test, then validation
+    assert splits["validation"][0] == instruction_records[1045]
+
+    first = tokenize_dataset(splits["train"], bpe_tokenizer, "alpaca", max_length=1024, verbose=False)
+    second = tokenize_dataset(splits["train"], bpe_tokenizer, "alpaca", max_length=1024, verbose=False)
+    assert first._fingerprint == second._fingerprint  # same fingerprint → map loads the cached Arrow file
+    assert first.cache_files and first.cache_files == second.cache_files
+
+
+def test_prompt_completion_and_messages_records(tmp_path, bpe_tokenizer):
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text('{"prompt": "2+2=", "completion": "4"}\n{"prompt": "3+3=", "completion": "6"}\n')
+    ds = load_instruction_dataset(str(pc), train_split_ratio=1.0, test_split_ratio=0.0)["train"]
+    row = tokenize_dataset(ds, bpe_tokenizer, "raw", max_length=None, verbose=False)[0]
+    assert row["input_ids"] == bpe_tokenizer("2+2=")["input_ids"] + bpe_tokenizer("4")["input_ids"] + [bpe_tokenizer.eos_token_id]
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}) + "\n")
+    ds = load_instruction_dataset(str(chat), train_split_ratio=1.0, test_split_ratio=0.0)["train"]
+    row = tokenize_dataset(ds, bpe_tokenizer, "chatml", max_length=None, verbose=False)[0]
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert row["prompt_length"] == len(bpe_tokenizer(prompt)["input_ids"])
+
+
+def test_csv_and_parquet_and_column_mapping(tmp_path, bpe_tokenizer):
+    import pandas as pd
+
+    frame = pd.DataFrame({"question": ["What is 1+1?", "Capital of France?"], "answer": ["2", "Paris"]})
+    frame.to_csv(tmp_path / "qa.csv", index=False)
+    frame.to_parquet(tmp_path / "qa.parquet")
+    mapping = {"question": "instruction", "answer": "output"}
+    for name in ("qa.csv", "qa.parquet"):
+        ds = load_instruction_dataset(str(tmp_path / name), column_mapping=mapping, train_split_ratio=1.0, test_split_ratio=0)
+        assert ds["train"].to_list() == [
+            {"instruction": "What is 1+1?", "output": "2", "input": ""},
+            {"instruction": "Capital of France?", "output": "Paris", "input": ""},
+        ]

@@ -1,0 +1,73 @@
+"""The loss is a mean over trained tokens, however the global batch is split into micro-batches and processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from sft_hf import InstructionDataCollator
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import one_step  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference_loss(model_dir: str) -> tuple[float, float]:
+    """Token-mean cross-entropy over the whole global batch, and the (wrong) mean of per-row means."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    data = one_step.rows(model.config.vocab_size, model.config.eos_token_id)
+    batch = InstructionDataCollator(pad_token_id=model.config.pad_token_id, completion_only_loss=True)(data)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    trained = targets != -100
+    token_mean = losses[trained].sum() / trained.sum()
+    row_means = (losses * trained).sum(1) / trained.sum(1)
+    return token_mean.item(), row_means.mean().item()
+
+
+def test_loss_is_token_mean_across_gradient_accumulation(tiny_model_dir, tmp_path):
+    token_mean, row_mean = reference_loss(tiny_model_dir)
+    assert abs(token_mean - row_mean) > 1e-3  # the rows differ enough for a wrong average to show
+
+    full = one_step.run(tiny_model_dir, str(tmp_path / "b8"), batch_size=8, accumulation=1)
+    split = one_step.run(tiny_model_dir, str(tmp_path / "b2x4"), batch_size=2, accumulation=4)
+    assert full["loss"] == pytest.approx(token_mean, rel=1e-4)
+    assert split["loss"] == pytest.approx(token_mean, rel=1e-4)
+    w_full, w_split = load_file(tmp_path / "b8/weights.safetensors"), load_file(tmp_path / "b2x4/weights.safetensors")
+    w_start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    for name in w_full:
+        # the step moved the weights, and by the same gradient in both layouts
+        torch.testing.assert_close(w_split[name], w_full[name], rtol=1e-5, atol=1e-6)
+    assert any((w_full[n] - w_start[n]).abs().max() > 1e-4 for n in w_full)
+
+
+def test_two_processes_match_one(tiny_model_dir, tmp_path):
+    """2 gloo processes × batch 2 × accumulation 2 == 1 process × batch 8."""
+    one_step.run(tiny_model_dir, str(tmp_path / "b8"), batch_size=8, accumulation=1)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        str(ROOT / "tests/scripts/one_step.py"), tiny_model_dir, str(out), "2", "2",
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((out / "result.json").read_text())
+    single = json.loads((tmp_path / "b8/result.json").read_text())
+    assert ddp["world_size"] == 2  # really two processes, not one
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    w_single, w_ddp = load_file(tmp_path / "b8/weights.safetensors"), load_file(out / "weights.safetensors")
+    for name in w_single:
+        torch.testing.assert_close(w_ddp[name], w_single[name], rtol=1e-5, atol=1e-6)
