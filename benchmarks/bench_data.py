@@ -55,7 +55,10 @@ def time_trl(trainer, records: list[dict], num_proc: int | None = None) -> tuple
 def measure(model_dir: str, repeats: int, scale: int = 10, quiet: bool = False) -> dict:
     """Median seconds per contender: W1 records as-is, and `scale`× the records with num_proc 1 and 2."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep the table readable
+    hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = train_records()
     trl_trainer = trl_trainer_for_data_prep(model_dir, tokenizer)

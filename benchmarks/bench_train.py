@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 BATCH_SIZE, LEARNING_RATE, SEED, MAX_LENGTH = 8, 5e-5, 0, 1024
 
 # sft-hf's default configuration for this workload: only the workload's own settings (batch, lr, epochs, seed) are
-# passed; everything that makes it fast is the library's default.
+# passed; everything that makes it fast is the library's default (length-grouped sampling, oneDNN linears where they
+# pay: sft_hf/onednn_linear.py).
 OURS_WORKLOAD_FLAGS = [
     "--per_device_train_batch_size", str(BATCH_SIZE), "--learning_rate", str(LEARNING_RATE),
     "--num_train_epochs", "1", "--seed", str(SEED), "--max_length", str(MAX_LENGTH), "--logging_steps", "10",
@@ -39,11 +40,11 @@ OURS_WORKLOAD_FLAGS = [
     "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
 ]
 # Defaults we want in sft_hf/config.py (asked of the lead); passed explicitly until they land there.
-OURS_PENDING_DEFAULTS = ["--train_sampling_strategy", "group_by_length"]
+OURS_PENDING_DEFAULTS = []  # now sft_hf/config.py defaults: group_by_length, onednn_linear
 
 CONTENDERS = {
     "sft-hf default": dict(kind="ours", flags=OURS_PENDING_DEFAULTS, onednn=True),
-    "sft-hf random batches": dict(kind="ours", flags=["--train_sampling_strategy", "random"]),
+    "sft-hf random batches": dict(kind="ours", flags=["--train_sampling_strategy", "random"], onednn=True),
     "TRL defaults (bf16 autocast + grad checkpointing)": dict(kind="trl", config={}, slow=True),
     "TRL fp32 padded": dict(kind="trl", config=dict(bf16=False, gradient_checkpointing=False)),
     "TRL fp32 padding_free": dict(kind="trl", config=dict(bf16=False, gradient_checkpointing=False,
@@ -52,21 +53,23 @@ CONTENDERS = {
                                                                          packing=True), slow=True),
 }
 # Extra contenders for finding which lever pays (`--contenders` picks any of these by name).
+_GROUPED = OURS_PENDING_DEFAULTS
 ABLATIONS = {
-    "sft-hf default - oneDNN linear": dict(kind="ours", flags=OURS_PENDING_DEFAULTS),
-    "sft-hf default + padding_free": dict(kind="ours", flags=OURS_PENDING_DEFAULTS + ["--padding_free", "true"]),
-    "sft-hf default + adamw_torch (foreach)": dict(kind="ours", flags=OURS_PENDING_DEFAULTS + ["--optim", "adamw_torch"]),
-    "sft-hf default + eager attention": dict(kind="ours", flags=OURS_PENDING_DEFAULTS + ["--attn_implementation", "eager"]),
-    "sft-hf default + 1 dataloader worker": dict(kind="ours", flags=OURS_PENDING_DEFAULTS + ["--dataloader_num_workers", "1"]),
-    "sft-hf default + pad to multiple of 8": dict(kind="ours", flags=OURS_PENDING_DEFAULTS + ["--pad_to_multiple_of", "8"]),
-    "sft-hf batch_rebalance": dict(kind="ours", flags=["--train_sampling_strategy", "batch_rebalance"]),
-    "sft-hf default - recipe callbacks": dict(kind="ours", flags=OURS_PENDING_DEFAULTS, callbacks=False),
+    "sft-hf default - oneDNN linear": dict(kind="ours", flags=_GROUPED + ["--onednn_linear", "false"], onednn=False),
+    "sft-hf default - recipe callbacks": dict(kind="ours", flags=_GROUPED, onednn=True, callbacks=False),
+    "sft-hf default + padding_free": dict(kind="ours", flags=_GROUPED + ["--padding_free", "true"], onednn=True),
+    "sft-hf default + pad to multiple of 8": dict(kind="ours", flags=_GROUPED + ["--pad_to_multiple_of", "8"],
+                                                  onednn=True),
+    "sft-hf default + adamw_torch (foreach)": dict(kind="ours", flags=_GROUPED + ["--optim", "adamw_torch"],
+                                                   onednn=True),
+    "sft-hf default + eager attention": dict(kind="ours", flags=_GROUPED + ["--attn_implementation", "eager"],
+                                             onednn=True),
+    "sft-hf default + 1 dataloader worker": dict(kind="ours", flags=_GROUPED + ["--dataloader_num_workers", "1"],
+                                                 onednn=True),
+    "sft-hf batch_rebalance": dict(kind="ours", flags=["--train_sampling_strategy", "batch_rebalance"], onednn=True),
+    # with the stock (MKL) linears: dynamo then has no custom autograd function to trace
+    "sft-hf group_by_length + torch.compile": dict(kind="ours", flags=_GROUPED + ["--torch_compile", "true"]),
 }
-for _ablation in ABLATIONS.values():
-    _ablation.setdefault("onednn", True)
-ABLATIONS["sft-hf default - oneDNN linear"]["onednn"] = False
-# torch.compile with the stock (MKL) linears: dynamo does not need to trace the oneDNN autograd function
-ABLATIONS["sft-hf group_by_length + torch.compile"] = dict(kind="ours", flags=OURS_PENDING_DEFAULTS + ["--torch_compile", "true"])
 ALL_CONTENDERS = {**CONTENDERS, **ABLATIONS}
 # TRL's best = its fastest configuration in the run; its defaults too: with native bf16 (AVX512-BF16, AMX, GPUs)
 # bf16 autocast can beat fp32 even with gradient checkpointing.
@@ -149,7 +152,8 @@ def _build_trl(model_dir: str, config: dict, n_records: int, output_dir: str):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     import torch
 
-    config = {"use_cpu": not torch.cuda.is_available(), "max_length": MAX_LENGTH, **config}  # TRL's bf16 default refuses a CPU otherwise
+    # use_cpu: TRL's bf16 default refuses to run on a CPU otherwise
+    config = {"use_cpu": not torch.cuda.is_available(), "max_length": MAX_LENGTH, **config}
     args = SFTConfig(output_dir=output_dir, per_device_train_batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
                      num_train_epochs=1, seed=SEED, lr_scheduler_type="linear",
                      save_strategy="no", report_to="none", **config)
@@ -209,12 +213,6 @@ def run_one(name: str, workload: str, fraction: float, threads: int | None) -> d
                                                            callbacks=contender.get("callbacks", True))
         else:
             trainer, tokenizer, prep_seconds = _build_trl(model_dir, contender["config"], n_records, output_dir)
-        if contender.get("onednn"):
-            # Pending integration into sft_hf (see benchmarks/README.md): fp32 CPU linears on oneDNN where it pays.
-            from benchmarks.onednn_linear import onednn_pays, use_onednn_linear
-
-            if onednn_pays() and not torch.cuda.is_available():
-                use_onednn_linear(trainer.model)
         counter = None
         if trainer.args.dataloader_num_workers == 0:  # the counts live in this process only then
             counter = trainer.data_collator = _TokenCounter(trainer.data_collator)
@@ -230,7 +228,8 @@ def run_one(name: str, workload: str, fraction: float, threads: int | None) -> d
         "padding_fraction": 1 - counter.real / counter.positions if counter else None,
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                           else trainer.optimizer).__name__ + (" fused" if trainer.args.optim.endswith("fused") else ""),
-        "epoch_fraction": n_records / len(_records(1.0)), "prep_seconds": prep_seconds, "params": n_params, "threads": torch.get_num_threads(),
+        "epoch_fraction": n_records / len(_records(1.0)), "prep_seconds": prep_seconds, "params": n_params,
+        "threads": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -247,7 +246,7 @@ def matmul_flops(seconds: float = 1.5, n: int = 1024) -> dict[str, float]:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     kernels = {"torch.matmul": lambda: a @ b}
     if device == "cpu":
-        from benchmarks.onednn_linear import _mm_t, onednn_pays
+        from sft_hf.onednn_linear import _mm_t, onednn_pays
 
         if onednn_pays():
             kernels["oneDNN"] = lambda: _mm_t(a, b)
@@ -379,7 +378,8 @@ def main(argv=None):
     parser.add_argument("--slow-fraction", type=float, default=0.25,
                         help="fraction for the slow contenders (TRL defaults, TRL packing): their tokens/s is the "
                              "same on a slice, their final loss is then after that slice only")
-    parser.add_argument("--quick", action="store_true", help="1 repeat, 25%% of the epoch, 10%% for the slow contenders")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 repeat, 25%% of the epoch, 10%% for the slow contenders")
     parser.add_argument("--contenders", default=None,
                         help=f"comma-separated names (default: all of {list(CONTENDERS)}; ablations: "
                              f"{list(ABLATIONS)})")
@@ -425,7 +425,8 @@ def main(argv=None):
             r = run_child(name, opts)
             runs[name].append(r)
             print(f"  repeat {repeat + 1}/{opts.repeats} · {name}: {r['tokens_per_second']:,.0f} tokens/s "
-                  f"({r['tokens']:,} tokens in {r['seconds']:.1f} s, {r['tokens_per_cpu_second']:,.0f} per CPU-s), final loss {r['final_loss']:.3f}", flush=True)
+                  f"({r['tokens']:,} tokens in {r['seconds']:.1f} s, {r['tokens_per_cpu_second']:,.0f} per CPU-s), "
+                  f"final loss {r['final_loss']:.3f}", flush=True)
     flops.append(matmul_flops())
     print()
     print(summarize(runs, flops, opts.peak_tflops))

@@ -31,6 +31,7 @@ from sft_hf import (  # noqa: E402
 from sft_hf import hub  # noqa: E402
 from sft_hf.config import RecipeError  # noqa: E402
 from sft_hf.checkpoints import CheckpointCompleteCallback, resolve_resume_checkpoint  # noqa: E402
+from sft_hf.trainer import has_varlen_attention  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template, write_model_card  # noqa: E402
 from sft_hf.safety import (  # noqa: E402
     StopOnNonFiniteLoss, atomic_save, check_output_dir, install_secret_redaction, run_cli)
@@ -97,7 +98,8 @@ def main(argv=None):
         completion_only_loss=args.completion_only_loss,
         max_length=args.max_length,
         pad_to_multiple_of=args.pad_to_multiple_of,
-        padding_free=args.padding_free or args.packing,
+        # padding-free pays only with a variable-length attention kernel (flash-attention); else length-grouped padding
+        padding_free=args.packing or (args.padding_free if args.padding_free is not None else has_varlen_attention(model)),
     )
     trainer = InstructionTrainer(
         model=model,

@@ -81,7 +81,21 @@ class SFTArguments(TrainingArguments):
     max_length: int | None = field(default=1024, metadata={"help": "Truncate examples to this many tokens."})
     completion_only_loss: bool = field(default=False, metadata={"help": "Train on responses only (mask prompts)."})
     packing: bool = field(default=False, metadata={"help": "Alias of padding_free: examples concatenated per batch."})
-    padding_free: bool = field(default=False, metadata={"help": "One row per batch, no padding (position_ids)."})
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "One row per batch, no padding (position_ids). Default: on only with a variable-length "
+                  "attention kernel (flash-attention); on CPU/sdpa padded length-grouped batches are faster."},
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "random, sequential, group_by_length (batches of similar lengths: little padding) or "
+                  "batch_rebalance."},
+    )
+    onednn_linear: bool = field(
+        default=True,
+        metadata={"help": "On x86 CPUs with AVX-512 that are not Intel, run fp32 linear layers on oneDNN "
+                  "(about 2x faster matmuls than MKL's AVX2 path there)."},
+    )
     pad_to_multiple_of: int | None = None
     precision: str = field(default="auto", metadata={"help": "auto (bf16 only where native), fp32, bf16, fp16."})
     eval_exact_match: bool = field(

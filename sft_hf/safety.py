@@ -91,8 +91,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def first_non_finite(model, grads: bool) -> str | None:
-    for name, param in model.named_parameters():
-        tensor = param.grad if grads else param
+    named = [(name, param.grad if grads else param) for name, param in model.named_parameters()]
+    tensors = [t for _, t in named if t is not None]
+    # One fused norm per tensor and a single host sync: a NaN/inf anywhere makes its norm non-finite.
+    if not tensors or bool(torch.stack([n.float().to(tensors[0].device) for n in torch._foreach_norm(tensors)]).isfinite().all()):
+        return None
+    for name, tensor in named:  # rare path: name the culprit
         if tensor is not None and not torch.isfinite(tensor).all():
             return name + (".grad" if grads else "")
     return None

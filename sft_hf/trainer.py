@@ -48,6 +48,11 @@ class InstructionTrainer(Trainer):
             )
         super().__init__(*args, **kwargs)
         logger.info("Batching: %s", describe_batching(self.args, self.data_collator, self.model))
+        if getattr(self.args, "onednn_linear", False) and self.args.device.type == "cpu" and not self.args.torch_compile:
+            from sft_hf.onednn_linear import onednn_pays, use_onednn_linear
+
+            if onednn_pays() and (swapped := use_onednn_linear(self.model)):
+                logger.info("Matmuls: %d fp32 linear layers on oneDNN (MKL takes its AVX2 path on this CPU)", swapped)
         # trained tokens, padding positions, all positions since the last log; summed over processes when logged
         self._token_counts = torch.zeros(3, dtype=torch.long)
         self._last_log_time: float | None = None

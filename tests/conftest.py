@@ -45,3 +45,12 @@ def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     bpe_tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def datasets_caching_on():
+    """Some modules (benchmarks, fuzzing) switch the datasets cache off globally; every test starts with it on."""
+    import datasets
+
+    datasets.enable_caching()
+    yield

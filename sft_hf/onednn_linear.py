@@ -1,4 +1,4 @@
-"""fp32 `nn.Linear` on oneDNN instead of MKL, for CPU training (prototype for sft_hf; see benchmarks/README.md).
+"""fp32 `nn.Linear` on oneDNN instead of MKL, for CPU training (see benchmarks/README.md).
 
 Why: PyTorch's CPU wheels run fp32 matmuls through MKL's sgemm, which on non-Intel x86 CPUs (AMD EPYC/Ryzen) takes
 its AVX2 path even where AVX-512 is available; oneDNN, also inside every PyTorch CPU wheel, dispatches on the ISA
