@@ -101,6 +101,16 @@ class JudgeUnavailableError(RuntimeError):
     """The judge server could not be reached at all: stop instead of failing every item one by one."""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise JudgeRequestError(f"{req.full_url}: HTTP {code} redirect to {newurl} refused (the judge talks only to "
+                                "the URL it is given)", retryable=False)
+
+
+# No proxies from the environment and no redirects: requests (and the API key they carry) go to the given URL only.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _RefuseRedirects())
+
+
 def post_json(url: str, payload: dict, headers: dict | None = None, timeout: float = 120.0):
     """POST JSON; returns the open response (the caller reads it as one JSON document or as NDJSON lines)."""
     request = urllib.request.Request(
@@ -108,7 +118,7 @@ def post_json(url: str, payload: dict, headers: dict | None = None, timeout: flo
         method="POST",
     )
     try:
-        return urllib.request.urlopen(request, timeout=timeout)
+        return _OPENER.open(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         body = " ".join(e.read().decode(errors="replace").split())[:200]
         raise JudgeRequestError(f"{url}: HTTP {e.code}: {body}", retryable=e.code == 429 or e.code >= 500) from None

@@ -240,3 +240,41 @@ def test_local_transformers_judge(chatty_model_dir):
         assert result["reply"] == reply
         assert (result["score"], result["problem"]) == (parse_score(reply).score, parse_score(reply).problem)
     assert summarize(results)["num_items"] == 3
+
+
+def test_the_judge_talks_only_to_the_url_it_is_given(tmp_path, monkeypatch):
+    """No redirect is followed (the API key would travel with it) and no proxy from the environment is used."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-secret-123")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a proxy that would refuse: must not be used
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    records, by_prompt = records_with_replies(["42"])
+    with FakeJudgeServer(by_prompt.get) as elsewhere:
+        class Redirect(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.send_response(307)
+                self.send_header("Location", elsewhere.url + "/v1/chat/completions")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        redirector = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        threading.Thread(target=redirector.serve_forever, daemon=True).start()
+        try:
+            judge = OpenAIJudge(model="m", url=f"http://127.0.0.1:{redirector.server_port}/v1",
+                                api_key_env="MY_JUDGE_KEY")
+            summary = run_judge(records, judge, ["model_response"], tmp_path / "r", max_workers=1,
+                                show_progress=False)["model_response"]
+        finally:
+            redirector.shutdown()
+        assert elsewhere.requests == []  # the redirect target never heard from us
+        assert summary["num_items"] == 1 and summary["num_scores"] == 0  # kept and counted as unscored
+
+        direct = OpenAIJudge(model="m", url=elsewhere.url + "/v1", api_key_env="MY_JUDGE_KEY")
+        summary = run_judge(records, direct, ["model_response"], tmp_path / "d", max_workers=1,
+                            show_progress=False)["model_response"]
+        assert summary["average"] == 42.0  # straight to the given loopback URL, the proxy variables ignored
