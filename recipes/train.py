@@ -17,21 +17,20 @@ from transformers import set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from sft_hf import (  # noqa: E402
-    InstructionDataCollator,
     InstructionTrainer,
     exact_match,
     generate_responses,
     get_template,
-    load_instruction_dataset,
     load_model,
     load_tokenizer,
     parse_recipe,
     tokenize_dataset,
 )
 from sft_hf import hub  # noqa: E402
+from sft_hf.collator import recipe_collator  # noqa: E402
+from sft_hf.data import load_recipe_splits  # noqa: E402
 from sft_hf.config import RecipeError  # noqa: E402
 from sft_hf.checkpoints import CheckpointCompleteCallback, resolve_resume_checkpoint  # noqa: E402
-from sft_hf.trainer import has_varlen_attention  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template, write_model_card  # noqa: E402
 from sft_hf.safety import (  # noqa: E402
     StopOnNonFiniteLoss, atomic_save, check_output_dir, install_secret_redaction, run_cli)
@@ -70,16 +69,7 @@ def main(argv=None):
     # 1. Data: load, split, template, tokenize (the main process first, the others reuse its datasets cache).
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
-    raw = load_instruction_dataset(
-        data_args.dataset_name, data_args.dataset_config, data_args.column_mapping,
-        data_args.train_split_ratio, data_args.test_split_ratio, data_args.shuffle_seed,
-        skip_bad_records=data_args.skip_bad_records, template=template,
-    )
-    if data_args.max_train_samples:
-        raw["train"] = raw["train"].select(range(min(data_args.max_train_samples, len(raw["train"]))))
-    if data_args.max_eval_samples:
-        for split in ("validation", "test"):
-            raw[split] = raw[split].select(range(min(data_args.max_eval_samples, len(raw[split]))))
+    raw = load_recipe_splits(data_args, template)
     with args.main_process_first(desc="tokenize"):
         tokenized = tokenize_dataset(raw, tokenizer, template, args.max_length, data_args.dataset_num_proc,
                                      verbose=args.process_index == 0)
@@ -93,14 +83,7 @@ def main(argv=None):
             model, tokenizer, held_out.to_list(), template, args, "Before training:")
 
     # 3. Train.
-    collator = InstructionDataCollator(
-        pad_token_id=tokenizer.pad_token_id,
-        completion_only_loss=args.completion_only_loss,
-        max_length=args.max_length,
-        pad_to_multiple_of=args.pad_to_multiple_of,
-        # padding-free pays only with a variable-length attention kernel (flash-attention); else length-grouped padding
-        padding_free=args.packing or (args.padding_free if args.padding_free is not None else has_varlen_attention(model)),
-    )
+    collator = recipe_collator(tokenizer, args, model)  # padding-free only with a varlen attention kernel
     trainer = InstructionTrainer(
         model=model,
         args=args,

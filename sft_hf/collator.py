@@ -82,3 +82,25 @@ def resolve_pad_token_id(tokenizer) -> int:
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
     raise ValueError("the tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token")
+
+
+def has_varlen_attention(model) -> bool:
+    """True when the model's attention runs a variable-length kernel (flash-attention), the only case where
+    padding-free rows beat length-grouped padded batches; sdpa/eager attend over the whole concatenated row."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    return "flash" in implementation
+
+
+def recipe_collator(tokenizer, args, model=None) -> InstructionDataCollator:
+    """The collator a recipe's arguments ask for; recipes/train.py, `sft-hf inspect` and `sft-hf report` share it.
+
+    `padding_free` unset: on only when `model` runs a variable-length attention kernel (without a model, off).
+    """
+    padding_free = args.padding_free if args.padding_free is not None else has_varlen_attention(model)
+    return InstructionDataCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        completion_only_loss=args.completion_only_loss,
+        max_length=args.max_length,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+        padding_free=args.packing or padding_free,
+    )

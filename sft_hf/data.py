@@ -108,6 +108,21 @@ def load_instruction_dataset(
     return result
 
 
+def load_recipe_splits(data_args, template=None) -> DatasetDict:
+    """The splits a recipe's `DataArguments` ask for; recipes/train.py, `sft-hf inspect` and `sft-hf report` share it."""
+    raw = load_instruction_dataset(
+        data_args.dataset_name, data_args.dataset_config, data_args.column_mapping,
+        data_args.train_split_ratio, data_args.test_split_ratio, data_args.shuffle_seed,
+        skip_bad_records=data_args.skip_bad_records, template=template,
+    )
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
+              "test": data_args.max_eval_samples}
+    for split, limit in limits.items():
+        if limit:
+            raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
+    return raw
+
+
 def _template_fields(template) -> set[str]:
     """Record fields a template reads besides instruction/input/output (e.g. `{context}` in a YAML template)."""
     if template is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset
 
-from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator
+from sft_hf.collator import IGNORE_INDEX, recipe_collator
 from sft_hf.tokenization import tokenize_dataset
 
 
@@ -247,34 +247,14 @@ def render_html(views: list[ExampleView], meta: dict[str, object] | None = None,
 def load_recipe_data(recipe_argv: list[str]):
     """The recipe's arguments, tokenizer, template and raw splits, loaded the way recipes/train.py loads them."""
     from sft_hf.config import parse_recipe
-    from sft_hf.data import load_instruction_dataset
+    from sft_hf.data import load_recipe_splits
     from sft_hf.modeling import load_tokenizer
     from sft_hf.templates import get_template
 
     model_args, data_args, args = parse_recipe(recipe_argv)
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
-    raw = load_instruction_dataset(
-        data_args.dataset_name, data_args.dataset_config, data_args.column_mapping,
-        data_args.train_split_ratio, data_args.test_split_ratio, data_args.shuffle_seed,
-    )
-    if data_args.max_train_samples:
-        raw["train"] = raw["train"].select(range(min(data_args.max_train_samples, len(raw["train"]))))
-    if data_args.max_eval_samples:
-        for split in ("validation", "test"):
-            raw[split] = raw[split].select(range(min(data_args.max_eval_samples, len(raw[split]))))
-    return model_args, data_args, args, tokenizer, template, raw
-
-
-def recipe_collator(tokenizer, args) -> InstructionDataCollator:
-    """The collator exactly as recipes/train.py builds it."""
-    return InstructionDataCollator(
-        pad_token_id=tokenizer.pad_token_id,
-        completion_only_loss=args.completion_only_loss,
-        max_length=args.max_length,
-        pad_to_multiple_of=args.pad_to_multiple_of,
-        padding_free=args.padding_free or args.packing,
-    )
+    return model_args, data_args, args, tokenizer, template, load_recipe_splits(data_args, template)
 
 
 def main(argv: list[str]) -> int:

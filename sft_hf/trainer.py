@@ -14,16 +14,9 @@ import time
 import torch
 from transformers import Trainer
 
-from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, resolve_pad_token_id
+from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, has_varlen_attention, resolve_pad_token_id
 
 logger = logging.getLogger(__name__)
-
-
-def has_varlen_attention(model) -> bool:
-    """True when the model's attention runs a variable-length kernel (flash-attention), the only case where
-    padding-free rows beat length-grouped padded batches; sdpa/eager attend over the whole concatenated row."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
-    return "flash" in implementation
 
 
 def describe_batching(args, collator, model) -> str:
@@ -73,14 +66,18 @@ class InstructionTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._last_log_time is not None:  # a training log: every process is here
+        # A training log, or the end-of-training summary (which flushes the steps after the last training log);
+        # every process is here for both, so the counts can be summed over processes.
+        is_train_log, is_end = "loss" in logs, "train_runtime" in logs
+        if (is_train_log or is_end) and self._last_log_time is not None:
             counts = self._token_counts.to(self.args.device)
             if self.accelerator.num_processes > 1:
                 counts = self.accelerator.reduce(counts, reduction="sum")
             now = time.perf_counter()
             trained, padding, positions = counts.tolist()
-            logs["train_tokens_per_second"] = round(trained / max(now - self._last_log_time, 1e-9), 1)
-            logs["padding_fraction"] = round(padding / max(positions, 1), 4)
+            if is_train_log:
+                logs["train_tokens_per_second"] = round(trained / max(now - self._last_log_time, 1e-9), 1)
+                logs["padding_fraction"] = round(padding / max(positions, 1), 4)
             self.trained_tokens_total += int(trained)
             self._token_counts.zero_()
             self._last_log_time = now

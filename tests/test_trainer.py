@@ -71,3 +71,20 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     w_single, w_ddp = load_file(tmp_path / "b8/weights.safetensors"), load_file(out / "weights.safetensors")
     for name in w_single:
         torch.testing.assert_close(w_ddp[name], w_single[name], rtol=1e-5, atol=1e-6)
+
+
+def test_trained_token_total_counts_steps_after_the_last_log(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    from sft_hf import InstructionTrainer, SFTArguments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    data = one_step.rows(model.config.vocab_size, model.config.eos_token_id)
+    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, logging_steps=2,
+                        save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True, use_cpu=True)
+    collator = InstructionDataCollator(pad_token_id=model.config.pad_token_id, completion_only_loss=True)
+    trainer = InstructionTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), data_collator=collator)
+    trainer.train()
+    # 3 steps of 2 rows = the first 6 rows; step 3 comes after the last training log (step 2)
+    expected = sum((collator([row])["labels"][0, 1:] != -100).sum().item() for row in data[:6])
+    assert trainer.trained_tokens_total == expected
