@@ -39,12 +39,12 @@ OURS_WORKLOAD_FLAGS = [
     "--lr_scheduler_type", "linear", "--warmup_steps", "0", "--weight_decay", "0.0",
     "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
 ]
-# Defaults we want in sft_hf/config.py (asked of the lead); passed explicitly until they land there.
-OURS_PENDING_DEFAULTS = []  # now sft_hf/config.py defaults: group_by_length, onednn_linear
-
+PADDED = ["--attn_implementation", "sdpa"]  # plain SDPA: padding-free rows don't pay, so padded batches
 CONTENDERS = {
-    "sft-hf default": dict(kind="ours", flags=OURS_PENDING_DEFAULTS, onednn=True),
-    "sft-hf random batches": dict(kind="ours", flags=["--train_sampling_strategy", "random"], onednn=True),
+    # padding-free rows, attention per example (sdpa_varlen), random order, rows rounded to 8 tokens, oneDNN linears
+    "sft-hf default": dict(kind="ours", flags=[]),
+    "sft-hf padded, length-grouped": dict(kind="ours", flags=PADDED),  # the `auto` sampling of padded batches
+    "sft-hf padded, random": dict(kind="ours", flags=PADDED + ["--train_sampling_strategy", "random"]),
     "TRL defaults (bf16 autocast + grad checkpointing)": dict(kind="trl", config={}, slow=True),
     "TRL fp32 padded": dict(kind="trl", config=dict(bf16=False, gradient_checkpointing=False)),
     "TRL fp32 padding_free": dict(kind="trl", config=dict(bf16=False, gradient_checkpointing=False,
@@ -53,22 +53,22 @@ CONTENDERS = {
                                                                          packing=True), slow=True),
 }
 # Extra contenders for finding which lever pays (`--contenders` picks any of these by name).
-_GROUPED = OURS_PENDING_DEFAULTS
 ABLATIONS = {
-    "sft-hf default - oneDNN linear": dict(kind="ours", flags=_GROUPED + ["--onednn_linear", "false"], onednn=False),
-    "sft-hf default - recipe callbacks": dict(kind="ours", flags=_GROUPED, onednn=True, callbacks=False),
-    "sft-hf default + padding_free": dict(kind="ours", flags=_GROUPED + ["--padding_free", "true"], onednn=True),
-    "sft-hf default + pad to multiple of 8": dict(kind="ours", flags=_GROUPED + ["--pad_to_multiple_of", "8"],
-                                                  onednn=True),
-    "sft-hf default + adamw_torch (foreach)": dict(kind="ours", flags=_GROUPED + ["--optim", "adamw_torch"],
-                                                   onednn=True),
-    "sft-hf default + eager attention": dict(kind="ours", flags=_GROUPED + ["--attn_implementation", "eager"],
-                                             onednn=True),
-    "sft-hf default + 1 dataloader worker": dict(kind="ours", flags=_GROUPED + ["--dataloader_num_workers", "1"],
-                                                 onednn=True),
-    "sft-hf batch_rebalance": dict(kind="ours", flags=["--train_sampling_strategy", "batch_rebalance"], onednn=True),
+    "sft-hf default - oneDNN linear": dict(kind="ours", flags=["--onednn_linear", "false"]),
+    "sft-hf default - recipe callbacks": dict(kind="ours", flags=[], callbacks=False),
+    "sft-hf default, length-grouped": dict(kind="ours", flags=["--train_sampling_strategy", "group_by_length"]),
+    "sft-hf default - filler (rows not rounded up)": dict(kind="ours", flags=["--pad_to_multiple_of", "1"]),
+    "sft-hf padding-free on plain sdpa": dict(kind="ours", flags=PADDED + ["--padding_free", "true",
+                                                                           "--train_sampling_strategy", "random"]),
+    "sft-hf padded, length-grouped, pad to multiple of 8": dict(kind="ours",
+                                                                flags=PADDED + ["--pad_to_multiple_of", "8"]),
+    "sft-hf padded, batch_rebalance": dict(kind="ours", flags=PADDED + ["--train_sampling_strategy",
+                                                                        "batch_rebalance"]),
+    "sft-hf default + adamw_torch (foreach)": dict(kind="ours", flags=["--optim", "adamw_torch"]),
+    "sft-hf default + 1 dataloader worker": dict(kind="ours", flags=["--dataloader_num_workers", "1"]),
+    "sft-hf padded, eager attention": dict(kind="ours", flags=["--attn_implementation", "eager"]),
     # with the stock (MKL) linears: dynamo then has no custom autograd function to trace
-    "sft-hf group_by_length + torch.compile": dict(kind="ours", flags=_GROUPED + ["--torch_compile", "true"]),
+    "sft-hf padded, length-grouped + torch.compile": dict(kind="ours", flags=PADDED + ["--torch_compile", "true"]),
 }
 ALL_CONTENDERS = {**CONTENDERS, **ABLATIONS}
 # TRL's best = its fastest configuration in the run; its defaults too: with native bf16 (AVX512-BF16, AMX, GPUs)
@@ -89,8 +89,7 @@ class _TokenCounter:
     def __call__(self, features):
         batch = self.collator(features)
         self.positions += batch["input_ids"].numel()
-        mask = batch.get("attention_mask")
-        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.real += sum(min(len(f["input_ids"]), MAX_LENGTH) for f in features)  # the rest is padding or filler
         return batch
 
 
@@ -104,8 +103,9 @@ def _records(fraction: float) -> list[dict]:
 def _build_ours(model_dir: str, flags: list[str], n_records: int, output_dir: str, callbacks: bool = True):
     """The recipes/train.py code path: parse_recipe → tokenize_dataset → load_model → collator → InstructionTrainer."""
     from benchmarks.workloads import DATA_FILE
-    from sft_hf import (InstructionDataCollator, InstructionTrainer, get_template, load_instruction_dataset,
-                        load_model, load_tokenizer, parse_recipe, tokenize_dataset)
+    from sft_hf import (InstructionTrainer, get_template, load_instruction_dataset, load_model, load_tokenizer,
+                        parse_recipe, tokenize_dataset)
+    from sft_hf.collator import recipe_collator
 
     argv = ["--model_name_or_path", model_dir, "--dataset_name", str(DATA_FILE), "--template", "alpaca",
             "--output_dir", output_dir, "--max_train_samples", str(n_records), *OURS_WORKLOAD_FLAGS, *flags]
@@ -119,11 +119,7 @@ def _build_ours(model_dir: str, flags: list[str], n_records: int, output_dir: st
                              data_args.dataset_num_proc, verbose=False)
     prep_seconds = time.perf_counter() - start
     model = load_model(model_args, tokenizer, args)
-    collator = InstructionDataCollator(
-        pad_token_id=tokenizer.pad_token_id, completion_only_loss=args.completion_only_loss,
-        max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of,
-        padding_free=args.padding_free or args.packing,
-    )
+    collator = recipe_collator(tokenizer, args, model)
     trainer = InstructionTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                                  data_collator=collator, callbacks=_recipe_callbacks(callbacks))
     return trainer, tokenizer, prep_seconds
@@ -290,6 +286,9 @@ def machine_header() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        cpu += f" (emulated: ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}, " \
+               f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'default')})"
     return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · CPU {cpu}, {os.cpu_count()} cores "
             f"(torch threads {torch.get_num_threads()}), GPU {gpu}, load average {load} · Python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -388,6 +387,9 @@ def main(argv=None):
     parser.add_argument("--log-dir", default=None, help="where each contender's output goes (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write every run's numbers here")
     parser.add_argument("--skip-data", action="store_true", help="skip the data-preparation comparison")
+    parser.add_argument("--emulate-avx2-cpu", action="store_true",
+                        help="cap oneDNN and ATen at AVX2 (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY) in every process: "
+                             "a CPU without AVX-512 and native bf16, like the one issue 5 measured TRL's defaults on")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -395,6 +397,8 @@ def main(argv=None):
     if opts.child:
         Path(opts.child_out).write_text(json.dumps(run_one(opts.child, opts.workload, opts.fraction, opts.threads)))
         return
+    if opts.emulate_avx2_cpu:  # read when torch loads and oneDNN starts: before either, inherited by the children
+        os.environ.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     if opts.quick:
         opts.repeats, opts.fraction, opts.slow_fraction = 1, 0.25, min(opts.slow_fraction, 0.1)
     opts.slow_fraction = min(opts.slow_fraction, opts.fraction)

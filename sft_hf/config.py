@@ -26,7 +26,11 @@ class ModelArguments:
     model_revision: str = "main"
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16 for the weights."})
     trust_remote_code: bool = False
-    attn_implementation: str | None = None
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "sdpa, eager, flash_attention_2, sdpa_varlen... Default: sdpa_varlen (SDPA that attends "
+                  "per example in padding-free rows) on full-attention models, else transformers' choice."},
+    )
     use_peft: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -83,13 +87,14 @@ class SFTArguments(TrainingArguments):
     packing: bool = field(default=False, metadata={"help": "Alias of padding_free: examples concatenated per batch."})
     padding_free: bool | None = field(
         default=None,
-        metadata={"help": "One row per batch, no padding (position_ids). Default: on only with a variable-length "
-                  "attention kernel (flash-attention); on CPU/sdpa padded length-grouped batches are faster."},
+        metadata={"help": "One row per batch, no padding (position_ids). Default: on when the attention runs each "
+                  "example alone (sdpa_varlen, the default, or flash-attention); else padded batches."},
     )
     train_sampling_strategy: str = field(
-        default="group_by_length",
-        metadata={"help": "random, sequential, group_by_length (batches of similar lengths: little padding) or "
-                  "batch_rebalance."},
+        default="auto",
+        metadata={"help": "auto, random, sequential, group_by_length or batch_rebalance. auto: random order for "
+                  "padding-free rows (nothing to gain from grouping, and the loss of random batches), "
+                  "group_by_length for padded batches (little padding)."},
     )
     onednn_linear: bool = field(
         default=True,

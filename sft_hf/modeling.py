@@ -7,7 +7,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_hf import lora, toy
+from sft_hf import lora, toy, varlen_attention
 from sft_hf.templates import TemplateError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ def load_model(model_args, tokenizer, training_args=None):
         device_map={"": PartialState().local_process_index} if quantization else None,
         **(model_args.model_config_overrides or {}),  # e.g. dropout 0.0, as chapter 7 trains
     )
+    if (model_args.attn_implementation is None and model.config._attn_implementation == "sdpa"
+            and varlen_attention.supports_varlen(model.config)):
+        # Same SDPA, plus per-example attention for padding-free rows (which the collator then makes by default).
+        model.set_attn_implementation(varlen_attention.NAME)
     # Generation must stop at the EOS we train on, and pad with the pad token we batch with.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

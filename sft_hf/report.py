@@ -100,10 +100,13 @@ def batch_stats(rows: list[dict], collator, batch_size: int, group_size: int, se
         padding = positions = trained = real = 0
         for start in tqdm(range(0, len(order), batch_size), desc=f"Collating ({name})", leave=False,
                           disable=len(order) < 20_000):
-            batch = collator([rows[i] for i in order[start : start + batch_size]])
+            features = [rows[i] for i in order[start : start + batch_size]]
+            batch = collator(features)
             mask = batch.get("attention_mask")
             positions += batch["input_ids"].numel()
-            n_real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            # padding-free rows: the filler up to pad_to_multiple_of is their padding
+            n_real = int(mask.sum()) if mask is not None else sum(
+                min(len(f["input_ids"]), collator.max_length or len(f["input_ids"])) for f in features)
             padding += batch["input_ids"].numel() - n_real
             real += n_real
             trained += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # what the loss sees after the shift

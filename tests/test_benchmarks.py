@@ -77,8 +77,24 @@ def test_trainer_logs_exact_token_counts_and_batching(tiny_model_dir, tmp_path, 
     assert trainer.trained_tokens_total == (9 - 1) + (5 - 1) + (7 - 1) + (3 - 1)  # every token after the first
 
 
+def test_trainer_counts_the_padding_free_filler_as_padding(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa_varlen")
+    data = Dataset.from_list(_rows(model.config.vocab_size, model.config.eos_token_id))
+    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                        save_strategy="no", report_to="none", train_sampling_strategy="sequential",
+                        disable_tqdm=True, use_cpu=True)
+    collator = InstructionDataCollator(model.config.pad_token_id, padding_free=True, pad_to_multiple_of=8)
+    trainer = InstructionTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "padding_fraction" in h]
+    # rows of 9 + 5 tokens → 16 positions, 2 of them filler; rows of 7 + 3 → 16 positions, 6 of them filler
+    assert [h["padding_fraction"] for h in logs] == [round(2 / 16, 4), round(6 / 16, 4)]
+    # each example's first token is not a target, nor is the filler
+    assert trainer.trained_tokens_total == (9 - 1) + (5 - 1) + (7 - 1) + (3 - 1)
+
+
 def test_padding_free_without_varlen_kernel_is_flagged(tiny_model_dir, tmp_path, caplog):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # sdpa on CPU: no variable-length kernel
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")  # no varlen kernel
     data = Dataset.from_list(_rows(model.config.vocab_size, model.config.eos_token_id))
     args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, save_strategy="no",
                         report_to="none", use_cpu=True)

@@ -25,14 +25,15 @@ def test_shortened_default_recipe_learns(default_run):
     out, stdout = default_run
     results = json.loads((out / "all_results.json").read_text())
     assert results["baseline_exact_match"] <= 0.02  # a randomly initialised model answers nothing right
-    # 800 of the default 3000 steps: max/min are learned by then, sorting only begins
-    assert results["eval_exact_match"] >= results["baseline_exact_match"] + 0.25
+    # 800 of the default 1500 steps
+    assert results["eval_exact_match"] >= 0.9  # 1.0 here: every task learned
     assert "Before training: exact match on 200 held-out instructions: 0.0" in stdout
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] < 0.6 * losses[0]
     logged = [h for h in state["log_history"] if "train_tokens_per_second" in h]
-    assert logged and all(0 <= h["padding_fraction"] < 0.2 for h in logged)  # length-grouped batches
+    # padding-free rows: only the filler that rounds each row up to a multiple of 8 tokens
+    assert logged and all(0 <= h["padding_fraction"] < 0.01 for h in logged)
 
 
 def test_saved_model_is_standard_hf_format(default_run):

@@ -32,28 +32,36 @@ def test_every_config_parses():
     assert load_config_from_file(str(CONFIGS / "deepspeed_zero3.yaml")).deepspeed_config["zero_stage"] == 3
 
 
-def test_two_cpu_processes_match_one(assets):
+def test_two_cpu_processes_match_one_padded_or_padding_free(assets):
     model, data, tmp = assets
     # 64 train records: one process with batch 8 and two processes with batch 4 each both take 8 optimizer steps
-    # over the same 8 global batches; each process pads its own half, which must not change the loss.
-    run_train(tiny_recipe_args(model, data, tmp / "one", per_device_train_batch_size=8, max_length=128),
-              accelerate_config=str(CONFIGS / "cpu.yaml"))
-    run_train(tiny_recipe_args(model, data, tmp / "two", per_device_train_batch_size=4, max_length=128),
-              accelerate_config=str(CONFIGS / "cpu_2proc.yaml"))
+    # over the same 8 global batches; each process pads (or flattens) its own half, which must not change the loss.
+    # The default (padding-free rows, sdpa_varlen attention, random order) must train exactly what padded batches do.
+    runs = {"one": (8, "cpu", False), "two": (4, "cpu_2proc", False),
+            "one_free": (8, "cpu", None), "two_free": (4, "cpu_2proc", None)}
+    for name, (batch, config, padding_free) in runs.items():
+        extra = {} if padding_free is None else {"padding_free": padding_free}
+        run_train(tiny_recipe_args(model, data, tmp / name, per_device_train_batch_size=batch, max_length=128,
+                                   **extra), accelerate_config=str(CONFIGS / f"{config}.yaml"))
 
-    one, two = [json.loads((tmp / d / "trainer_state.json").read_text()) for d in ("one", "two")]
+    states = {name: json.loads((tmp / name / "trainer_state.json").read_text()) for name in runs}
     # world size 2 inside the script: had each process trained alone (world size 1), batch 4 would take 16 steps
-    assert one["global_step"] == 8 and two["global_step"] == 8
-    losses_one, losses_two = train_losses(tmp / "one"), train_losses(tmp / "two")
-    assert len(losses_one) == len(losses_two) == 8
-    assert losses_one[-1] < losses_one[0] - 0.5  # it learned something, so matching is not trivial
-    padding = [h["padding_fraction"] for h in two["log_history"] if "padding_fraction" in h]
-    assert len(padding) == 8 and max(padding) > 0.05  # the processes did pad their halves
-    torch.testing.assert_close(torch.tensor(losses_two), torch.tensor(losses_one), rtol=1e-5, atol=1e-5)
-    w1, w2 = load_weights(tmp / "one"), load_weights(tmp / "two")
-    assert w1.keys() == w2.keys()
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert all(state["global_step"] == 8 for state in states.values())
+    losses = {name: train_losses(tmp / name) for name in runs}
+    assert all(len(v) == 8 for v in losses.values())
+    assert losses["one"][-1] < losses["one"][0] - 0.5  # it learned something, so matching is not trivial
+    padding = {name: [h["padding_fraction"] for h in state["log_history"] if "padding_fraction" in h]
+               for name, state in states.items()}
+    assert max(padding["two"]) > 0.05  # the processes did pad their halves
+    assert max(padding["two_free"]) < 0.05  # padding-free: only the filler to a multiple of 8 tokens
+    weights = {name: load_weights(tmp / name) for name in runs}
+    for name in ("two", "one_free", "two_free"):
+        torch.testing.assert_close(torch.tensor(losses[name]), torch.tensor(losses["one"]), rtol=1e-5, atol=1e-5,
+                                   msg=name)
+        assert weights[name].keys() == weights["one"].keys()
+        for key in weights["one"]:
+            torch.testing.assert_close(weights[name][key], weights["one"][key], rtol=1e-4, atol=1e-4,
+                                       msg=f"{name}: {key}")
 
 
 FSDP_PROBE = """

@@ -158,10 +158,12 @@ def test_truncation_and_drops_are_marked(tokenizer):
     assert len(fits["tokens"]) == max_length and int(fits["data-padding"]) == max_length - lengths[0]
 
 
-def test_padding_free_rows_are_split_back_into_examples(tokenizer):
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_padding_free_rows_are_split_back_into_examples(tokenizer, multiple):
     collator = InstructionDataCollator(pad_token_id=tokenizer.eos_token_id, completion_only_loss=True,
-                                       padding_free=True)
+                                       padding_free=True, pad_to_multiple_of=multiple)
     _, page = views_html(tokenizer, RECORDS, collator)
+    assert len(page.examples) == len(RECORDS)  # the filler up to the multiple is not shown as an example
     for record, example in zip(RECORDS, page.examples):
         prompt, response = expected_ids(tokenizer, record)
         assert [t["id"] for t in example["tokens"]] == prompt + response

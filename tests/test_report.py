@@ -137,6 +137,11 @@ def test_padding_and_trained_tokens_by_hand():
     assert full["trained_tokens"] == 24 - 4  # every token but each row's first (nothing predicts it)
     free = batch_stats(rows, InstructionDataCollator(pad_token_id=0, padding_free=True), 2, 4, 0)
     assert free["padding_fraction_random"] == 0 and free["padding_fraction_group_by_length"] == 0
+    # rounded up to a multiple of 8 tokens per row, the filler is what pads
+    free8 = batch_stats(rows, InstructionDataCollator(pad_token_id=0, padding_free=True, pad_to_multiple_of=8), 2, 4, 0)
+    rounded = sum(-(-sum(b) // 8) * 8 for b in batches)
+    assert free8["padding_fraction_random"] == pytest.approx((rounded - 24) / rounded) and rounded > 24
+    assert free8["tokens"] == 24
 
 
 def test_near_duplicate_threshold_and_exact_copies():
