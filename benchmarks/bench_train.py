@@ -43,8 +43,8 @@ PADDED = ["--attn_implementation", "sdpa"]  # plain SDPA: padding-free rows don'
 CONTENDERS = {
     # padding-free rows, attention per example (sdpa_varlen), random order, rows rounded to 8 tokens, oneDNN linears
     "sft-hf default": dict(kind="ours", flags=[]),
-    "sft-hf padded, length-grouped": dict(kind="ours", flags=PADDED),  # the `auto` sampling of padded batches
-    "sft-hf padded, random": dict(kind="ours", flags=PADDED + ["--train_sampling_strategy", "random"]),
+    "sft-hf padded (length-grouped)": dict(kind="ours", flags=PADDED),  # the `auto` sampling of padded batches
+    "sft-hf padded (random)": dict(kind="ours", flags=PADDED + ["--train_sampling_strategy", "random"]),
     "TRL defaults (bf16 autocast + grad checkpointing)": dict(kind="trl", config={}, slow=True),
     "TRL fp32 padded": dict(kind="trl", config=dict(bf16=False, gradient_checkpointing=False)),
     "TRL fp32 padding_free": dict(kind="trl", config=dict(bf16=False, gradient_checkpointing=False,
@@ -56,19 +56,19 @@ CONTENDERS = {
 ABLATIONS = {
     "sft-hf default - oneDNN linear": dict(kind="ours", flags=["--onednn_linear", "false"]),
     "sft-hf default - recipe callbacks": dict(kind="ours", flags=[], callbacks=False),
-    "sft-hf default, length-grouped": dict(kind="ours", flags=["--train_sampling_strategy", "group_by_length"]),
+    "sft-hf default (length-grouped)": dict(kind="ours", flags=["--train_sampling_strategy", "group_by_length"]),
     "sft-hf default - filler (rows not rounded up)": dict(kind="ours", flags=["--pad_to_multiple_of", "1"]),
     "sft-hf padding-free on plain sdpa": dict(kind="ours", flags=PADDED + ["--padding_free", "true",
                                                                            "--train_sampling_strategy", "random"]),
-    "sft-hf padded, length-grouped, pad to multiple of 8": dict(kind="ours",
+    "sft-hf padded (length-grouped) + pad to multiple of 8": dict(kind="ours",
                                                                 flags=PADDED + ["--pad_to_multiple_of", "8"]),
-    "sft-hf padded, batch_rebalance": dict(kind="ours", flags=PADDED + ["--train_sampling_strategy",
+    "sft-hf padded (batch_rebalance)": dict(kind="ours", flags=PADDED + ["--train_sampling_strategy",
                                                                         "batch_rebalance"]),
     "sft-hf default + adamw_torch (foreach)": dict(kind="ours", flags=["--optim", "adamw_torch"]),
     "sft-hf default + 1 dataloader worker": dict(kind="ours", flags=["--dataloader_num_workers", "1"]),
-    "sft-hf padded, eager attention": dict(kind="ours", flags=["--attn_implementation", "eager"]),
+    "sft-hf padded (eager attention)": dict(kind="ours", flags=["--attn_implementation", "eager"]),
     # with the stock (MKL) linears: dynamo then has no custom autograd function to trace
-    "sft-hf padded, length-grouped + torch.compile": dict(kind="ours", flags=PADDED + ["--torch_compile", "true"]),
+    "sft-hf padded (length-grouped) + torch.compile": dict(kind="ours", flags=PADDED + ["--torch_compile", "true"]),
 }
 ALL_CONTENDERS = {**CONTENDERS, **ABLATIONS}
 # TRL's best = its fastest configuration in the run; its defaults too: with native bf16 (AVX512-BF16, AMX, GPUs)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "sdpa_varlen"
@@ -68,11 +68,12 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
         heads, dim = states.shape[1], states.shape[3]
         return states[0].transpose(0, 1).index_select(0, source).view(examples, longest, heads, dim).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(
-        to_examples(query), to_examples(key), to_examples(value), dropout_p=dropout, scale=scaling,
-        is_causal=True, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1,
-    )
-    out = out.transpose(1, 2).reshape(examples * longest, *out.shape[1:2], out.shape[3]).index_select(0, real)
+    groups = getattr(module, "num_key_value_groups", 1)  # grouped-query attention: a key/value head per group
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = F.scaled_dot_product_attention(to_examples(query), to_examples(key), to_examples(value), dropout_p=dropout,
+                                         scale=scaling, is_causal=True)
+    heads, dim = out.shape[1], out.shape[3]
+    out = out.transpose(1, 2).reshape(examples * longest, heads, dim).index_select(0, real)
     return out.unsqueeze(0), None  # [1, tokens, heads, dim], as sdpa_attention_forward returns
 
 
