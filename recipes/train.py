@@ -31,7 +31,7 @@ from sft_hf.collator import recipe_collator  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
 from sft_hf.config import RecipeError  # noqa: E402
 from sft_hf.checkpoints import CheckpointCompleteCallback, resolve_resume_checkpoint  # noqa: E402
-from sft_hf.outputs import plot_loss_curve, save_template, write_model_card  # noqa: E402
+from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402
 from sft_hf.safety import (  # noqa: E402
     StopOnNonFiniteLoss, atomic_save, check_output_dir, install_secret_redaction, run_cli)
 
@@ -83,7 +83,9 @@ def main(argv=None):
             model, tokenizer, held_out.to_list(), template, args, "Before training:")
 
     # 3. Train.
-    collator = recipe_collator(tokenizer, args, model)  # padding-free only with a varlen attention kernel
+    # padding-free rows when the attention keeps examples apart (sdpa_varlen by default, flash-attention), else padded
+    collator = recipe_collator(tokenizer, args, model)
+    args.padding_free = collator.padding_free  # what was used, for the saved arguments and the model card
     trainer = InstructionTrainer(
         model=model,
         args=args,
@@ -130,12 +132,12 @@ def main(argv=None):
         trainer.save_metrics("all", metrics)
         trainer.save_state()
         plot_loss_curve(trainer.state.log_history, str(Path(args.output_dir, "loss_curve.png")))
-        write_model_card(args.output_dir, model_args, data_args, args, template, metrics)
+        hub.build_model_card(args.output_dir, None, model_args, data_args, args, template, metrics).save(
+            Path(args.output_dir, "README.md"))
         print(f"\nSaved model, tokenizer, template, model card and loss curve to {args.output_dir}")
         print(json.dumps({k: v for k, v in metrics.items() if "exact_match" in k or "loss" in k}, indent=2))
     if push_to_hub and trainer.is_world_process_zero():
-        card = hub.build_model_card(args.output_dir, args.hub_model_id, model_args, data_args, args, template.name,
-                                    metrics)
+        card = hub.build_model_card(args.output_dir, args.hub_model_id, model_args, data_args, args, template, metrics)
         try:
             url = hub.push_to_hub(args.output_dir, args.hub_model_id, card, args.hub_private_repo, hub_token)
         except hub.HubPushError as error:

@@ -13,13 +13,18 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 
-from sft_hf.outputs import CARD_HYPERPARAMETERS
+from sft_hf.templates import Template, get_template
 
 logger = logging.getLogger(__name__)
 
 # What a run leaves in output_dir that does not belong on the Hub: resumable checkpoints, the pickled training
 # arguments (pickle is unsafe to load), temp files and the held-out generations.
 IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "training_args.bin", "*.tmp", "runs/**"]
+CARD_HYPERPARAMETERS = (
+    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+    "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "max_length",
+    "completion_only_loss", "padding_free", "train_sampling_strategy",
+)
 LORA_HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
@@ -32,10 +37,16 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not name.startswith("builtin:") and not Path(name).exists() and name.count("/") <= 1
 
 
-def build_model_card(output_dir: str, repo_id: str, model_args, data_args, train_args, template_name: str,
-                     metrics: dict | None = None) -> ModelCard:
-    """The card for `repo_id`: Hub metadata (base model, datasets, license, tags, template, hyperparameters,
-    evaluation results) over the body of the local README.md that the run wrote (if any)."""
+def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args, train_args,
+                     template: Template | str, metrics: dict | None = None) -> ModelCard:
+    """The run's one model card: output_dir/README.md (`repo_id=None`) and the card pushed to `repo_id`.
+
+    Hub metadata checked by `ModelCardData` (base model and datasets only when they are Hub ids, license, tags,
+    template, hyperparameters, evaluation results), then a body: the prompt template, how to load the model (or the
+    LoRA adapter), the hyperparameters and the results."""
+    template = get_template(template) if isinstance(template, str) else template
+    where = repo_id or output_dir  # what `from_pretrained` / `pipeline` should be given
+    name = (repo_id or Path(output_dir).name).split("/")[-1]
     is_adapter = Path(output_dir, "adapter_config.json").is_file()
     hyperparameters = {k: getattr(train_args, k) for k in CARD_HYPERPARAMETERS if hasattr(train_args, k)}
     if model_args.use_peft:
@@ -45,33 +56,44 @@ def build_model_card(output_dir: str, repo_id: str, model_args, data_args, train
     metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     eval_results = [
         EvalResult(task_type="text-generation", dataset_type=dataset or "local", dataset_name=data_args.dataset_name
-                   if dataset else Path(data_args.dataset_name).name, dataset_split=split, metric_type=name,
+                   if dataset else Path(data_args.dataset_name).name, dataset_split=split, metric_type=metric,
                    metric_value=round(float(value), 6))
-        for name, split in (("eval_loss", "validation"), ("eval_exact_match", "test"),
-                            ("baseline_exact_match", "test"))
-        if (value := metrics.get(name)) is not None
+        for metric, split in (("eval_loss", "validation"), ("eval_exact_match", "test"),
+                              ("baseline_exact_match", "test"))
+        if (value := metrics.get(metric)) is not None
     ]
     data = ModelCardData(
-        model_name=repo_id.split("/")[-1],
+        model_name=name,
         base_model=model_args.model_name_or_path if _is_hub_id(model_args.model_name_or_path) else None,
         datasets=[dataset] if dataset else None,
         license="apache-2.0",
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-generation",
-        tags=["sft-hf", "sft", "instruction-tuning", f"template:{template_name}"] + (["lora", "peft"] if is_adapter
+        tags=["sft-hf", "sft", "instruction-tuning", f"template:{template.name}"] + (["lora", "peft"] if is_adapter
                                                                                      else []),
         eval_results=eval_results or None,
-        sft_template=template_name,
+        sft_template=template.name,
         hyperparameters=hyperparameters,
     )
-    local = Path(output_dir, "README.md")
-    body = ModelCard.load(local).text if local.is_file() else f"\n# {repo_id}\n\nInstruction-tuned with sft-hf.\n"
-    body = body.replace(f'model="{output_dir}"', f'model="{repo_id}"')
-    if is_adapter:
-        body += ("\n## Load the LoRA adapter\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
-                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")\n'
-                 "model = model.merge_and_unload()  # optional: a plain transformers model\n```\n")
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    usage = ["from transformers import pipeline", f'generate = pipeline("text-generation", model="{where}")']
+    if is_adapter:  # the pipeline loads the adapter through peft; or, as a model:
+        usage += ["", "from peft import AutoPeftModelForCausalLM",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")',
+                  "model = model.merge_and_unload()  # optional: a plain transformers model"]
+    body = [
+        f"# {name}", "",
+        f"Instruction-tuned from `{model_args.model_name_or_path}` on `{data_args.dataset_name}` with "
+        "[sft-hf](https://pypi.org/project/sft-hf/).", "",
+        f"## Prompt template: `{template.name}`", "", "```",
+        template.format_prompt({"instruction": "{instruction}", "input": "{input}"}) + "{output}<eos>", "```",
+        "(the `input` part only when the input is non-empty; saved as `sft_template.json`)", "",
+        "## Usage", "", "```python", *usage, "```", "",
+        "## Training hyperparameters", "", "| name | value |", "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in hyperparameters.items()], "",
+        "## Results", "", "| metric | value |", "| --- | --- |",
+        *[f"| {k} | {v:.4g} |" for k, v in metrics.items()], "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))
 
 
 def cannot_push_reason(token: str | None = None) -> str | None:

@@ -65,6 +65,19 @@ def test_model_card_metadata_and_content(tmp_path, adapter):
     assert TOKEN not in loaded.content
 
 
+def test_the_local_card_is_the_hub_card_pointing_at_the_folder(tmp_path):
+    out = fake_output_dir(tmp_path / "run", adapter=False)
+    metrics = {"eval_loss": 0.5, "eval_exact_match": 0.25}
+    local = hub.build_model_card(str(out), None, *run_args(), "alpaca", metrics)
+    pushed = hub.build_model_card(str(out), "me/qwen-alpaca", *run_args(), "alpaca", metrics)
+    assert f'pipeline("text-generation", model="{out}")' in local.text and "### Response:" in local.text
+    assert local.text.replace(str(out), "me/qwen-alpaca").replace("# run\n", "# qwen-alpaca\n") == pushed.text
+    local_meta, pushed_meta = local.data.to_dict(), pushed.data.to_dict()
+    assert local_meta.pop("model-index")[0]["name"] == "run"  # the model-index entry is named after the model
+    assert pushed_meta.pop("model-index")[0]["name"] == "qwen-alpaca"
+    assert local_meta == pushed_meta and local_meta["hyperparameters"]["learning_rate"] == 2e-4
+
+
 def test_local_paths_are_not_claimed_as_hub_ids(tmp_path):
     out = fake_output_dir(tmp_path / "run", adapter=False)
     model_args, data_args, train_args = run_args()
