@@ -154,7 +154,11 @@ def main(argv=None):
 
         records = generate_split(args, template)
         args.response_keys = ["model_response"]
-        if not PartialState().is_main_process:
+        state = PartialState()
+        if state.num_processes > 1:  # leave the group together: gloo can abort at exit otherwise (pytorch#190489)
+            state.wait_for_everyone()
+            state.destroy_process_group()
+        if not state.is_main_process:
             return None
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "test_responses.json").write_text(json.dumps(records, indent=2) + "\n")
