@@ -51,8 +51,8 @@ class InstructionTrainer(Trainer):
                 completion_only_loss=completion_only_loss,
             )
         super().__init__(*args, **kwargs)
+        self.args.train_sampling_strategy = resolve_sampling_strategy(self.args, self.data_collator)  # `auto` decided
         logger.info("Batching: %s", describe_batching(self.args, self.data_collator, self.model))
-        self.args.train_sampling_strategy = resolve_sampling_strategy(self.args, self.data_collator)
         if getattr(self.args, "onednn_linear", False) and self.args.device.type == "cpu" and not self.args.torch_compile:
             from sft_hf.onednn_linear import onednn_pays, use_onednn_linear
 

@@ -14,13 +14,13 @@ from sft_hf.varlen_attention import NAME, supports_varlen
 LENGTHS = (5, 17, 9, 1, 12)
 
 
-def tiny(config_class=transformers.LlamaConfig, **extra):
+def tiny(config_class=transformers.LlamaConfig):
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
     if config_class is transformers.GPT2Config:
         common = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config_class(**common, **extra)).eval()  # no dropout
+    return transformers.AutoModelForCausalLM.from_config(config_class(**common)).eval()  # no dropout
 
 
 def rows(seed=1):
