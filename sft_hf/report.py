@@ -106,7 +106,7 @@ def batch_stats(rows: list[dict], collator, batch_size: int, group_size: int, se
             positions += batch["input_ids"].numel()
             # padding-free rows: the filler up to pad_to_multiple_of is their padding
             n_real = int(mask.sum()) if mask is not None else sum(
-                min(len(f["input_ids"]), collator.max_length or len(f["input_ids"])) for f in features)
+                len(f["input_ids"][: collator.max_length]) for f in features)  # truncated as the collator does
             padding += batch["input_ids"].numel() - n_real
             real += n_real
             trained += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # what the loss sees after the shift
