@@ -23,6 +23,11 @@ class ModelArguments:
     model_name_or_path: str = field(
         default="builtin:tiny-llama", metadata={"help": "Hub id, local dir, or builtin:tiny-llama (built offline)."}
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A GGUF file inside model_name_or_path (a folder, or package:<python package>); converted "
+                  "once to safetensors. model_name_or_path may also be a path to a .gguf file."},
+    )
     model_revision: str = "main"
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16 for the weights."})
     trust_remote_code: bool = False

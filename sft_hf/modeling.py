@@ -7,20 +7,21 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_hf import lora, toy, varlen_attention
+from sft_hf import gguf, lora, toy, varlen_attention
 from sft_hf.templates import TemplateError
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
+    """A folder or Hub id `from_pretrained` reads: built-in toys and GGUF checkpoints are written to the cache first."""
     if name_or_path.startswith("builtin:"):
         return toy.build_builtin_model(name_or_path[len("builtin:") :])
-    return name_or_path
+    return gguf.resolve_gguf(name_or_path, gguf_file)
 
 
 def load_tokenizer(model_args):
-    path = resolve_model_path(model_args.model_name_or_path)
+    path = resolve_model_path(model_args.model_name_or_path, model_args.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(
         path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
     )
@@ -35,7 +36,7 @@ def load_tokenizer(model_args):
 
 
 def load_model(model_args, tokenizer, training_args=None):
-    path = resolve_model_path(model_args.model_name_or_path)
+    path = resolve_model_path(model_args.model_name_or_path, model_args.gguf_file)
     dtype = model_args.dtype
     if dtype == "auto":  # full fine-tuning keeps fp32 master weights; Trainer's autocast does the rest
         dtype = torch.float32 if not model_args.use_peft else "auto"
