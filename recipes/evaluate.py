@@ -62,6 +62,8 @@ class EvalArguments:
     mc_tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval task names, e.g. mmlu."})
     mc_num_fewshot: int = 0
     mc_limit: int | None = None
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "Torch CPU threads. Default: OMP_NUM_THREADS when the user set it, else all cores / local processes."})
 
 
 def load_template(args: EvalArguments):
@@ -139,6 +141,9 @@ def generate_split(args: EvalArguments, template) -> list[dict]:
 def main(argv=None):
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from sft_hf.threads import set_cpu_threads
+
+    set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
     if not args.model and not args.responses:
         raise ValueError("pass --model (with --dataset_name) to generate responses, or --responses file.json")
     output_dir = Path(args.output_dir or (Path(args.model, "evaluation") if args.model and Path(args.model).is_dir()

@@ -3,7 +3,8 @@
     accelerate launch recipes/train.py                                  # the offline default recipe
     accelerate launch recipes/train.py --config recipes/gpt2-medium-alpaca.yaml --learning_rate 1e-4
 
-Every value comes from the YAML recipe (recipes/default.yaml when --config is not given) and any flag overrides it.
+Every value comes from the YAML recipe and any flag overrides it. Without --config: recipes/default.yaml, unless the
+command line names a model or dataset (then TrainingArguments' / TRL's defaults, like `trl sft`).
 """
 import json
 import logging
@@ -23,17 +24,17 @@ from sft_hf import (  # noqa: E402
     get_template,
     load_model,
     load_tokenizer,
-    parse_recipe,
     tokenize_dataset,
 )
 from sft_hf import hub  # noqa: E402
 from sft_hf.collator import recipe_collator  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
-from sft_hf.config import RecipeError  # noqa: E402
+from sft_hf.config import RecipeError, format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
 from sft_hf.checkpoints import CheckpointCompleteCallback, resolve_resume_checkpoint  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402
 from sft_hf.safety import (  # noqa: E402
     StopOnNonFiniteLoss, atomic_save, check_output_dir, install_secret_redaction, run_cli)
+from sft_hf.threads import set_cpu_threads  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
 
@@ -53,7 +54,7 @@ def main(argv=None):
     # silently train alone as world size 1. With this they join one gloo group (accelerate_configs/cpu_2proc.yaml).
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    model_args, data_args, args = parse_recipe(argv)
+    model_args, data_args, args, recipe = parse_recipe_and_values(argv)
     # The Hub push runs once at the end (sft_hf/hub.py), not from Trainer at start-up and at every checkpoint; the
     # token is kept out of `args`, which Trainer pickles into training_args.bin.
     push_to_hub, hub_token = args.push_to_hub, args.hub_token
@@ -63,6 +64,9 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     install_secret_redaction()  # tokens / API keys from the environment never reach a log line
+    set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
+    if args.process_index == 0:
+        logger.info("recipe: %s", format_recipe(recipe))
     check_output_dir(args, is_main=args.process_index == 0)  # before any work: a second run must not clobber the first
     set_seed(args.seed)
 
@@ -78,7 +82,7 @@ def main(argv=None):
     # 2. Model, and its exact match before training (what "learned" is measured against).
     model = load_model(model_args, tokenizer, args)
     metrics = {}
-    if args.eval_exact_match and args.process_index == 0:
+    if args.eval_exact_match and args.baseline_exact_match and args.process_index == 0:
         metrics["baseline_exact_match"], _ = measure_exact_match(
             model, tokenizer, held_out.to_list(), template, args, "Before training:")
 
@@ -128,11 +132,12 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(save_dir)
             save_template(template, save_dir)
+            save_recipe(recipe, Path(save_dir, "recipe.yaml"))  # re-run with --config <output_dir>/recipe.yaml
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         trainer.save_state()
         plot_loss_curve(trainer.state.log_history, str(Path(args.output_dir, "loss_curve.png")))
-        hub.build_model_card(args.output_dir, None, model_args, data_args, args, template, metrics).save(
+        hub.build_model_card(args.output_dir, None, model_args, data_args, args, template, metrics, recipe).save(
             Path(args.output_dir, "README.md"))
         print(f"\nSaved model, tokenizer, template, model card and loss curve to {args.output_dir}")
         print(json.dumps({k: v for k, v in metrics.items() if "exact_match" in k or "loss" in k}, indent=2))
@@ -141,7 +146,8 @@ def main(argv=None):
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     if push_to_hub and trainer.is_world_process_zero():
-        card = hub.build_model_card(args.output_dir, args.hub_model_id, model_args, data_args, args, template, metrics)
+        card = hub.build_model_card(args.output_dir, args.hub_model_id, model_args, data_args, args, template, metrics,
+                                    recipe)
         try:
             url = hub.push_to_hub(args.output_dir, args.hub_model_id, card, args.hub_private_repo, hub_token)
         except hub.HubPushError as error:

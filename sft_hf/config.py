@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
+import re
 import sys
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -16,6 +19,14 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+# Flags that make a recipe's own choice meaningless: given on the command line, they drop these keys from the file.
+# (max_steps > 0 would otherwise override --num_train_epochs; precision would override --bf16.)
+SUPERSEDES = {
+    "num_train_epochs": ("max_steps",),
+    "bf16": ("precision",), "fp16": ("precision",), "precision": ("bf16", "fp16"),
+}
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key)$")  # hub_token: never logged nor saved
+logger = logging.getLogger("sft_hf")
 
 
 @dataclass
@@ -86,7 +97,6 @@ class DataArguments:
 
 @dataclass
 class SFTArguments(TrainingArguments):
-    output_dir: str = "outputs/default"
     max_length: int | None = field(default=1024, metadata={"help": "Truncate examples to this many tokens."})
     completion_only_loss: bool = field(default=False, metadata={"help": "Train on responses only (mask prompts)."})
     packing: bool = field(default=False, metadata={"help": "Alias of padding_free: examples concatenated per batch."})
@@ -118,6 +128,14 @@ class SFTArguments(TrainingArguments):
                   "(with exact match when eval_exact_match); 0 = off."},
     )
     num_sample_generations: int = 3
+    baseline_exact_match: bool = field(
+        default=True, metadata={"help": "With eval_exact_match, also generate the test split before training (the "
+                                "baseline); false saves that time and keeps the after-training figure."},
+    )
+    cpu_threads: int | None = field(
+        default=None, metadata={"help": "Torch CPU threads. Default: OMP_NUM_THREADS when the user set it, else "
+                                "all cores of the node / the processes on it (accelerate launch's 1 is not taken)."},
+    )
     remove_unused_columns: bool = False  # our collator needs prompt_length
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace what a previous run left in a non-empty output_dir."}
@@ -162,7 +180,7 @@ def _to_argv(recipe: dict) -> list[str]:
 
 
 def _check_names(names: list[str], where: str) -> None:
-    known = {f.name for cls in ARG_CLASSES for f in fields(cls)} | {"help"}
+    known = _known_names() | {"help"}
     for name in names:
         if name not in known and not (name.startswith("no_") and name[3:] in known):  # --no_<flag> for booleans
             close = difflib.get_close_matches(name, known, n=1)
@@ -171,13 +189,24 @@ def _check_names(names: list[str], where: str) -> None:
 
 
 def parse_recipe(argv: list[str] | None = None, default_recipe: Path | None = DEFAULT_RECIPE):
-    """`--config recipe.yaml` (else `default_recipe`) then every other flag overrides a recipe value."""
+    """`--config recipe.yaml` then every other flag overrides a recipe value. Without --config: `default_recipe`,
+    unless the command line names a model or a dataset; then TrainingArguments' / TRL's defaults (like `trl sft`)."""
+    return parse_recipe_and_values(argv, default_recipe)[:3]
+
+
+def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path | None = DEFAULT_RECIPE):
+    """`parse_recipe` plus the effective recipe: {key: value} for every key the file or the command line set to a
+    value other than the default, secrets left out. Saved as recipe.yaml, it parses back to the same arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    cli_names = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
     config = default_recipe
     if "--config" in argv:
         i = argv.index("--config")
         config = Path(argv[i + 1])
         del argv[i : i + 2]
+        cli_names.remove("config")
+    elif {"model_name_or_path", "dataset_name"} & set(cli_names):
+        config = None  # your model / data: the toy recipe's choices would only get in the way
     recipe = {}
     if config is not None:
         if not Path(config).is_file():
@@ -189,10 +218,48 @@ def parse_recipe(argv: list[str] | None = None, default_recipe: Path | None = DE
         if not isinstance(recipe, dict):
             raise RecipeError(f"recipe {config}: expected a mapping of argument names to values")
         _check_names(list(recipe), str(config))
-    _check_names([a[2:].split("=")[0] for a in argv if a.startswith("--")], "command line")
+    _check_names(cli_names, "command line")
+    cli_names = [name[3:] if name.startswith("no_") and name not in _known_names() else name for name in cli_names]
+    for name in cli_names:  # the command line wins, also over a file key that would override it indirectly
+        for dropped in SUPERSEDES.get(name, ()):
+            if recipe.pop(dropped, None) is not None:
+                logger.info("--%s given: ignoring %s from %s", name, dropped, config)
     parser = HfArgumentParser(ARG_CLASSES)
     try:
-        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=_to_argv(recipe) + argv)
+        parsed = parser.parse_args_into_dataclasses(args=_to_argv(recipe) + argv)
+        defaults = parser.parse_args_into_dataclasses(args=[])
     except ValueError as e:  # TrainingArguments.__post_init__ checks: say so in one line, not a traceback
         raise RecipeError(f"{config or 'command line'}: {e}") from e
-    return model_args, data_args, train_args
+    values = {}
+    for name in dict.fromkeys([*recipe, *cli_names]):  # file order, then the command line's new keys
+        if name == "help" or SECRET_KEY.search(name):
+            continue
+        obj, default = next((p, d) for p, d in zip(parsed, defaults) if hasattr(p, name))
+        value, default_value = _plain(getattr(obj, name)), _plain(getattr(default, name))
+        if value != default_value:
+            values[name] = value
+    return (*parsed, values)
+
+
+def _known_names() -> set[str]:
+    return {f.name for cls in ARG_CLASSES for f in fields(cls)}
+
+
+def _plain(value):
+    """YAML-safe: enums by value, tuples as lists."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def format_recipe(values: dict) -> str:
+    """One compact line for the log: key=value, ..."""
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in values.items())
+
+
+def save_recipe(values: dict, path: str | Path) -> None:
+    """recipe.yaml: re-run the same run with `--config path`."""
+    header = "# The effective recipe of this run (non-default values): re-run it with --config recipe.yaml\n"
+    Path(path).write_text(header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))

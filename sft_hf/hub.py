@@ -11,6 +11,7 @@ import logging
 from enum import Enum
 from pathlib import Path
 
+import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 
 from sft_hf.templates import Template, get_template
@@ -34,16 +35,17 @@ class HubPushError(RuntimeError):
 
 def _is_hub_id(name: str | None) -> bool:
     """A Hub repo id (`org/name` or `name`), not a local path or a builtin: name."""
-    return bool(name) and not name.startswith("builtin:") and not Path(name).exists() and name.count("/") <= 1
+    return (bool(name) and not name.startswith(("builtin:", "package:")) and not name.endswith(".gguf")
+            and not Path(name).exists() and name.count("/") <= 1)
 
 
 def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args, train_args,
-                     template: Template | str, metrics: dict | None = None) -> ModelCard:
+                     template: Template | str, metrics: dict | None = None, recipe: dict | None = None) -> ModelCard:
     """The run's one model card: output_dir/README.md (`repo_id=None`) and the card pushed to `repo_id`.
 
     Hub metadata checked by `ModelCardData` (base model and datasets only when they are Hub ids, license, tags,
     template, hyperparameters, evaluation results), then a body: the prompt template, how to load the model (or the
-    LoRA adapter), the hyperparameters and the results."""
+    LoRA adapter), the hyperparameters, the results and the effective recipe (recipe.yaml, secrets left out)."""
     template = get_template(template) if isinstance(template, str) else template
     where = repo_id or output_dir  # what `from_pretrained` / `pipeline` should be given
     name = (repo_id or Path(output_dir).name).split("/")[-1]
@@ -93,6 +95,10 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
         "## Results", "", "| metric | value |", "| --- | --- |",
         *[f"| {k} | {v:.4g} |" for k, v in metrics.items()], "",
     ]
+    if recipe:
+        body += ["## Recipe", "", "Every non-default setting of the run (`recipe.yaml`; re-run with "
+                 "`accelerate launch recipes/train.py --config recipe.yaml`):", "", "```yaml",
+                 yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))
 
 
