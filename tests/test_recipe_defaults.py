@@ -1,0 +1,97 @@
+"""Recipe defaults and threads as a user meets them through `accelerate launch recipes/train.py`: every core unless
+the user chose, a recipe-less run starts from TrainingArguments' defaults, the command line beats the file, and the
+effective recipe saved as recipe.yaml re-runs to the same arguments."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import psutil
+import pytest
+import yaml
+
+from sft_hf.config import DEFAULT_RECIPE, parse_recipe, parse_recipe_and_values
+from tiny_setup import ROOT, TRAIN, write_tiny_dataset, write_tiny_model
+
+SECRET = "hf_NotARealTokenButSecret123"
+
+
+def cores() -> int:
+    return min(psutil.cpu_count(logical=False) or 1, len(os.sched_getaffinity(0)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    return write_tiny_model(folder / "model"), write_tiny_dataset(folder / "data.jsonl")
+
+
+def launch(tiny, out, omp: str | None, *extra) -> subprocess.CompletedProcess:
+    """`accelerate launch recipes/train.py ...` (no accelerate config: its launcher sets OMP_NUM_THREADS=1)."""
+    model, data = tiny
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_NUM_THREADS"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **({"OMP_NUM_THREADS": omp} if omp else {}))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", TRAIN, "--model_name_or_path", model,
+           "--dataset_name", data, "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+           "--max_length", "64", "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", *extra]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def threads_logged(result) -> int:
+    (line,) = [line for line in result.stderr.splitlines() if "CPU threads:" in line]
+    return int(re.search(r"CPU threads: (\d+)", line).group(1))
+
+
+@pytest.mark.skipif(cores() < 2, reason="needs 2 cores to tell every core from accelerate's 1")
+def test_accelerate_launch_uses_every_core_unless_the_user_sets_omp_num_threads(tiny, tmp_path):
+    default = launch(tiny, tmp_path / "a", None, "--hub_token", SECRET)
+    assert threads_logged(default) == cores()
+    assert "accelerate launch's default OMP_NUM_THREADS=1 not taken" in default.stderr
+    assert threads_logged(launch(tiny, tmp_path / "b", "1")) == 1  # the user's choice stands
+    assert threads_logged(launch(tiny, tmp_path / "c", None, "--cpu_threads", "1")) == 1  # so does the recipe's
+
+    # the effective recipe: logged, saved (re-runnable), in the model card; the token nowhere
+    recipe = yaml.safe_load((tmp_path / "a" / "recipe.yaml").read_text())
+    assert recipe["max_steps"] == 2 and recipe["learning_rate"] == 1e-3 and "hub_token" not in recipe
+    assert "num_train_epochs" not in recipe and "seed" not in recipe  # defaults are not repeated
+    assert "recipe: model_name_or_path=" in default.stderr
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "## Recipe" in card and "max_steps: 2" in card
+    for text in (default.stdout, default.stderr, card, (tmp_path / "a" / "recipe.yaml").read_text()):
+        assert SECRET not in text
+
+    original = parse_recipe(["--model_name_or_path", tiny[0], "--dataset_name", tiny[1], "--output_dir",
+                             str(tmp_path / "a"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                             "--max_length", "64", "--learning_rate", "1e-3", "--report_to", "none",
+                             "--save_strategy", "no"])
+    rerun = parse_recipe(["--config", str(tmp_path / "a" / "recipe.yaml")])
+    assert [dataclasses.asdict(a) for a in rerun[:2]] == [dataclasses.asdict(a) for a in original[:2]]
+    assert rerun[2].to_dict() == original[2].to_dict()
+
+
+def test_a_run_without_config_that_names_model_or_data_starts_from_trainingarguments_defaults(tiny):
+    model_args, data_args, args, recipe = parse_recipe_and_values(
+        ["--model_name_or_path", tiny[0], "--dataset_name", tiny[1], "--num_train_epochs", "1"])
+    # TrainingArguments' / TRL's defaults, not recipes/default.yaml's toy choices
+    assert (args.max_steps, args.num_train_epochs, args.learning_rate) == (-1, 1.0, 5e-5)
+    assert (args.lr_scheduler_type.value, args.warmup_steps, args.per_device_train_batch_size) == ("linear", 0, 8)
+    assert (args.eval_strategy.value, args.eval_exact_match, args.completion_only_loss) == ("no", False, False)
+    assert (args.max_length, args.output_dir) == (1024, "trainer_output")
+    assert recipe == {"model_name_or_path": tiny[0], "dataset_name": tiny[1], "num_train_epochs": 1.0}
+
+
+def test_plain_run_is_the_default_recipe_and_the_command_line_beats_the_file():
+    default = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    _, data_args, args = parse_recipe([])
+    assert args.max_steps == default["max_steps"] == 1500 and data_args.dataset_name == "builtin:toy-tasks"
+    _, _, args = parse_recipe(["--max_steps", "800"])  # any key overrides; the rest is still the default recipe
+    assert args.max_steps == 800 and args.learning_rate == default["learning_rate"]
+    # the file's max_steps would silently override --num_train_epochs: the command line wins
+    _, _, args = parse_recipe(["--config", str(DEFAULT_RECIPE), "--num_train_epochs", "2"])
+    assert (args.max_steps, args.num_train_epochs) == (-1, 2.0)
+    assert args.learning_rate == default["learning_rate"]  # other file keys stay
+    _, _, args = parse_recipe(["--config", str(ROOT / "recipes" / "smollm2-135m-alpaca.yaml"), "--max_steps", "5"])
+    assert (args.max_steps, args.num_train_epochs) == (5, 2.0)  # max_steps > 0 is TrainingArguments' own override
