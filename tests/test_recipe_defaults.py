@@ -95,3 +95,16 @@ def test_plain_run_is_the_default_recipe_and_the_command_line_beats_the_file():
     assert args.learning_rate == default["learning_rate"]  # other file keys stay
     _, _, args = parse_recipe(["--config", str(ROOT / "recipes" / "smollm2-135m-alpaca.yaml"), "--max_steps", "5"])
     assert (args.max_steps, args.num_train_epochs) == (5, 2.0)  # max_steps > 0 is TrainingArguments' own override
+
+
+@pytest.mark.skipif(cores() < 2, reason="needs 2 cores to tell every core from accelerate's 1")
+def test_evaluate_under_accelerate_launch_uses_every_core(tmp_path):
+    responses = tmp_path / "responses.json"
+    responses.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi.", "model_response": "Hi."}]')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_NUM_THREADS"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "recipes" / "evaluate.py"),
+                             "--responses", str(responses), "--output_dir", str(tmp_path / "eval")],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert threads_logged(result) == cores()
