@@ -400,7 +400,8 @@ def run_child(name: str, opts) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_tflops: float | None = None) -> str:
+def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_tflops: float | None = None,
+              workload: str = "W1") -> str:
     """The markdown table, then how the sft-hf default compares with the issue's targets.
 
     Two rooflines: 6 × parameters × tokens/s over the best `torch.matmul` rate measured in the run (the issue's
@@ -450,7 +451,8 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
     if ours in medians:
         checks = []
         if trl_best:
-            checks.append(f"{medians[ours] / medians[trl_best]:.2f}× TRL's best ({trl_best}; target ≥ 1.5×)")
+            target = "2×" if workload in ("W3", "W4") else "1.5×"  # issue 15 on the real model, issue 5 on W1
+            checks.append(f"{medians[ours] / medians[trl_best]:.2f}× TRL's best ({trl_best}; target ≥ {target})")
         if TRL_DEFAULTS in medians:
             checks.append(f"{medians[ours] / medians[TRL_DEFAULTS]:.1f}× TRL's defaults (target ≥ 15×)")
         checks.append(f"{6 * r0['params'] * medians[ours] / matmul:.0%} of the torch.matmul roofline (target ≥ 50%), "
@@ -559,7 +561,7 @@ def main(argv=None):
                   f"final loss {r['final_loss']:.3f}", flush=True)
     flops.append(matmul_flops())
     print()
-    print(summarize(runs, flops, opts.peak_tflops))
+    print(summarize(runs, flops, opts.peak_tflops, opts.workload))
     if not opts.skip_data:
         from benchmarks.bench_data import markdown, measure
 
