@@ -100,8 +100,12 @@ def test_tokenize_and_collate_invariants(tokenizers, records, template, tokenize
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
         if max_length is None or len(response_ids) <= max_length - 1:
             keep = len(prompt_ids) if max_length is None else min(len(prompt_ids), max_length - len(response_ids))
-            expected_rows.append((prompt_ids[len(prompt_ids) - keep:] + response_ids, keep))
-    assert [(r["input_ids"], r["prompt_length"]) for r in rows] == expected_rows
+            # a cut prompt keeps its leading special tokens (BOS) and loses the tokens after them
+            n_special = min(keep, next((i for i, t in enumerate(prompt_ids) if t not in tokenizer.all_special_ids),
+                                       len(prompt_ids)))
+            kept = prompt_ids[:n_special] + prompt_ids[len(prompt_ids) - (keep - n_special):]
+            expected_rows.append((kept + response_ids, keep, [0] * keep + [1] * len(response_ids)))
+    assert [(r["input_ids"], r["prompt_length"], r["completion_mask"]) for r in rows] == expected_rows
 
     collator = InstructionDataCollator(
         pad_token_id=resolve_pad_token_id(tokenizer), completion_only_loss=completion_only_loss,
