@@ -133,11 +133,13 @@ class ChatMLTemplate(Template):
         out = []
         for i, m in enumerate(messages):
             role, content = m["role"], m.get("content") or ""
-            for call in m.get("tool_calls") or []:  # Hermes-style tool calls, as Qwen's ChatML templates write them
-                function = call.get("function", call)
-                content += f"\n<tool_call>\n{json.dumps({'name': function.get('name'), 'arguments': function.get('arguments')})}\n</tool_call>"
+            calls = [call.get("function", call) for call in m.get("tool_calls") or []]
+            # Hermes-style tool calls, as Qwen's ChatML templates write them
+            calls = "\n".join(f"<tool_call>\n{json.dumps({'name': f.get('name'), 'arguments': f.get('arguments')})}"
+                              "\n</tool_call>" for f in calls)
+            content = "\n".join(filter(None, [content, calls])) if calls else content
             if role == "assistant":
-                out += [Segment(f"<|im_start|>{role}\n", role, i), Segment(content.lstrip("\n") + assistant_end, role, i, True),
+                out += [Segment(f"<|im_start|>{role}\n", role, i), Segment(content + assistant_end, role, i, True),
                         Segment("\n", role, i)]
             else:
                 out.append(Segment(f"<|im_start|>{role}\n{content}<|im_end|>\n", role, i))
@@ -283,9 +285,8 @@ def chat_template_segments(tokenizer, messages: list[dict], tools=None, trained_
     replies = {}  # message index -> (start, end) in `full`
     tagged = _generation_spans(tokenizer, messages, tools)
     if tagged is not None:
-        starts = [p if p is not None else -1 for p in prefix[:n]]
         for start, end in tagged:
-            turn = max(i for i in range(n) if starts[i] <= start)
+            turn = max(i for i, p in enumerate(prefix[:n]) if p is not None and p <= start)
             a, b = replies.get(turn, (start, end))
             replies[turn] = (min(a, start), max(b, end))
         missing = required - set(replies)

@@ -293,9 +293,10 @@ def test_sharegpt_records_become_messages(tmp_path, smollm2_tokenizer):
     assert "Sunny.<|im_end|>" in trained_runs(smollm2_tokenizer, row)
     # --column_mapping still applies
     renamed = [{"dialog": r["conversations"]} for r in sharegpt]
-    ds = load_instruction_dataset(write_jsonl(tmp_path / "renamed.jsonl", renamed), {"dialog": "conversations"},
-                                  train_split_ratio=1.0, test_split_ratio=0.0)["train"]
-    assert ds[0]["messages"][1] == {"role": "user", "content": "Hi"} or ds[0]["messages"][1]["content"] == "Hi"
+    ds = load_instruction_dataset(write_jsonl(tmp_path / "renamed.jsonl", renamed),
+                                  column_mapping={"dialog": "conversations"}, train_split_ratio=1.0,
+                                  test_split_ratio=0.0)["train"]
+    assert (ds[0]["messages"][1]["role"], ds[0]["messages"][1]["content"]) == ("user", "Hi")
 
 
 @pytest.mark.parametrize("record, message", [
@@ -316,3 +317,24 @@ def test_bad_conversations_name_file_record_and_field(tmp_path, record, message)
     with pytest.raises(DataError) as error:
         load_instruction_dataset(path)
     assert str(error.value).startswith(f"{path}: {message}")
+
+
+def test_report_counts_turns_and_trained_tokens_per_role(smollm2_tokenizer):
+    from sft_hf.report import tokens_by_role
+
+    tok = smollm2_tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
+    rows = tokenize_dataset(Dataset.from_list([{"messages": messages}]), tok, "chat_template", None, verbose=False)
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    assistant = sum(n(f"<|im_start|>assistant\n{c}<|im_end|>\n") for c in replies) - n("\n")  # the last: no "\n"
+    expected = {
+        "system": {"tokens": n("<|im_start|>system\nBe brief.<|im_end|>\n"), "trained": 0},
+        "user": {"tokens": sum(n(f"<|im_start|>user\n{m['content']}<|im_end|>\n") for m in CONVERSATION
+                               if m["role"] == "user"), "trained": 0},
+        "assistant": {"tokens": assistant, "trained": sum(n(c) + 1 for c in replies)},
+    }
+    assert tokens_by_role(rows, completion_only_loss=True) == expected
+    everything = tokens_by_role(rows, completion_only_loss=False)  # all but the row's first token
+    assert {r: c["trained"] for r, c in everything.items()} == {
+        r: c["tokens"] - (r == "system") for r, c in expected.items()}
