@@ -289,7 +289,7 @@ def _conversation_problem(turns, field: str) -> str | None:
                                   or not all(isinstance(c, dict) for c in calls)):
             return f"{where}, 'tool_calls': expected a list of calls on an assistant message, got {calls!r:.60}"
         if not isinstance(content, str) and not (content is None and calls):
-            return f"{where}, {content_key!r}: expected text, got {type(content).__name__} {content!r:.60}"
+            return f"{where}: expected {{{role_key!r}: text, {content_key!r}: text}}, got {m!r:.60}"
         if not (content or "").strip() and not calls:
             return f"{where}, {content_key!r}: empty {role} turn"
         if role == "function_call":
@@ -301,7 +301,7 @@ def _conversation_problem(turns, field: str) -> str | None:
                 return f"{where}, {content_key!r}: a function_call must be a JSON object with a 'name'"
     last = turns[-1][role_key]
     if (SHAREGPT_ROLES.get(last) if sharegpt else last) != "assistant" or last == "function_call":
-        return f"field {field!r}: the conversation must end with an assistant reply (the response to train on), " \
+        return f"field {field!r}: the last message must be an assistant reply (the response to train on), " \
                f"not a {last!r} turn"
     return None
 

@@ -308,7 +308,7 @@ def test_sharegpt_records_become_messages(tmp_path, smollm2_tokenizer):
      "record 0 (line 1), field 'messages', message 0, 'content': empty user turn"),
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                    {"role": "user", "content": "More?"}]},
-     "record 0 (line 1), field 'messages': the conversation must end with an assistant reply"),
+     "record 0 (line 1), field 'messages': the last message must be an assistant reply"),
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "not json"}]},
      "record 0 (line 1), field 'conversations', message 1, 'value': a function_call must be JSON"),
 ])
