@@ -193,12 +193,10 @@ class TokenizeStats:
     p95_length: float
     tokens: int
     trained_tokens: int  # reply tokens incl. EOS (what completion_only_loss trains)
-    conversations: int = 0  # examples with more than one reply
     dropped_turns: int = 0  # messages truncation removed from the start of conversations
 
     def __str__(self) -> str:
-        turns = f" ({self.dropped_turns} turns of {self.conversations} multi-turn conversations dropped)" \
-            if self.dropped_turns else ""
+        turns = f" ({self.dropped_turns} leading turns dropped)" if self.dropped_turns else ""
         return (
             f"[{self.split}] {self.examples_in} examples → kept {self.kept}, truncated {self.truncated}{turns}, "
             f"dropped {self.dropped} (response longer than max_length) | tokens/example mean {self.mean_length:.1f}, "
@@ -308,6 +306,5 @@ def compute_stats(tokenized: Dataset, split: str, n_in: int) -> TokenizeStats:
         p95_length=float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
         tokens=int(lengths.sum()),
         trained_tokens=int(pc.sum(pc.list_flatten(masks)).as_py() or 0) if masks is not None else 0,
-        conversations=sum(sum(t["role"] == "assistant" for t in turns) > 1 for turns in tokenized["turns"]),
         dropped_turns=int(np.sum(tokenized["dropped_turns"])) if len(tokenized) else 0,
     )

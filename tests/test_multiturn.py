@@ -238,7 +238,7 @@ def test_truncation_drops_whole_exchanges_and_keeps_the_system_prompt(smollm2_to
     assert len(full.input_ids) > len(without_first.input_ids)
     assert out["input_ids"] == without_first.input_ids and out["truncated"] and out["dropped_turns"] == 2
     assert trained_runs(tok, out) == ["Bonjour.<|im_end|>", "Merci beaucoup.<|im_end|>"]
-    assert "truncated 1 (2 turns of 1 multi-turn conversations dropped)" in capsys.readouterr().out
+    assert "truncated 1 (2 leading turns dropped)" in capsys.readouterr().out
     # one exchange left and still too long: today's rule, cut after the leading special token, reply kept
     last = encode_records([{"messages": [messages[0], *messages[5:]]}], tok, "chat_template")[0]
     row = encode_records([{"messages": messages}], tok, "chat_template", max_length=len(last.input_ids) - 3)[0].row()
