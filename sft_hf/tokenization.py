@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import string
 from dataclasses import dataclass
@@ -48,20 +49,14 @@ class Encoded:
     def row(self) -> dict:
         """The map step's row. `prompt_length`: tokens before the first trained one (the prompt, for one turn)."""
         mask = self.completion_mask
-        turns = []
-        for turn in self.token_turns:
-            if turns and turns[-1][0] == turn:
-                turns[-1][1] += 1
-            else:
-                turns.append([turn, 1])
+        turns = [{"role": self.roles[t], "length": sum(1 for _ in g)} for t, g in itertools.groupby(self.token_turns)]
         return {"input_ids": self.input_ids, "completion_mask": mask,
                 "prompt_length": mask.index(1) if 1 in mask else len(mask), "length": len(self.input_ids),
-                "truncated": self.truncated, "dropped_turns": self.dropped_turns,
-                "turns": [{"role": self.roles[t], "length": n} for t, n in turns]}
+                "truncated": self.truncated, "dropped_turns": self.dropped_turns, "turns": turns}
 
 
 def _tokenize_runs(segment_lists: list[list[Segment]], tokenizer, add_special_tokens: bool):
-    """Token ids of each record's segments, and for each token the index of its segment.
+    """Token ids of each record's segments, and how many of them each segment has.
 
     Segments are tokenized in runs: consecutive segments that are not replies (the prompt, role headers, user turns)
     as one text, exactly as generation tokenizes its prompt, and each reply apart; a token is assigned to the
@@ -76,19 +71,24 @@ def _tokenize_runs(segment_lists: list[list[Segment]], tokenizer, add_special_to
                 runs[-1][2] += segment.text
             else:
                 runs.append([r, k, segment.text, [0]])
-    out = [([], []) for _ in segment_lists]
+    out = [([], [0] * len(segments)) for segments in segment_lists]
     firsts = [run[1] == 0 and add_special_tokens for run in runs]
+    encoded = {}
     for special in (True, False):
-        chosen = [run for run, first in zip(runs, firsts) if first == special]
-        if not chosen:
-            continue
-        encoded = tokenizer([run[2] for run in chosen], add_special_tokens=special, return_offsets_mapping=True)
-        for run, ids, offsets in zip(chosen, encoded["input_ids"], encoded["offset_mapping"]):
-            run.append((ids, [run[1] + max(0, bisect.bisect_right(run[3], start) - 1) for start, _ in offsets]))
-    for run in runs:  # in order
-        ids, segment_of = run[4]
-        out[run[0]][0].extend(ids)
-        out[run[0]][1].extend(segment_of)
+        chosen = [j for j, first in enumerate(firsts) if first == special]
+        if chosen:
+            offsets = any(len(runs[j][3]) > 1 for j in chosen)  # only runs of several segments need them
+            batch = tokenizer([runs[j][2] for j in chosen], add_special_tokens=special, return_offsets_mapping=offsets)
+            for n, j in enumerate(chosen):
+                encoded[j] = (batch["input_ids"][n], batch["offset_mapping"][n] if offsets else None)
+    for j, (r, first, _, starts) in enumerate(runs):  # in order
+        ids, offsets = encoded[j]
+        out[r][0].extend(ids)
+        if len(starts) == 1:
+            out[r][1][first] += len(ids)
+        else:
+            for a, _ in offsets:
+                out[r][1][first + max(0, bisect.bisect_right(starts, a) - 1)] += 1
     return out
 
 
@@ -97,16 +97,21 @@ def encode_segments(segment_lists: list[list[Segment]], tokenizer, template: Tem
     """Token ids, completion masks and turns of rendered records; EOS appended unless the last reply ends with it."""
     tokenized = _tokenize_runs(segment_lists, tokenizer, add_special_tokens=not isinstance(template, ChatTemplate))
     out = []
-    for segments, (ids, segment_of), index in zip(segment_lists, tokenized, indices or range(len(segment_lists))):
-        replies = [k for k, s in enumerate(segments) if s.reply]
-        last_turn = segments[replies[-1]].turn
-        reply = [segments[k].reply for k in segment_of]
-        if not ids or reply[0]:  # the first reply token needs a token before it to be predicted from
+    for segments, (ids, counts), index in zip(segment_lists, tokenized, indices or range(len(segment_lists))):
+        # segments end with the last reply: what follows it is never read
+        assert segments[-1].reply, "a template's segments end with the last reply"
+        first = next((k for k, c in enumerate(counts) if c), None)
+        if first is None or segments[first].reply:  # the first reply token needs a token to be predicted from
             raise TemplateError(f"[{split}] record {index}: template {template.name!r} renders an empty prompt")
-        if not (ids[-1] == eos_token_id and reply[-1]):  # the stop token the model must learn to write
-            ids, reply, segment_of = ids + [eos_token_id], reply + [True], segment_of + [replies[-1]]
-        turns = [segments[k].turn for k in segment_of]
-        mask = [int(r and (trained_turns == "all" or t == last_turn)) for r, t in zip(reply, turns)]
+        if not (ids[-1] == eos_token_id and counts[-1]):  # the stop token the model must learn to write
+            ids = ids + [eos_token_id]
+            counts[-1] += 1
+        mask, turns = [], []
+        for segment, count in zip(segments, counts):
+            trained = segment.reply and (trained_turns == "all" or segment is segments[-1]
+                                         or segment.turn == segments[-1].turn)
+            mask += [int(trained)] * count
+            turns += [segment.turn] * count
         out.append(Encoded(ids, mask, turns, {s.turn: s.role for s in segments}))
     return out
 
