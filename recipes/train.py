@@ -76,7 +76,10 @@ def main(argv=None):
     raw = load_recipe_splits(data_args, template)
     with args.main_process_first(desc="tokenize"):
         tokenized = tokenize_dataset(raw, tokenizer, template, args.max_length, data_args.dataset_num_proc,
-                                     verbose=args.process_index == 0)
+                                     verbose=args.process_index == 0, trained_turns=args.trained_turns)
+    if "messages" in raw["train"].column_names and not args.completion_only_loss:
+        logger.warning("chat data with completion_only_loss false: user, system and tool turns are trained too; "
+                       "set completion_only_loss: true to train only the assistant replies")
     held_out = raw["test"] if len(raw["test"]) else raw["validation"]
 
     # 2. Model, and its exact match before training (what "learned" is measured against).

@@ -22,12 +22,14 @@ class InstructionDataCollator:
     Returns `input_ids`, `attention_mask` and `labels` (right padding), or with `padding_free=True` one row per batch
     with `position_ids` restarting at 0 for each example and no padding at all (attention stays within an example).
 
-    - `completion_only_loss`: mask the prompt (needs the `prompt_length` column) so only responses are trained.
+    - `completion_only_loss`: train only the tokens the row's `completion_mask` marks (1 = trained): the responses,
+      or each assistant reply of a conversation with its end-of-turn token; prompts, user/system/tool turns and role
+      headers are masked.
     - `max_length`: truncate rows longer than this from the right (a safety net; `tokenize_dataset` already
       truncated the prompt and kept the response).
     - `pad_to_multiple_of`: round the padded length up (tensor-core friendly shapes on GPU). Padding-free rows get
       a filler example (pad ids, never trained, attending only to itself) to reach the multiple.
-    Rows without `prompt_length` train every non-padding token.
+    Rows without `completion_mask` train every non-padding token.
     """
 
     pad_token_id: int
@@ -41,9 +43,8 @@ class InstructionDataCollator:
         for f in features:
             ids = list(f["input_ids"])[: self.max_length]
             target = list(ids)
-            if self.completion_only_loss and f.get("prompt_length") is not None:
-                n_prompt = min(int(f["prompt_length"]), len(ids))
-                target[:n_prompt] = [IGNORE_INDEX] * n_prompt
+            if self.completion_only_loss and f.get("completion_mask") is not None:
+                target = [t if m else IGNORE_INDEX for t, m in zip(ids, f["completion_mask"])]
             rows.append(ids)
             labels.append(target)
         if self.padding_free:

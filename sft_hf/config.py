@@ -99,7 +99,15 @@ class DataArguments:
 @dataclass
 class SFTArguments(TrainingArguments):
     max_length: int | None = field(default=1024, metadata={"help": "Truncate examples to this many tokens."})
-    completion_only_loss: bool = field(default=False, metadata={"help": "Train on responses only (mask prompts)."})
+    completion_only_loss: bool = field(
+        default=False,
+        metadata={"help": "Train on responses only: mask prompts, and in conversations the system, user and tool "
+                  "turns and role headers (every assistant reply and its end-of-turn token is trained)."},
+    )
+    trained_turns: str = field(
+        default="all", metadata={"help": "With completion_only_loss: all (every assistant reply) or last (only the "
+                                 "final reply of each conversation)."},
+    )
     packing: bool = field(default=False, metadata={"help": "Alias of padding_free: examples concatenated per batch."})
     padding_free: bool | None = field(
         default=None,
@@ -141,7 +149,7 @@ class SFTArguments(TrainingArguments):
         default=None, metadata={"help": "Torch CPU threads. Default: OMP_NUM_THREADS when the user set it, else "
                                 "all cores of the node / the processes on it (accelerate launch's 1 is not taken)."},
     )
-    remove_unused_columns: bool = False  # our collator needs prompt_length
+    remove_unused_columns: bool = False  # our collator needs completion_mask
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace what a previous run left in a non-empty output_dir."}
     )

@@ -1,7 +1,9 @@
 """Load instruction data from local files or the Hub and split it, all through `datasets.load_dataset`.
 
 Every record ends up in one of two shapes the templates understand:
-`instruction` / `input` / `output` (Alpaca; `prompt`/`completion` are renamed onto it) or `messages` (chat).
+`instruction` / `input` / `output` (Alpaca; `prompt`/`completion` are renamed onto it) or `messages` (chat: OpenAI
+`role`/`content` messages, with `tool_calls` and `tool` turns; ShareGPT `conversations` of `from`/`value` are
+converted onto it).
 Every record is checked before anything is tokenized: a bad one raises `DataError` naming the file, the record (and
 line, for JSON lines) and the field, or, with `skip_bad_records=True`, is dropped and counted.
 """
@@ -53,9 +55,10 @@ def load_instruction_dataset(
     template_fields = _template_fields(template)
     skipped: list[str] = []
     if dataset_name.startswith(BUILTIN_PREFIX):
-        from sft_hf import toy
+        from sft_hf import chat_data, toy
 
-        files = toy.write_builtin_dataset(dataset_name[len(BUILTIN_PREFIX) :])
+        name = dataset_name[len(BUILTIN_PREFIX) :]
+        files = chat_data.write_chapter7_chat() if name == "chapter7-chat" else toy.write_builtin_dataset(name)
         raw = datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()})
     elif Path(dataset_name).is_file():
         builder = FILE_BUILDERS.get(Path(dataset_name).suffix.lower())
@@ -232,36 +235,83 @@ def _rename(record: dict, mapping: dict[str, str]) -> dict:
 
 
 def _check_schema(columns: list[str], source: str, template_fields: set[str]) -> str:
-    """'messages' or 'alpaca'; a field no record has at all is a mapping problem, reported once."""
-    schema = "messages" if "messages" in columns else "alpaca"
-    required = ["messages"] if schema == "messages" else ["instruction", "output"]
+    """'messages', 'conversations' (ShareGPT) or 'alpaca'; a field no record has at all is a mapping problem,
+    reported once."""
+    schema = next((c for c in ("messages", "conversations") if c in columns), "alpaca")
+    required = [schema] if schema != "alpaca" else ["instruction", "output"]
     for field in required:
         if field not in columns:
             raise DataError(
                 f"{source}: records need field {field!r} (found {columns}); map yours with column_mapping"
             )
     for field in sorted(template_fields):
-        if schema == "messages":
-            raise DataError(f"{source}: the template uses field {field!r}, which chat (messages) records cannot have")
+        if schema != "alpaca":
+            raise DataError(f"{source}: the template uses field {field!r}, which chat ({schema}) records cannot have")
         if field not in columns:
             raise DataError(f"{source}: the template uses field {{{field}}}, which the data does not have ({columns})")
     return schema
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's `from` → OpenAI role; `function_call` turns hold a JSON call and become an assistant tool call.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "observation": "tool", "function_call": "assistant"}
+
+
+def sharegpt_to_messages(conversations: list[dict]) -> list[dict]:
+    """ShareGPT turns ({from, value}) as OpenAI messages ({role, content}); a checked record never raises here."""
+    messages = []
+    for turn in conversations:
+        if turn["from"] == "function_call":
+            call = json.loads(turn["value"])
+            messages.append({"role": "assistant", "content": "",
+                             "tool_calls": [{"type": "function", "function": call}]})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def _conversation_problem(turns, field: str) -> str | None:
+    """What is wrong with a `messages` or ShareGPT `conversations` list, as "field 'x', message j: ...", or None."""
+    sharegpt = field == "conversations"
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    roles = SHAREGPT_ROLES if sharegpt else CHAT_ROLES
+    if not isinstance(turns, list) or not turns:
+        return f"field {field!r}: expected a non-empty list of {{{role_key}, {content_key}}} messages, got {turns!r:.60}"
+    for j, m in enumerate(turns):
+        where = f"field {field!r}, message {j}"
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str):
+            return f"{where}: expected {{{role_key!r}: text, {content_key!r}: text}}, got {m!r:.60}"
+        role, content, calls = m[role_key], m.get(content_key), m.get("tool_calls")
+        if role not in roles:
+            return f"{where}, {role_key!r}: unknown role {role!r}; expected one of {', '.join(roles)}"
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)
+                                  or not all(isinstance(c, dict) for c in calls)):
+            return f"{where}, 'tool_calls': expected a list of calls on an assistant message, got {calls!r:.60}"
+        if not isinstance(content, str) and not (content is None and calls):
+            return f"{where}: expected {{{role_key!r}: text, {content_key!r}: text}}, got {m!r:.60}"
+        if not (content or "").strip() and not calls:
+            return f"{where}, {content_key!r}: empty {role} turn"
+        if role == "function_call":
+            try:
+                call = json.loads(content)
+            except json.JSONDecodeError as e:
+                return f"{where}, {content_key!r}: a function_call must be JSON ({e.msg}), got {content!r:.60}"
+            if not isinstance(call, dict) or "name" not in call:
+                return f"{where}, {content_key!r}: a function_call must be a JSON object with a 'name'"
+    last = turns[-1][role_key]
+    if (SHAREGPT_ROLES.get(last) if sharegpt else last) != "assistant" or last == "function_call":
+        return f"field {field!r}: the last message must be an assistant reply (the response to train on), " \
+               f"not a {last!r} turn"
+    return None
 
 
 def record_problem(record, schema: str, template_fields: set[str] = frozenset()) -> str | None:
     """What is wrong with one (renamed) record, as "field 'x': ...", or None when it can be trained on."""
     if not isinstance(record, dict):
         return f"expected an object with fields, got {type(record).__name__} {str(record)[:60]!r}"
-    if schema == "messages":
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return f"field 'messages': expected a non-empty list of {{role, content}} messages, got {messages!r:.60}"
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                return f"field 'messages', message {j}: expected {{'role': text, 'content': text}}, got {m!r:.60}"
-        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-            return "field 'messages': the last message must be a non-empty assistant reply, the response to train on"
-        return None
+    if schema in ("messages", "conversations"):
+        return _conversation_problem(record.get(schema), schema)
     for field in ["instruction", "input", "output", *sorted(template_fields)]:
         value = record.get(field)
         if value is None:
@@ -302,7 +352,11 @@ def normalize_columns(
     schema = _check_schema(ds.column_names, source, template_fields)
     if schema == "alpaca" and "input" not in ds.column_names:
         ds = ds.add_column("input", [""] * len(ds))
-    return check_records(ds, source, schema, skip_bad_records, template_fields, skipped)
+    ds = check_records(ds, source, schema, skip_bad_records, template_fields, skipped)
+    if schema == "conversations":  # ShareGPT → OpenAI messages: one shape for the templates
+        ds = ds.map(lambda r: {"messages": sharegpt_to_messages(r["conversations"])},
+                    remove_columns=["conversations"], desc="ShareGPT conversations → messages")
+    return ds
 
 
 def check_records(ds, source, schema="alpaca", skip_bad_records=False, template_fields=frozenset(), skipped=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 
-from sft_hf.templates import Template, get_template
+from sft_hf.templates import ChatTemplate, Template, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
         f"Instruction-tuned from `{model_args.model_name_or_path}` on `{data_args.dataset_name}` with "
         "[sft-hf](https://pypi.org/project/sft-hf/).", "",
         f"## Prompt template: `{template.name}`", "", "```",
-        template.format_prompt({"instruction": "{instruction}", "input": "{input}"}) + "{output}<eos>", "```",
+        "the tokenizer's own chat template (`chat_template` in the tokenizer files), every turn"
+        if isinstance(template, ChatTemplate)  # rendering it needs the tokenizer
+        else template.format_prompt({"instruction": "{instruction}", "input": "{input}"}) + "{output}<eos>", "```",
         "(the `input` part only when the input is non-empty; saved as `sft_template.json`)", "",
         "## Usage", "", "```python", *usage, "```", "",
         "## Training hyperparameters", "", "| name | value |", "| --- | --- |",

@@ -1,9 +1,10 @@
 """`sft-hf inspect`: the first N examples exactly as the collator feeds them to the model, token by token.
 
-Nothing here re-implements the pipeline: records go through the recipe's tokenizer, template, `tokenize_dataset`
-and `InstructionDataCollator` (or any collator passed in), and each token is shown with its input id and label id,
-coloured by whether the loss trains on it. Padding, EOS and truncation are marked. Output: the terminal (rich) and a
-self-contained HTML file.
+Nothing here re-implements the pipeline: records go through the recipe's tokenizer, template, `encode_records` (the
+work of `tokenize_dataset`'s map step) and `InstructionDataCollator` (or any collator passed in), and each token is
+shown with its input id and label id, coloured by whether the loss trains on it. Each message of a conversation is
+marked with its role and how many of its tokens are trained. Padding, EOS and truncation are marked. Output: the
+terminal (rich) and a self-contained HTML file.
 
     sft-hf inspect --config recipes/default.yaml --n 3 --html outputs/inspect.html
 """
@@ -19,7 +20,8 @@ import datasets
 from datasets import Dataset
 
 from sft_hf.collator import IGNORE_INDEX, recipe_collator
-from sft_hf.tokenization import tokenize_dataset
+from sft_hf.templates import get_template
+from sft_hf.tokenization import check_template_fits, encode_records
 
 
 @dataclass
@@ -30,6 +32,8 @@ class TokenView:
     label: int
     kind: str  # "trained", "masked" (label -100, or the row's first token: nothing predicts it) or "padding"
     eos: bool = False
+    role: str = ""  # role of the message the token belongs to ("" for padding)
+    turn: int = -1  # index of that message's span in the row
 
 
 @dataclass
@@ -39,7 +43,8 @@ class ExampleView:
     tokens: list[TokenView] = field(default_factory=list)
     full_length: int = 0  # prompt + response + EOS before any truncation
     prompt_length: int | None = None  # where the response starts in the row as fed
-    cut_left: int = 0  # prompt tokens `tokenize_dataset` cut from the left to fit max_length
+    cut_left: int = 0  # tokens `tokenize_dataset` removed to fit max_length (leading turns, then prompt tokens)
+    dropped_turns: int = 0  # leading messages of a conversation removed to fit max_length
     cut_right: int = 0  # tokens the collator's max_length cut from the right
     dropped: bool = False  # the response alone is longer than max_length: the example is never trained
 
@@ -52,49 +57,22 @@ class ExampleView:
         return sum(t.kind == "padding" for t in self.tokens)
 
 
-def _match_rows(full: Dataset, kept: Dataset) -> list[int | None]:
-    """For each untruncated row, the index of its row after truncation (None when dropped).
-
-    `tokenize_dataset` drops rows and cuts prompts from the left, so a kept row is a suffix of its full row with the
-    same response length; rows keep their order.
-    """
-    matches, k = [], 0
-    for row in full:
-        if k < len(kept):
-            cand = kept[k]
-            n = len(cand["input_ids"])
-            same_response = cand["length"] - cand["prompt_length"] == row["length"] - row["prompt_length"]
-            if same_response and list(row["input_ids"][len(row["input_ids"]) - n :]) == list(cand["input_ids"]):
-                matches.append(k)
-                k += 1
-                continue
-        matches.append(None)
-    return matches
-
-
-def _tokenize_or_empty(records: Dataset, tokenizer, template, max_length):
-    try:
-        return tokenize_dataset(records, tokenizer, template, max_length, verbose=False)
-    except ValueError as e:
-        if "no example is left" in str(e):  # every one of these records is dropped at this max_length
-            return []
-        raise
-
-
 def build_views(records: Dataset, tokenizer, template, max_length: int | None, collator, batch_size: int,
-                split: str = "train") -> list[ExampleView]:
+                split: str = "train", trained_turns: str = "all") -> list[ExampleView]:
     """Tokenize `records` as training does, collate them in batches of `batch_size` in order, describe every token."""
-    full = tokenize_dataset(records, tokenizer, template, max_length=None, verbose=False)
-    kept = _tokenize_or_empty(records, tokenizer, template, max_length)
-    matches = _match_rows(full, kept)
-    views = [ExampleView(split, i, full_length=full[i]["length"]) for i in range(len(full))]
-    for view, k in zip(views, matches):
+    template = get_template(template)
+    records = records.to_list() if isinstance(records, Dataset) else list(records)
+    check_template_fits(template, tokenizer, max_length, list(records[0]) if records else [])
+    full = encode_records(records, tokenizer, template, None, trained_turns, split=split)
+    kept = encode_records(records, tokenizer, template, max_length, trained_turns, split=split)
+    views = [ExampleView(split, i, full_length=len(f.input_ids)) for i, f in enumerate(full)]
+    for view, k in zip(views, kept):
         view.dropped = k is None
         if k is not None:
-            view.cut_left = view.full_length - kept[k]["length"]
+            view.cut_left, view.dropped_turns = view.full_length - len(k.input_ids), k.dropped_turns
 
     kept_views = [v for v in views if not v.dropped]
-    rows = [kept[k] for k in matches if k is not None]  # every column, as the Trainer hands them to the collator
+    rows = [k.row() for k in kept if k is not None]  # the map step's rows, as the Trainer hands them to the collator
     eos_id = tokenizer.eos_token_id
     for start in range(0, len(rows), batch_size):
         features = rows[start : start + batch_size]
@@ -108,7 +86,9 @@ def build_views(records: Dataset, tokenizer, template, max_length: int | None, c
             view.cut_right = len(feature["input_ids"]) - n_real
             view.prompt_length = feature.get("prompt_length")
             first_real = mask[lo:hi].index(1) if n_real else 0  # 0 unless a collator pads on the left
+            roles = [(k, t["role"]) for k, t in enumerate(feature["turns"]) for _ in range(t["length"])]
             texts = tokenizer.batch_decode([[t] for t in ids[lo:hi]], skip_special_tokens=False)
+            real = 0
             for pos, (tid, label, m, text) in enumerate(zip(ids[lo:hi], labels[lo:hi], mask[lo:hi], texts)):
                 if not m:
                     kind = "padding"
@@ -116,8 +96,20 @@ def build_views(records: Dataset, tokenizer, template, max_length: int | None, c
                     kind = "masked"
                 else:
                     kind = "trained"
-                view.tokens.append(TokenView(pos, tid, text, label, kind, eos=bool(m) and tid == eos_id))
+                turn, role = roles[real] if m and real < len(roles) else (-1, "")
+                real += bool(m)
+                view.tokens.append(TokenView(pos, tid, text, label, kind, bool(m) and tid == eos_id, role, turn))
     return views
+
+
+def turn_summaries(view: ExampleView) -> dict[int, tuple[str, int, int]]:
+    """For each message span of the row: (role, tokens, trained tokens)."""
+    out = {}
+    for tok in view.tokens:
+        if tok.turn >= 0:
+            role, n, trained = out.get(tok.turn, (tok.role, 0, 0))
+            out[tok.turn] = (role, n + 1, trained + (tok.kind == "trained"))
+    return out
 
 
 def _segments(batch: dict, n_features: int) -> list[tuple[int, int, int]]:
@@ -138,8 +130,12 @@ def _header(view: ExampleView, max_length: int | None) -> str:
         return f"{name} · DROPPED: response + EOS alone exceed max_length={max_length} ({view.full_length} tokens)"
     real = len(view.tokens) - view.padding
     parts = [f"{name} · {real} tokens", f"{view.trained} trained", f"{view.padding} padding"]
+    turns = turn_summaries(view)
+    if len(turns) > 2:
+        parts.append(f"{len(turns)} turns")
     if view.cut_left:
-        parts.append(f"TRUNCATED: {view.cut_left} prompt tokens cut from the left (max_length={max_length})")
+        dropped = f" ({view.dropped_turns} leading turns dropped)" if view.dropped_turns else ""
+        parts.append(f"TRUNCATED: {view.cut_left} tokens cut from the left{dropped} (max_length={max_length})")
     if view.cut_right:
         parts.append(f"TRUNCATED by the collator: {view.cut_right} tokens cut from the right")
     return " · ".join(parts)
@@ -164,7 +160,7 @@ def render_terminal(views: list[ExampleView], console=None, show_labels: bool = 
         text = Text()
         if view.cut_left:
             text.append(f"✂[{view.cut_left} cut] ", style="bold red")
-        pads = 0
+        pads, turn, turns = 0, -1, turn_summaries(view)
         for tok in view.tokens + [None]:
             if tok is not None and tok.kind == "padding":
                 pads += 1
@@ -174,6 +170,9 @@ def render_terminal(views: list[ExampleView], console=None, show_labels: bool = 
                 pads = 0
             if tok is None:
                 break
+            if tok.turn != turn and tok.turn >= 0 and len(turns) > 1:  # a message starts: its role, trained tokens
+                turn = tok.turn
+                text.append(f"⟦{_turn_label(*turns[turn])}⟧", style="bold blue")
             style = styles[tok.kind][tok.position % 2] + (" bold underline" if tok.eos else "")
             text.append(tok.text.replace("\n", "↵"), style=style)
             if show_labels and tok.label != IGNORE_INDEX:  # grey already says -100
@@ -197,7 +196,12 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 .tok.padding{background:#e4e4e4;color:#aaa;border-style:dashed} .tok.eos{outline:2px solid #333;font-weight:bold}
 .cut{background:#b00;color:#fff;border-radius:3px;padding:0 4px;font-family:sans-serif;font-size:12px;align-self:center}
 .nl{flex-basis:100%;height:0}
+.role{flex-basis:100%;font-family:sans-serif;font-size:12px;color:#1a4d8f;border-top:1px dotted #1a4d8f;margin-top:3px}
 """
+
+
+def _turn_label(role: str, n: int, trained: int) -> str:
+    return f"{role}: {trained}/{n} trained"
 
 
 def _token_html(tok: TokenView) -> str:
@@ -221,7 +225,8 @@ def render_html(views: list[ExampleView], meta: dict[str, object] | None = None,
         "<span class='tok masked'><span class='t'>masked (label -100, or a row's first token)</span></span> "
         "<span class='tok padding'><span class='t'>padding</span></span> "
         "<span class='tok masked eos'><span class='t'>EOS</span></span> <span class='cut'>✂ truncated</span>; "
-        "the small number under each token is its label id.</p>",
+        "the small number under each token is its label id; a blue line starts each message (role: trained tokens "
+        "of the message's tokens).</p>",
     ]
     for view in views:
         classes = "example" + (" dropped" if view.dropped else "") + (" truncated" if view.cut_left or view.cut_right
@@ -233,8 +238,15 @@ def render_html(views: list[ExampleView], meta: dict[str, object] | None = None,
             f"<h2>{html.escape(_header(view, max_length))}</h2><div class='tokens'>"
         )
         if view.cut_left:
-            parts.append(f'<span class="cut" data-cut="left">✂ {view.cut_left} prompt tokens cut</span>')
-        parts += [_token_html(tok) for tok in view.tokens]
+            parts.append(f'<span class="cut" data-cut="left">✂ {view.cut_left} tokens cut</span>')
+        turn, turns = -1, turn_summaries(view)
+        for tok in view.tokens:
+            if tok.turn != turn and tok.turn >= 0 and len(turns) > 1:  # a message starts: its role, trained tokens
+                turn = tok.turn
+                role, n, trained = turns[turn]
+                parts.append(f'<span class="role" data-role="{html.escape(role)}" data-tokens="{n}" '
+                             f'data-trained="{trained}">{html.escape(_turn_label(role, n, trained))}</span>')
+            parts.append(_token_html(tok))
         if view.cut_right:
             parts.append(f'<span class="cut" data-cut="right">✂ {view.cut_right} tokens cut</span>')
         parts.append("</div></div>")
@@ -278,7 +290,7 @@ def main(argv: list[str]) -> int:
         return 1
     collator = recipe_collator(tokenizer, args)
     views = build_views(records, tokenizer, template, args.max_length, collator, args.per_device_train_batch_size,
-                        own.split)
+                        own.split, args.trained_turns)
     render_terminal(views, show_labels=not own.no_labels, max_length=args.max_length)
     real = sum(len(v.tokens) - v.padding for v in views)
     print(f"{len(views)} examples: {sum(v.trained for v in views)} of {real} tokens trained, "
@@ -287,7 +299,7 @@ def main(argv: list[str]) -> int:
     meta = {
         "model": model_args.model_name_or_path, "dataset": data_args.dataset_name, "template": template.name,
         "max_length": args.max_length, "completion_only_loss": args.completion_only_loss,
-        "batch": f"{args.per_device_train_batch_size} rows, in dataset order (training shuffles)",
+        "trained_turns": args.trained_turns, "batch": f"{args.per_device_train_batch_size} rows, in dataset order (training shuffles)",
         "padding_free": collator.padding_free, "pad id": collator.pad_token_id, "eos id": tokenizer.eos_token_id,
     }
     out = Path(own.html or Path(args.output_dir) / "inspect.html")

@@ -1,7 +1,8 @@
 """`sft-hf report`: what a recipe's dataset looks like to the trainer, before spending compute on it.
 
 Token lengths (histogram PNG), examples truncated or dropped at `max_length`, padding waste for the recipe's batch
-size with random and with length-grouped batches, the fraction of tokens the loss trains on, empty fields, exact
+size with random and with length-grouped batches, the fraction of tokens the loss trains on, turns per conversation
+and trained tokens per role (system, user, assistant, tool), empty fields, exact
 duplicates and near duplicates (chapter 7's bonus approach: TF-IDF over character 1-3-grams, cosine >= 0.9), all
 in a JSON summary. `--fail_on truncated_fraction=0.01,near_duplicates=0` exits 1 when a number exceeds its limit.
 
@@ -31,7 +32,7 @@ TEXT_FIELDS = ("instruction", "input", "output")
 
 def record_text(record: dict) -> str:
     if record.get("messages"):
-        return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+        return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in record["messages"])
     return "\n".join(record.get(f) or "" for f in TEXT_FIELDS)
 
 
@@ -116,11 +117,26 @@ def batch_stats(rows: list[dict], collator, batch_size: int, group_size: int, se
     return out
 
 
+def tokens_by_role(rows, completion_only_loss: bool) -> dict[str, dict[str, int]]:
+    """Tokens and trained tokens per role over the rows (trained: by the completion mask with completion_only_loss,
+    else every token; a row's first token is never a target). Padding-free or padded, the collator trains the same."""
+    out = defaultdict(lambda: {"tokens": 0, "trained": 0})
+    for turns, mask in zip(rows["turns"], rows["completion_mask"]):
+        position = 0
+        for turn in turns:
+            counts = out[turn["role"]]
+            counts["tokens"] += turn["length"]
+            trained = mask[position : position + turn["length"]] if completion_only_loss else [1] * turn["length"]
+            counts["trained"] += sum(trained) - (position == 0 and bool(trained) and trained[0])
+            position += turn["length"]
+    return dict(out)
+
+
 # ---------------------------------------------------------------------------------------------------- lengths
 
-def _tokenize(ds, tokenizer, template, max_length):
+def _tokenize(ds, tokenizer, template, max_length, trained_turns="all"):
     try:
-        return tokenize_dataset(ds, tokenizer, template, max_length, verbose=False)
+        return tokenize_dataset(ds, tokenizer, template, max_length, verbose=False, trained_turns=trained_turns)
     except ValueError as e:
         if "no example is left" in str(e):  # every record of the split is dropped
             return ds.select([])
@@ -160,8 +176,8 @@ def build_report(raw, tokenizer, template, args, collator, out_dir: Path, thresh
     # Lengths, truncation, drops: tokenize_dataset with and without max_length.
     full_lengths, kept = {}, {}
     for name, ds in splits.items():
-        full_lengths[name] = list(_tokenize(ds, tokenizer, template, None)["length"])
-        kept[name] = _tokenize(ds, tokenizer, template, args.max_length)
+        full_lengths[name] = list(_tokenize(ds, tokenizer, template, None, args.trained_turns)["length"])
+        kept[name] = _tokenize(ds, tokenizer, template, args.max_length, args.trained_turns)
         stats = compute_stats(kept[name], name, len(ds)) if len(kept[name]) else None
         lengths = np.asarray(full_lengths[name])
         summary["splits"][name] = {
@@ -172,6 +188,7 @@ def build_report(raw, tokenizer, template, args, collator, out_dir: Path, thresh
             "length_p50": float(np.percentile(lengths, 50)),
             "length_p95": float(np.percentile(lengths, 95)),
             "length_max": int(lengths.max()),
+            "dropped_turns": stats.dropped_turns if stats else 0,
         }
     per_split = summary["splits"].values()
     summary["examples"] = sum(s["examples"] for s in per_split)
@@ -190,6 +207,15 @@ def build_report(raw, tokenizer, template, args, collator, out_dir: Path, thresh
         summary.update(batch_stats(kept["train"].to_list(), collator, args.per_device_train_batch_size, group,
                                    args.seed))
         summary["train_sampling_strategy"] = args.train_sampling_strategy
+        summary["tokens_by_role"] = tokens_by_role(kept["train"], args.completion_only_loss)
+
+    # Conversations: messages per conversation (before truncation), and leading turns truncation dropped.
+    turns = [len(r["messages"]) for ds in splits.values() if "messages" in ds.column_names for r in ds]
+    summary["conversations"] = len(turns)
+    if turns:
+        summary["turns_per_conversation_mean"] = round(float(np.mean(turns)), 3)
+        summary["turns_per_conversation"] = {str(n): turns.count(n) for n in sorted(set(turns))}
+    summary["dropped_turns"] = sum(s["dropped_turns"] for s in per_split)
 
     # Empty fields and duplicates, over every split (a test record copied into train is a leak).
     names = [f"{name}[{i}]" for name, ds in splits.items() for i in range(len(ds))]
@@ -257,6 +283,12 @@ def print_summary(summary: dict, console=None, n_pairs: int = 10) -> None:
         wasted = summary.get(f"padding_fraction_{strategy}")
         console.print(f"  the recipe samples {strategy!r}" + (f": {wasted:.1%} of batch positions are padding"
                                                             if wasted is not None else ""), markup=False)
+    if summary.get("turns_per_conversation"):
+        console.print("  messages per conversation: " + ", ".join(
+            f"{n}: {count}" for n, count in summary["turns_per_conversation"].items()), markup=False)
+    for role, counts in summary.get("tokens_by_role", {}).items():
+        console.print(f"  train tokens of {role + ' turns':<22} {counts['tokens']:>9}, trained {counts['trained']}",
+                      markup=False)
     for group in summary["exact_duplicate_groups"][:n_pairs]:
         console.print(f"  exact duplicates: {', '.join(group)}")
     for p in summary["near_duplicate_pairs"][:n_pairs]:

@@ -1,12 +1,17 @@
-"""Prompt templates: turn one record into (prompt text, response text).
+"""Prompt templates: turn one record into the text the model reads, cut into segments that say which part is a reply.
 
 A record is normalised to `instruction` / `input` / `output` (Alpaca) or `messages` (chat) before it gets here.
-The prompt is everything the model is conditioned on; the response is what it learns to write. The EOS token is
-appended later, as a token id, by `tokenize_dataset`.
+`Template.segments` returns the rendered text as consecutive `Segment`s, each tagged with the role of the message it
+belongs to and whether it is a reply: what the model writes after an assistant header (the reply's content and the
+template's end-of-turn token). Alpaca-style templates give two segments, prompt and response; chat templates one or
+more per message. `Template.render` is the single-turn view (prompt text, response text). EOS is appended later, as a
+token id, by `tokenize_dataset` (not twice when the reply already ends with it).
 """
 from __future__ import annotations
 
 import difflib
+import json
+import re
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +21,21 @@ import yaml
 
 class TemplateError(ValueError):
     """A template is unknown, malformed, or asks for a field the record does not have."""
+
+
+TRAINED_TURNS = ("all", "last")  # which assistant replies of a conversation are trained
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A consecutive piece of the rendered text. `role`: the role of the message it belongs to (a template's own text,
+    e.g. BOS or a default system prompt, belongs to the first message; "system+user" when a template renders several
+    messages as one piece); `turn`: that message's index; `reply`: text the model writes after an assistant header."""
+
+    text: str
+    role: str
+    turn: int
+    reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,57 +68,82 @@ class Template:
             record = messages_to_alpaca(record["messages"], self.name)
         return self.format_prompt(record), record["output"]
 
+    def segments(self, record: dict, tokenizer=None, trained_turns: str = "all") -> list[Segment]:
+        """One prompt (user) and one response (assistant reply): these templates take single-turn records."""
+        prompt, response = self.render(record, tokenizer)
+        return [Segment(prompt, "user", 0), Segment(response, "assistant", 1, reply=True)]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _render_from_segments(template: Template, record: dict, tokenizer) -> tuple[str, str]:
+    """(everything before the last reply, the last reply without the tokenizer's EOS text): the single-turn view."""
+    segments = template.segments(record, tokenizer, trained_turns="last")
+    last = max(i for i, s in enumerate(segments) if s.reply)
+    response = segments[last].text
+    eos = getattr(tokenizer, "eos_token", None) or "<|im_end|>"
+    if response.endswith(eos):  # EOS is appended as an id later (and not twice)
+        response = response[: -len(eos)]
+    return "".join(s.text for s in segments[:last]), response
+
+
 @dataclass(frozen=True)
 class ChatTemplate(Template):
-    """The tokenizer's own chat template (`tokenizer.apply_chat_template`)."""
+    """The tokenizer's own chat template (`tokenizer.apply_chat_template`), any number of turns."""
 
     def render(self, record: dict, tokenizer=None) -> tuple[str, str]:
+        return _render_from_segments(self, record, tokenizer)
+
+    def segments(self, record: dict, tokenizer=None, trained_turns: str = "all") -> list[Segment]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise TemplateError("template 'chat_template' needs a tokenizer that has a chat template")
-        messages = record.get("messages") or alpaca_to_messages(record)
-        if messages[-1]["role"] != "assistant":
-            raise TemplateError("the last message must come from the assistant: it is the response to train on")
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise TemplateError("the chat template does not render the conversation as prompt + response")
-        response = full[len(prompt) :].rstrip()
-        # The EOS token is appended as an id later; don't train it twice when the chat template already wrote it.
-        if tokenizer.eos_token and response.endswith(tokenizer.eos_token):
-            response = response[: -len(tokenizer.eos_token)]
-        return prompt, response
+        return chat_template_segments(tokenizer, record_messages(record), record.get("tools"), trained_turns)
 
     def format_prompt(self, record: dict, tokenizer=None) -> str:
-        messages = record.get("messages") or alpaca_to_messages({**record, "output": ""})
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages = record_messages(record, generation=True)
+        return tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False,
+                                             add_generation_prompt=True)
 
 
 @dataclass(frozen=True)
 class ChatMLTemplate(Template):
-    """ChatML, rendered here so it works with any tokenizer; multi-turn `messages` are kept as turns."""
+    """ChatML, rendered here so it works with any tokenizer; multi-turn `messages` are kept as turns.
+
+    An assistant turn ends with the tokenizer's EOS token (`<|im_end|>` for ChatML tokenizers such as SmolLM2's and
+    Qwen's), so the model learns to stop where generation stops; other turns end with `<|im_end|>`.
+    """
 
     def render(self, record: dict, tokenizer=None) -> tuple[str, str]:
-        messages = record.get("messages") or alpaca_to_messages(record)
-        if messages[-1]["role"] != "assistant":
+        return _render_from_segments(self, record, tokenizer)
+
+    def segments(self, record: dict, tokenizer=None, trained_turns: str = "all") -> list[Segment]:
+        messages = record_messages(record)
+        if not messages or messages[-1]["role"] != "assistant":
             raise TemplateError("the last message must come from the assistant: it is the response to train on")
-        return self._prompt(messages[:-1]), messages[-1]["content"]
+        return self._segments(messages, getattr(tokenizer, "eos_token", None) or "<|im_end|>")[:-1]  # no final "\n"
 
     def format_prompt(self, record: dict, tokenizer=None) -> str:
-        messages = record.get("messages") or alpaca_to_messages({**record, "output": ""})
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        return self._prompt(messages)
+        end = getattr(tokenizer, "eos_token", None) or "<|im_end|>"
+        segments = self._segments(record_messages(record, generation=True), end)
+        return "".join(s.text for s in segments) + "<|im_start|>assistant\n"
 
     @staticmethod
-    def _prompt(messages: list[dict]) -> str:
-        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return turns + "<|im_start|>assistant\n"
+    def _segments(messages: list[dict], assistant_end: str) -> list[Segment]:
+        out = []
+        for i, m in enumerate(messages):
+            role, content = m["role"], m.get("content") or ""
+            calls = [call.get("function", call) for call in m.get("tool_calls") or []]
+            # Hermes-style tool calls, as Qwen's ChatML templates write them
+            calls = "\n".join(f"<tool_call>\n{json.dumps({'name': f.get('name'), 'arguments': f.get('arguments')})}"
+                              "\n</tool_call>" for f in calls)
+            content = "\n".join(filter(None, [content, calls])) if calls else content
+            if role == "assistant":
+                out += [Segment(f"<|im_start|>{role}\n", role, i), Segment(content + assistant_end, role, i, True),
+                        Segment("\n", role, i)]
+            else:
+                out.append(Segment(f"<|im_start|>{role}\n{content}<|im_end|>\n", role, i))
+        return out
 
 
 ALPACA_PREAMBLE = (
@@ -187,3 +232,123 @@ def messages_to_alpaca(messages: list[dict], template_name: str) -> dict:
             "'chat_template' for multi-turn conversations"
         )
     return {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
+
+
+def record_messages(record: dict, generation: bool = False) -> list[dict]:
+    """The record as chat messages (Alpaca records become one user and one assistant turn). Keys holding None are
+    dropped, as `apply_chat_template` does: datasets fills the keys other messages have (`tool_calls`, ...) with None.
+    `generation=True`: without the final assistant reply, the conversation a model answers."""
+    if record.get("messages") is not None:
+        messages = [_without_none(m) for m in record["messages"]]
+    else:
+        messages = alpaca_to_messages({**record, "output": record.get("output") or ""})
+    if generation and messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def chat_template_segments(tokenizer, messages: list[dict], tools=None, trained_turns: str = "all") -> list[Segment]:
+    """Cut the tokenizer's rendering of a conversation into segments per message, with each assistant reply marked.
+
+    A reply is what the template writes after the assistant header (`add_generation_prompt=True`) up to the next
+    message, trailing whitespace excluded: the content and the end-of-turn token(s), e.g. `<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, `</s>`. It is found by rendering the conversation turn by turn, which is only right when each
+    rendering is the start of the next one (the prefix property); a template that re-renders earlier turns (e.g. drops
+    their reasoning) fails it and gets a TemplateError for every reply that must be trained. Templates with
+    `{% generation %}` tags mark the replies themselves.
+    """
+    def render(msgs, generation_prompt=False):
+        return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(messages)
+    n = len(messages)
+    prefix = [None] * (n + 1)  # prefix[i]: length of messages[:i] rendered, when that is the start of `full`
+    prefix[0], prefix[n] = 0, len(full)
+    for i in range(1, n):
+        try:
+            text = render(messages[:i])
+        except Exception:  # noqa: BLE001 - e.g. a template that refuses a conversation ending with a system turn
+            continue
+        if full.startswith(text):
+            prefix[i] = len(text)
+
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    required = set(assistant) if trained_turns == "all" else set(assistant[-1:])
+    replies = {}  # message index -> (start, end) in `full`
+    tagged = _generation_spans(tokenizer, messages, tools)
+    if tagged is not None:
+        for start, end in tagged:
+            turn = max(i for i, p in enumerate(prefix[:n]) if p is not None and p <= start)
+            a, b = replies.get(turn, (start, end))
+            replies[turn] = (min(a, start), max(b, end))
+        missing = required - set(replies)
+        if missing:
+            raise TemplateError(f"the chat template's {{% generation %}} tags mark no reply in message {min(missing)}")
+    else:
+        for i in assistant:
+            try:
+                header = render(messages[:i], generation_prompt=True) if i else None
+            except Exception:  # noqa: BLE001
+                header = None
+            end = prefix[i + 1]
+            if header is not None and end is not None and full.startswith(header) and len(header) <= end:
+                replies[i] = (len(header), len(header) + len(full[len(header) : end].rstrip()))
+                continue
+            if i in required:
+                raise TemplateError(
+                    f"message {i} (assistant): the chat template is not prefix-stable, so its reply cannot be located: "
+                    "rendering the conversation up to this reply (with the generation prompt) is not the start of the "
+                    "whole rendering (templates that re-render earlier turns, e.g. drop their reasoning, do this); "
+                    "set trained_turns: last to train only the final reply, or use a template with {% generation %} tags"
+                )
+
+    if not replies:
+        raise TemplateError("the conversation has no assistant reply to train on")
+    # Segment boundaries: where each message starts (when known) and where each reply starts and ends.
+    starts = [(p, i) for i, p in enumerate(prefix[:n]) if p is not None]
+    bounds = sorted({p for p, _ in starts} | {x for span in replies.values() for x in span} | {len(full)})
+    segments = []
+    for a, b in zip(bounds, bounds[1:]):
+        turn = max(i for p, i in starts if p <= a)
+        following = min([i for p, i in starts if p > a] + [n])
+        role = "+".join(dict.fromkeys(m["role"] for m in messages[turn:following]))
+        segments.append(Segment(full[a:b], role, turn, any(x <= a < y for x, y in replies.values())))
+    for turn, (a, b) in replies.items():  # an empty reply (nothing after the header) still marks where EOS goes
+        if a == b:
+            position = next(k for k in range(len(segments) + 1) if sum(len(s.text) for s in segments[:k]) >= a)
+            segments.insert(position, Segment("", "assistant", turn, True))
+    last_reply = max(i for i, s in enumerate(segments) if s.reply)
+    return _merge(segments[: last_reply + 1])  # what follows the last reply (a newline) is never read nor trained
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    out = []
+    for s in segments:
+        if not s.text and not s.reply:
+            continue
+        if out and (out[-1].turn, out[-1].reply, out[-1].role) == (s.turn, s.reply, s.role) and not s.reply:
+            out[-1] = Segment(out[-1].text + s.text, s.role, s.turn)
+        else:
+            out.append(s)
+    return out
+
+
+def _generation_spans(tokenizer, messages, tools) -> list[tuple[int, int]] | None:
+    """Character spans of the template's {% generation %} blocks, or None when it has none."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = tokenizer.get_chat_template(None, tools)
+    if not re.search(r"\{%-?\s*generation\s*-?%\}", template):
+        return None
+    rendered, spans = render_jinja_template([messages], tools=tools, chat_template=template,
+                                            return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    text = rendered[0]
+    return [(a, a + len(text[a:b].rstrip())) for a, b in spans[0] if text[a:b].strip()]

@@ -73,7 +73,7 @@ def test_collator_truncates_to_max_length():
 
 
 def test_padding_free_flattens_with_position_ids_and_no_cross_example_target():
-    rows = [{"input_ids": [0, 1, 2, E], "prompt_length": 2}, {"input_ids": [5, 6, E], "prompt_length": 1}]
+    rows = [{"input_ids": [0, 1, 2, E], "completion_mask": [0, 0, 1, 1]}, {"input_ids": [5, 6, E], "completion_mask": [0, 1, 1]}]
     batch = InstructionDataCollator(pad_token_id=E, padding_free=True)(rows)
     assert batch["input_ids"].tolist() == [[0, 1, 2, E, 5, 6, E]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
@@ -88,7 +88,8 @@ def test_padding_free_loss_equals_padded_loss(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
-    rows = [{"input_ids": [11, 12, 13, 14, 15, 2], "prompt_length": 3}, {"input_ids": [21, 22, 2], "prompt_length": 1}]
+    rows = [{"input_ids": [11, 12, 13, 14, 15, 2], "completion_mask": [0, 0, 0, 1, 1, 1]},
+            {"input_ids": [21, 22, 2], "completion_mask": [0, 1, 1]}]
     padded = InstructionDataCollator(pad_token_id=2, completion_only_loss=True)(rows)
     flat = InstructionDataCollator(pad_token_id=2, completion_only_loss=True, padding_free=True)(rows)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, resolve_pad_token_id
 from sft_hf.templates import ChatTemplate, TemplateError, get_template
-from sft_hf.tokenization import tokenize_dataset
+from sft_hf.tokenization import encode_records, tokenize_dataset
 from sft_hf.toy import make_toy_records, train_bpe_tokenizer
 
 CHATML_JINJA = (
@@ -100,8 +100,12 @@ def test_tokenize_and_collate_invariants(tokenizers, records, template, tokenize
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
         if max_length is None or len(response_ids) <= max_length - 1:
             keep = len(prompt_ids) if max_length is None else min(len(prompt_ids), max_length - len(response_ids))
-            expected_rows.append((prompt_ids[len(prompt_ids) - keep:] + response_ids, keep))
-    assert [(r["input_ids"], r["prompt_length"]) for r in rows] == expected_rows
+            # a cut prompt keeps its leading special tokens (BOS) and loses the tokens after them
+            n_special = min(keep, next((i for i, t in enumerate(prompt_ids) if t not in tokenizer.all_special_ids),
+                                       len(prompt_ids)))
+            kept = prompt_ids[:n_special] + prompt_ids[len(prompt_ids) - (keep - n_special):]
+            expected_rows.append((kept + response_ids, keep, [0] * keep + [1] * len(response_ids)))
+    assert [(r["input_ids"], r["prompt_length"], r["completion_mask"]) for r in rows] == expected_rows
 
     collator = InstructionDataCollator(
         pad_token_id=resolve_pad_token_id(tokenizer), completion_only_loss=completion_only_loss,
@@ -159,3 +163,102 @@ def test_nothing_but_template_error_escapes_for_small_max_length(tokenizers, rec
         return
     assert all(len(r["input_ids"]) <= max_length for r in rows)
     assert torch.tensor([r["prompt_length"] for r in rows]).min() >= 1
+
+
+# ---------------------------------------------------------------------------------------------------- conversations
+
+chat_text = st.text(st.characters(categories=("L", "N", "P", "Zs"), exclude_characters="<>{}"), min_size=1,
+                    max_size=25)
+conversations = st.builds(
+    lambda system, exchanges: ([{"role": "system", "content": system}] if system else [])
+    + [m for user, reply in exchanges for m in ({"role": "user", "content": user},
+                                                 {"role": "assistant", "content": reply})],
+    st.one_of(st.none(), chat_text), st.lists(st.tuples(chat_text, chat_text), min_size=1, max_size=4))
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(tokenizers, tmp_path_factory):
+    """ChatML as plain text (EOS <|endoftext|> follows the last <|im_end|>), and ChatML with special tokens and
+    EOS = <|im_end|> (SmolLM2, Qwen)."""
+    folder = tmp_path_factory.mktemp("chatml")
+    tokenizers["eos_is_pad"].save_pretrained(folder)
+    special = AutoTokenizer.from_pretrained(folder)
+    special.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    special.eos_token = special.pad_token = "<|im_end|>"
+    special.chat_template = CHATML_JINJA
+    return {"plain": tokenizers["chat"], "special": special}
+
+
+def runs(ids, mask):
+    out, previous = [], 0
+    for token, trained in zip(ids, mask):
+        if trained and not previous:
+            out.append([])
+        if trained:
+            out[-1].append(token)
+        previous = trained
+    return out
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(
+    messages=st.lists(conversations, min_size=1, max_size=4),
+    template=st.sampled_from(["chatml", "chat_template"]),
+    tokenizer_name=st.sampled_from(["plain", "special"]),
+    max_length=st.one_of(st.none(), st.integers(8, 120)),
+    trained_turns=st.sampled_from(["all", "last"]),
+    padding_free=st.booleans(),
+)
+def test_conversation_mask_invariants(chat_tokenizers, messages, template, tokenizer_name, max_length, trained_turns,
+                                      padding_free):
+    """Each kept row trains exactly its completion mask (padded or padding-free); untruncated, the trained runs are
+    the replies + end-of-turn (+ EOS after the last), decoded; truncated, a suffix of those runs (the first one
+    possibly cut), the last whole, the system prompt kept when only whole exchanges were dropped, and the leading
+    special token kept."""
+    tok = chat_tokenizers[tokenizer_name]
+    records = [{"messages": m} for m in messages]
+    try:
+        rows = tokenize_dataset(Dataset.from_list(records), tok, template, max_length, verbose=False,
+                                trained_turns=trained_turns).to_list()
+    except TemplateError as e:
+        event(f"TemplateError: {str(e).split(':')[0][:40]}")
+        assert max_length is not None  # only a max_length too small for the template's own text
+        return
+    full = [e.row() for e in encode_records(records, tok, template, None, trained_turns)]
+    kept = [f for f, e in zip(full, encode_records(records, tok, template, max_length, trained_turns)) if e]
+    assert len(kept) == len(rows)
+    end = tok.eos_token if template == "chatml" else "<|im_end|>"
+    for record, row, whole in zip([r for r, e in zip(records, encode_records(records, tok, template, max_length,
+                                                                               trained_turns)) if e], rows, kept):
+        ids, mask = row["input_ids"], row["completion_mask"]
+        assert len(ids) == len(mask) == row["length"] == sum(t["length"] for t in row["turns"])
+        assert ids[-1] == tok.eos_token_id and mask[-1] == 1 and mask[0] == 0
+        replies = [m["content"] + end for m in record["messages"] if m["role"] == "assistant"]
+        if end != tok.eos_token:
+            replies[-1] += tok.eos_token
+        expected = replies[-1:] if trained_turns == "last" else replies
+        assert [tok.decode(r) for r in runs(whole["input_ids"], whole["completion_mask"])] == expected
+        if max_length is not None:
+            assert len(ids) <= max_length
+        if row["truncated"]:
+            event("truncated" + (" with dropped turns" if row["dropped_turns"] else ""))
+            got, want = runs(ids, mask), runs(whole["input_ids"], whole["completion_mask"])
+            assert got[-1] == want[-1] and len(got) <= len(want)
+            for g, w in zip(got, want[len(want) - len(got):]):
+                assert g == w or (g is got[0] and w[len(w) - len(g):] == g)
+            if row["dropped_turns"] and len(ids) < max_length and record["messages"][0]["role"] == "system":
+                assert record["messages"][0]["content"] in tok.decode(ids)  # the system prompt stays
+        else:
+            assert row == whole
+        if tokenizer_name == "special":
+            assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")  # a cut row keeps its leading special token
+    collator = InstructionDataCollator(pad_token_id=tok.pad_token_id, completion_only_loss=True,
+                                       max_length=max_length, padding_free=padding_free)
+    batch = collator(rows)
+    if padding_free:
+        _, labels = split_padding_free(batch)
+    else:
+        labels = [batch["labels"][i, : len(r["input_ids"])].tolist() for i, r in enumerate(rows)]
+    for row, target in zip(rows, labels):
+        assert target[1:] == [t if m else IGNORE_INDEX for t, m in zip(row["input_ids"], row["completion_mask"])][1:]

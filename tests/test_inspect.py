@@ -171,21 +171,37 @@ def test_padding_free_rows_are_split_back_into_examples(tokenizer, multiple):
         assert example["data-padding"] == "0"
 
 
-def test_multi_turn_chat_masks_every_turn_but_the_last_answer(tokenizer):
-    chatml = get_template("chatml")
+@pytest.mark.parametrize("trained_turns", ["all", "last"])
+def test_multi_turn_chat_shows_roles_and_trains_each_reply(tokenizer, trained_turns):
+    chatml = get_template("chatml")  # with this tokenizer, an assistant turn ends with its EOS <|endoftext|>
     record = {"messages": [
         {"role": "user", "content": "Name a primary color."}, {"role": "assistant", "content": "Red."},
         {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "blue"},
     ]}
     collator = InstructionDataCollator(pad_token_id=tokenizer.eos_token_id, completion_only_loss=True)
-    views = build_views(Dataset.from_list([record]), tokenizer, chatml, None, collator, batch_size=1)
-    (example,) = parse(render_html(views)).examples
-    prompt_text = ("<|im_start|>user\nName a primary color.<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
-                   "<|im_start|>user\nAnother one?<|im_end|>\n<|im_start|>assistant\n")
-    prompt = tokenizer(prompt_text)["input_ids"]
-    response = tokenizer("blue", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert [t["id"] for t in example["tokens"]] == prompt + response
-    assert [t["kind"] for t in example["tokens"]] == ["masked"] * len(prompt) + ["trained"] * len(response)
+    views = build_views(Dataset.from_list([record]), tokenizer, chatml, None, collator, batch_size=1,
+                        trained_turns=trained_turns)
+    page = render_html(views)
+    (example,) = parse(page).examples
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tokenizer.eos_token_id]
+    parts = [("user", ids("<|im_start|>user\nName a primary color.<|im_end|>\n"), False),
+             ("assistant", ids("<|im_start|>assistant\n"), False), ("assistant", ids("Red.") + eos, True),
+             ("assistant", ids("\n"), False), ("user", ids("<|im_start|>user\nAnother one?<|im_end|>\n"), False),
+             ("assistant", ids("<|im_start|>assistant\n"), False), ("assistant", ids("blue") + eos, True)]
+    trained = [t for _, p, reply in parts for t in p if reply]
+    if trained_turns == "last":
+        parts = [(r, p, reply and k == len(parts) - 1) for k, (r, p, reply) in enumerate(parts)]
+    assert [t["id"] for t in example["tokens"]] == [t for _, p, _ in parts for t in p]
+    assert [t["kind"] for t in example["tokens"]] == [
+        "trained" if reply else "masked" for _, p, reply in parts for _ in p]
+    assert len(trained) == len(ids("Red.")) + len(ids("blue")) + 2
+    # a blue marker per message: role, its tokens, how many are trained
+    markers = re.findall(r'class="role" data-role="(\w+)" data-tokens="(\d+)" data-trained="(\d+)"', page)
+    n = [len(parts[0][1]), sum(len(p) for _, p, _ in parts[1:4]), len(parts[4][1]), sum(len(p) for _, p, _ in parts[5:])]
+    first_trained = 0 if trained_turns == "last" else len(ids("Red.")) + 1
+    assert markers == [("user", str(n[0]), "0"), ("assistant", str(n[1]), str(first_trained)),
+                       ("user", str(n[2]), "0"), ("assistant", str(n[3]), str(len(ids("blue")) + 1))]
 
 
 def test_cli_inspect_uses_the_recipe_arguments(tokenizer, tmp_path, capsys):

@@ -122,7 +122,8 @@ def test_fail_on_exits_non_zero_for_ci(planted, tmp_path, capsys):
 
 def test_padding_and_trained_tokens_by_hand():
     lengths, prompts = [10, 2, 9, 3], [4, 1, 5, 1]
-    rows = [{"input_ids": list(range(1, n + 1)), "prompt_length": p} for n, p in zip(lengths, prompts)]
+    rows = [{"input_ids": list(range(1, n + 1)), "completion_mask": [0] * p + [1] * (n - p)}
+            for n, p in zip(lengths, prompts)]
     collator = InstructionDataCollator(pad_token_id=0, completion_only_loss=True)
     stats = batch_stats(rows, collator, batch_size=2, group_size=4, seed=0)
     # group_by_length with groups of 4 sorts the whole set longest first: batches (10, 9) and (3, 2)

@@ -25,8 +25,8 @@ def tiny(config_class=transformers.LlamaConfig):
 
 def rows(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, 64, (n,), generator=g).tolist(), "prompt_length": n // 2}
-            for n in LENGTHS]
+    return [{"input_ids": torch.randint(3, 64, (n,), generator=g).tolist(),
+             "completion_mask": [0] * (n // 2) + [1] * (n - n // 2)} for n in LENGTHS]
 
 
 def loss_and_grads(model, batch):

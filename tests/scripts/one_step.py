@@ -20,7 +20,8 @@ def rows(vocab_size: int, eos: int) -> list[dict]:
     out = []
     for length in (40, 5, 23, 9, 31, 12, 7, 18):  # very different numbers of trained tokens per row
         ids = [rng.randrange(3, vocab_size) for _ in range(length - 1)] + [eos]
-        out.append({"input_ids": ids, "prompt_length": rng.randrange(1, length - 1)})
+        n_prompt = rng.randrange(1, length - 1)
+        out.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (length - n_prompt)})
     return out
 
 
