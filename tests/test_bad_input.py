@@ -56,6 +56,30 @@ def test_bad_jsonl_record_names_file_line_and_field(tmp_path, bad_line, message)
         load_instruction_dataset(path)
 
 
+def test_every_bad_record_of_a_file_in_one_error(tmp_path):
+    """One run lists every bad line and record (parse errors first), so a file is fixed in one go."""
+    lines = [GOOD, '{"broken": ', {"instruction": "a", "output": 3}, GOOD, {"instruction": "a"}, b"\xff"]
+    path = write_jsonl(tmp_path / "data.jsonl", lines)
+    with pytest.raises(DataError) as error:
+        load_instruction_dataset(path)
+    assert str(error.value).splitlines() == [
+        f"{path}: 4 bad records (fix them, or pass --skip_bad_records true to drop them):",
+        "  line 2, column 12: malformed JSON: Expecting value",
+        "  line 6, byte 1: not valid UTF-8 (b'\\xff'...); re-save the file as UTF-8",
+        "  record 1 (line 3), field 'output': expected text, got int 3",
+        "  record 3 (line 5), field 'output': missing",
+    ]
+    # past 20, the rest are counted; a CSV (read by `datasets`) is checked the same way
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("instruction,input,output\n" + "".join(f"Say {i},,\n" for i in range(25)) + "Add one.,2,3\n")
+    with pytest.raises(DataError) as error:
+        load_instruction_dataset(str(csv_path))
+    reported = str(error.value).splitlines()
+    assert reported[0] == f"{csv_path}: 25 bad records (fix them, or pass --skip_bad_records true to drop them):"
+    assert reported[1:21] == [f"  record {i}, field 'output': missing" for i in range(20)]
+    assert reported[21:] == ["  and 5 more"]
+
+
 def test_blank_lines_count_in_line_numbers_not_in_record_numbers(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [GOOD, "", "   ", {"instruction": "a", "output": ""}])
     with pytest.raises(DataError, match=r"record 1 \(line 4\), field 'output': empty response"):
