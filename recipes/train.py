@@ -30,7 +30,7 @@ from sft_hf import hub  # noqa: E402
 from sft_hf.collator import recipe_collator  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
 from sft_hf.config import RecipeError  # noqa: E402
-from sft_hf.checkpoints import CheckpointCompleteCallback, resolve_resume_checkpoint  # noqa: E402
+from sft_hf.checkpoints import resolve_resume_checkpoint  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402
 from sft_hf.safety import (  # noqa: E402
     StopOnNonFiniteLoss, atomic_save, check_output_dir, install_secret_redaction, run_cli)
@@ -93,8 +93,7 @@ def main(argv=None):
         eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
         processing_class=tokenizer,
         data_collator=collator,
-        # marks checkpoints all processes finished writing; stops at a NaN/inf gradient before it is applied
-        callbacks=[CheckpointCompleteCallback(), StopOnNonFiniteLoss()],
+        callbacks=[StopOnNonFiniteLoss()],  # stops at a NaN/inf gradient before it is applied
     )
     if getattr(args, "eval_generation_samples", 0) and len(raw["validation"]):  # show what the model writes
         from sft_hf.callbacks import GenerationSamplesCallback
