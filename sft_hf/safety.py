@@ -248,13 +248,21 @@ def scrub_secrets(args) -> None:
 
 
 def run_cli(main, argv=None) -> int:
-    """Runs `main(argv)`; bad input or a non-finite loss becomes one line on stderr and a non-zero exit code."""
+    """Runs `main(argv)`; bad input or a non-finite loss becomes one error on stderr and a non-zero exit code.
+
+    Under `accelerate launch` every process meets the same error (the same input; the non-finite flag is agreed),
+    so only the first process prints it."""
     try:
         main(argv)
     except USER_ERRORS as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        _print_error(e)
         return 2
     except NonFiniteLossError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        _print_error(e)
         return 3
     return 0
+
+
+def _print_error(error: Exception) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {redact(str(error))}", file=sys.stderr)

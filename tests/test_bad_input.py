@@ -277,6 +277,25 @@ def test_cli_bad_data_is_one_line_and_nonzero_exit_before_training(tmp_path):
     assert "unknown recipe key 'lerning_rate'; did you mean 'learning_rate'?" in result.stderr
 
 
+def test_launched_bad_data_ends_with_the_error_and_its_exit_code(tmp_path):
+    """`sft-hf launch` on 2 processes: the error once (each process meets it; the first one prints it), every bad
+    record in it, then nothing from the launcher (`accelerate launch` adds torchrun's ChildFailedError report)."""
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 5 + [{"instruction": "a", "output": 3}, GOOD, {"output": "x"}])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "sft_hf", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+         str(ROOT / "recipes" / "train.py"), "--dataset_name", path, "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: 2 bad records (fix them, or pass --skip_bad_records true to drop them):",
+        "  record 5 (line 6), field 'output': expected text, got int 3",
+        "  record 7 (line 8), field 'instruction': missing",
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 def test_real_generated_data_with_a_null_record():
     """Chapter 7's Llama-3-generated file has one record with instruction null and an empty output."""
     path = str(ROOT.parent / "shared" / "data" / "instruction-data-llama3-7b.json")
