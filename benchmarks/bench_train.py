@@ -152,15 +152,14 @@ def _build_ours(model_dir: str, flags: list[str], n_records: int, output_dir: st
 
 
 def _recipe_callbacks(wanted: bool) -> list:
-    """The callbacks recipes/train.py adds (checkpoint marker, stop at a non-finite gradient), where present."""
+    """The callbacks recipes/train.py adds (stop at a non-finite gradient), where present."""
     if not wanted:
         return []
     try:
-        from sft_hf.checkpoints import CheckpointCompleteCallback
         from sft_hf.safety import StopOnNonFiniteLoss
     except ImportError:
         return []
-    return [CheckpointCompleteCallback(), StopOnNonFiniteLoss()]
+    return [StopOnNonFiniteLoss()]
 
 
 def _build_trl(model_dir: str, config: dict, n_records: int, output_dir: str, attn: str | None = None):

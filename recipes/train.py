@@ -27,10 +27,11 @@ from sft_hf import (  # noqa: E402
     tokenize_dataset,
 )
 from sft_hf import hub  # noqa: E402
+from sft_hf.callbacks import BaselineExactMatchCallback, GenerationSamplesCallback  # noqa: E402
 from sft_hf.collator import recipe_collator  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
 from sft_hf.config import RecipeError, format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
-from sft_hf.checkpoints import CheckpointCompleteCallback, resolve_resume_checkpoint  # noqa: E402
+from sft_hf.checkpoints import resolve_resume_checkpoint  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402
 from sft_hf.safety import (  # noqa: E402
     StopOnNonFiniteLoss, atomic_save, check_output_dir, install_secret_redaction, run_cli)
@@ -40,12 +41,15 @@ logger = logging.getLogger("sft_hf")
 
 
 def measure_exact_match(model, tokenizer, records, template, args, label):
+    # Every process generates its share: under FSDP / ZeRO-3 each forward pass needs all of them.
     responses = generate_responses(model, tokenizer, records, template, args.max_new_tokens,
-                                   batch_size=args.per_device_eval_batch_size)
+                                   batch_size=args.per_device_eval_batch_size, show_progress=args.process_index == 0,
+                                   distributed=args.world_size > 1)
     score = exact_match(responses, [r["output"] for r in records])
-    print(f"\n{label} exact match on {len(records)} held-out instructions: {score:.3f}")
-    for record, response in list(zip(records, responses))[: args.num_sample_generations]:
-        print(f"  {record['instruction']} {record['input']!r} → {response!r} (expected {record['output']!r})")
+    if args.process_index == 0:
+        print(f"\n{label} exact match on {len(records)} held-out instructions: {score:.3f}")
+        for record, response in list(zip(records, responses))[: args.num_sample_generations]:
+            print(f"  {record['instruction']} {record['input']!r} → {response!r} (expected {record['output']!r})")
     return score, responses
 
 
@@ -82,14 +86,10 @@ def main(argv=None):
                        "set completion_only_loss: true to train only the assistant replies")
     held_out = raw["test"] if len(raw["test"]) else raw["validation"]
 
-    # 2. Model, and its exact match before training (what "learned" is measured against).
+    # 2. Model.
     model = load_model(model_args, tokenizer, args)
-    metrics = {}
-    if args.eval_exact_match and args.baseline_exact_match and args.process_index == 0:
-        metrics["baseline_exact_match"], _ = measure_exact_match(
-            model, tokenizer, held_out.to_list(), template, args, "Before training:")
 
-    # 3. Train.
+    # 3. Train; exact match before the first update (what "learned" is measured against) when training starts.
     # padding-free rows when the attention keeps examples apart (sdpa_varlen by default, flash-attention), else padded
     collator = recipe_collator(tokenizer, args, model)
     args.padding_free = collator.padding_free  # what was used, for the saved arguments and the model card
@@ -100,12 +100,12 @@ def main(argv=None):
         eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
         processing_class=tokenizer,
         data_collator=collator,
-        # marks checkpoints all processes finished writing; stops at a NaN/inf gradient before it is applied
-        callbacks=[CheckpointCompleteCallback(), StopOnNonFiniteLoss()],
+        callbacks=[StopOnNonFiniteLoss()],  # stops at a NaN/inf gradient before it is applied
     )
+    if args.eval_exact_match and args.baseline_exact_match:
+        trainer.add_callback(BaselineExactMatchCallback(lambda model: measure_exact_match(
+            model, tokenizer, held_out.to_list(), template, args, "Before training:")[0]))
     if getattr(args, "eval_generation_samples", 0) and len(raw["validation"]):  # show what the model writes
-        from sft_hf.callbacks import GenerationSamplesCallback
-
         samples = raw["validation"].select(range(min(args.eval_generation_samples, len(raw["validation"]))))
         trainer.add_callback(GenerationSamplesCallback(samples.to_list(), template, args.max_new_tokens,
                                                        check_answers=args.eval_exact_match,
@@ -115,15 +115,19 @@ def main(argv=None):
     # `true` / `latest` → the newest checkpoint in output_dir that was completely written
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {}
+    if (baseline := BaselineExactMatchCallback.logged(trainer.state)) is not None:
+        metrics["baseline_exact_match"] = baseline
     metrics.update(train_result.metrics)
     metrics["train_trained_tokens"] = trainer.trained_tokens_total
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
 
-    # 4. Exact match after training, then save everything in standard HF format.
-    if args.eval_exact_match and args.process_index == 0:
+    # 4. Exact match after training (on every process), then save everything in standard HF format.
+    if args.eval_exact_match:
         metrics["eval_exact_match"], responses = measure_exact_match(
             trainer.model, tokenizer, held_out.to_list(), template, args, "After training:")
+    if args.eval_exact_match and args.process_index == 0:
         records = [{**r, "model_response": resp} for r, resp in zip(held_out.to_list(), responses)]
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         Path(args.output_dir, "test_responses.json").write_text(json.dumps(records, indent=2) + "\n")

@@ -1,5 +1,7 @@
-"""A training callback that shows what the model writes: at each evaluation it greedily answers a few held-out
-prompts and logs them (and their exact match, when the dataset's answers are checkable by string equality)."""
+"""Training callbacks that show what the model writes: at each evaluation it greedily answers a few held-out
+prompts and logs them (and their exact match, when the dataset's answers are checkable by string equality); and the
+held-out exact match before the first update. Under `accelerate launch` every process generates its share: with
+FSDP or ZeRO-3 each forward pass needs all of them."""
 from __future__ import annotations
 
 import json
@@ -27,9 +29,6 @@ class GenerationSamplesCallback(TrainerCallback):
         tokenizer = self.tokenizer or processing_class
         if not self.records or model is None or tokenizer is None:
             return
-        if args.fsdp or args.deepspeed:  # sharded weights: a generate on some ranks only would hang the others
-            logger.warning("GenerationSamplesCallback skipped: no generation during FSDP/DeepSpeed training")
-            return
         responses = generate_responses(model, tokenizer, self.records, self.template, self.max_new_tokens,
                                        batch_size=self.batch_size, show_progress=False,
                                        distributed=args.world_size > 1)
@@ -54,3 +53,21 @@ class GenerationSamplesCallback(TrainerCallback):
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(args.output_dir, "eval_generations.jsonl"), "a") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
+
+
+class BaselineExactMatchCallback(TrainerCallback):
+    """Exact match before the first update, measured when training starts: by then the model is in place on every
+    process (FSDP and ZeRO-3 load it onto one process or in shards, and shard it when training starts).
+    `measure(model) -> score` must run on every process. The score is logged at step 0, so a resumed run, which
+    starts from a later step and does not measure again, finds it in the checkpoint's trainer state."""
+
+    def __init__(self, measure):
+        self.measure = measure
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and model is not None:
+            state.log_history.append({"baseline_exact_match": self.measure(model), "step": 0})
+
+    @staticmethod
+    def logged(state) -> float | None:
+        return next((h["baseline_exact_match"] for h in state.log_history if "baseline_exact_match" in h), None)

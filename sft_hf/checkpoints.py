@@ -2,18 +2,20 @@
 
 transformers (5.x) writes `checkpoint-N/` in place, file by file and process by process, and
 `get_last_checkpoint` returns the highest N whatever its state: a run killed during a save would resume from a
-half-written folder. `CheckpointCompleteCallback` writes a marker file once all processes are done with a
-checkpoint, and `resolve_resume_checkpoint` resumes from the newest checkpoint that has it.
+half-written folder. It also rotates old checkpoints out (`save_total_limit`) at the end of its own save, before
+anything could mark the new one complete. `InstructionTrainer._save_checkpoint` therefore removes the marker of a
+folder it writes again, marks the folder complete once all processes are done with it, and only then rotates
+(`rotate_checkpoints`, which never deletes the newest complete checkpoint); `resolve_resume_checkpoint` resumes
+from the newest checkpoint that has the marker.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
-import torch.distributed as dist
-from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
@@ -22,19 +24,37 @@ COMPLETE_MARKER = "checkpoint_complete"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-class CheckpointCompleteCallback(TrainerCallback):
-    """`on_save` runs on every process right after Trainer wrote the checkpoint; once all processes are there,
-    the main one marks it complete (written to a temp name and renamed, so the marker itself is never partial)."""
+def mark_complete(checkpoint: str | Path, step: int) -> None:
+    """Written to a temp name and renamed, so the marker itself is never partial."""
+    tmp = Path(checkpoint, f".{COMPLETE_MARKER}.tmp")
+    tmp.write_text(f"{step}\n")
+    os.replace(tmp, Path(checkpoint, COMPLETE_MARKER))
 
-    def on_save(self, args, state, control, **kwargs):
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # other ranks may still be writing their optimizer / RNG shards
-        folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if state.is_world_process_zero and folder.is_dir():
-            tmp = folder / f".{COMPLETE_MARKER}.tmp"
-            tmp.write_text(f"{state.global_step}\n")
-            os.replace(tmp, folder / COMPLETE_MARKER)
-        return control
+
+def unmark(checkpoint: str | Path) -> None:
+    """Before a folder is written again (a run resumed from an older checkpoint re-saves `checkpoint-N`): a crash
+    during that save must not leave old and new files behind a marker that says complete."""
+    Path(checkpoint, COMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def rotate_checkpoints(output_dir: str | Path, save_total_limit: int | None, keep=()) -> list[Path]:
+    """Deletes checkpoints beyond `save_total_limit`, half-written leftovers first, then the oldest complete ones;
+    never the newest complete checkpoint nor those in `keep` (the one just written, the best one). Returns them."""
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    checkpoints = checkpoints_by_step(output_dir)  # newest first
+    complete = [c for c in checkpoints if is_complete(c)]
+    protected = {Path(k).resolve() for k in keep if k} | {c.resolve() for c in complete[:1]}
+    excess = len(checkpoints) - max(save_total_limit, len(protected & {c.resolve() for c in checkpoints}))
+    deleted = []
+    for checkpoint in [c for c in reversed(checkpoints) if not is_complete(c)] + complete[::-1]:
+        if len(deleted) >= excess:
+            break
+        if checkpoint.resolve() not in protected:
+            logger.info("deleting %s (save_total_limit=%d)", checkpoint, save_total_limit)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            deleted.append(checkpoint)
+    return deleted
 
 
 def is_complete(checkpoint: str | Path) -> bool:

@@ -4,8 +4,9 @@ Every record ends up in one of two shapes the templates understand:
 `instruction` / `input` / `output` (Alpaca; `prompt`/`completion` are renamed onto it) or `messages` (chat: OpenAI
 `role`/`content` messages, with `tool_calls` and `tool` turns; ShareGPT `conversations` of `from`/`value` are
 converted onto it).
-Every record is checked before anything is tokenized: a bad one raises `DataError` naming the file, the record (and
-line, for JSON lines) and the field, or, with `skip_bad_records=True`, is dropped and counted.
+Every record is checked before anything is tokenized: bad ones raise one `DataError` that names, for each (up to 20),
+the file, the record (and line, for JSON lines) and the field; with `skip_bad_records=True` they are dropped and
+counted.
 """
 from __future__ import annotations
 
@@ -157,8 +158,9 @@ def _bad_bytes(data: bytes, e: UnicodeDecodeError) -> str:
     return f"line {line}, byte {column}: not valid UTF-8 ({data[e.start:e.start + 4]!r}...); re-save the file as UTF-8"
 
 
-def _parse_json(path: str, skip_bad_records: bool, skipped: list[str]) -> list[tuple[object, int | None]]:
-    """(record, line) pairs from a JSON array or JSON lines; line is None for records of an array."""
+def _parse_json(path: str, problems: list[str]) -> list[tuple[object, int | None]]:
+    """(record, line) pairs from a JSON array or JSON lines; line is None for records of an array. Lines that do
+    not parse are added to `problems`."""
     data = Path(path).read_bytes()
     if not path.endswith(".jsonl"):
         try:
@@ -185,38 +187,52 @@ def _parse_json(path: str, skip_bad_records: bool, skipped: list[str]) -> list[t
                 continue
             except json.JSONDecodeError as e:
                 problem = f"{path}: line {line_number}, column {e.colno}: malformed JSON: {e.msg}"
-        if not skip_bad_records:
-            raise DataError(problem)
-        skipped.append(problem)
+        problems.append(problem)
     return parsed
 
 
 def _load_json_file(path, column_mapping, template_fields, skip_bad_records, skipped) -> DatasetDict:
-    parsed = _parse_json(path, skip_bad_records, skipped)
+    problems: list[str] = []  # every bad line and record, so one run reports them all
+    parsed = _parse_json(path, problems)
     objects = [r for r, _ in parsed if isinstance(r, dict)]
     if not objects:
-        detail = f" ({len(skipped)} bad records skipped; the first: {skipped[0]})" if skipped else ""
+        if problems and not skip_bad_records:
+            raise bad_records_error(path, problems)
+        detail = f" ({len(problems)} bad records skipped; the first: {problems[0]})" if problems else ""
         raise DataError(f"{path}: no usable record left{detail}")
     columns = list(dict.fromkeys(k for r in objects for k in r))  # union of keys, in first-seen order
     mapping = _resolve_mapping(columns, column_mapping, path)
     renamed = [_rename(r, mapping) if isinstance(r, dict) else r for r, _ in parsed]
     schema = _check_schema([mapping.get(c, c) for c in columns], path, template_fields)
-    kept, bad = [], 0
+    kept = []
     for i, ((record, line), mapped) in enumerate(zip(parsed, renamed)):
         problem = record_problem(mapped, schema, template_fields)
         if problem is None:
             kept.append(record)
             continue
-        message = f"{path}: record {i}" + (f" (line {line})" if line else "") + f", {problem}"
-        if not skip_bad_records:
-            raise DataError(message)
-        skipped.append(message)
-        bad += 1
-    if not skipped:  # the common case: let `datasets` read (and cache) the file itself
+        problems.append(f"{path}: record {i}" + (f" (line {line})" if line else "") + f", {problem}")
+    if problems and not skip_bad_records:
+        raise bad_records_error(path, problems)
+    skipped.extend(problems)
+    if not problems:  # the common case: let `datasets` read (and cache) the file itself
         return _load_file("json", path)
     if not kept:
         return DatasetDict(train=Dataset.from_dict({c: [] for c in columns or ["instruction", "output"]}))
     return DatasetDict(train=Dataset.from_dict({c: [r.get(c) for r in kept] for c in columns}))
+
+
+MAX_REPORTED_RECORDS = 20  # bad records listed in one error; the rest are counted
+
+
+def bad_records_error(source: str, problems: list[str]) -> DataError:
+    """One error for all of a file's bad records: each on its own line (up to MAX_REPORTED_RECORDS), so one run
+    shows everything to fix."""
+    if len(problems) == 1:
+        return DataError(problems[0])
+    shown = [p.removeprefix(f"{source}: ") for p in problems[:MAX_REPORTED_RECORDS]]
+    more = len(problems) - len(shown)
+    return DataError(f"{source}: {len(problems)} bad records (fix them, or pass --skip_bad_records true to drop them):"
+                     + "".join(f"\n  {p}" for p in shown) + (f"\n  and {more} more" if more else ""))
 
 
 def _resolve_mapping(columns: list[str], column_mapping: dict[str, str] | None, source: str) -> dict[str, str]:
@@ -361,18 +377,17 @@ def normalize_columns(
 
 def check_records(ds, source, schema="alpaca", skip_bad_records=False, template_fields=frozenset(), skipped=None):
     """Fail early, naming file, record and field, instead of deep inside a map worker; or drop bad records."""
-    bad = set()
+    bad, problems = set(), []
     for start, batch in zip(range(0, len(ds), 1000), ds.iter(batch_size=1000)):
         for i, values in enumerate(zip(*batch.values()), start=start):
             problem = record_problem(dict(zip(batch, values)), schema, template_fields)
-            if problem is None:
-                continue
-            message = f"{source}: record {i}, {problem}"
-            if not skip_bad_records:
-                raise DataError(message)
-            bad.add(i)
-            if skipped is not None:
-                skipped.append(message)
+            if problem is not None:
+                bad.add(i)
+                problems.append(f"{source}: record {i}, {problem}")
+    if problems and not skip_bad_records:
+        raise bad_records_error(source, problems)
+    if skipped is not None:
+        skipped.extend(problems)
     return ds.select([i for i in range(len(ds)) if i not in bad]) if bad else ds
 
 

@@ -7,7 +7,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from sft_hf.templates import Template, get_template
+from sft_hf.templates import ChatTemplate, Template, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ def generate_responses(
     """Greedy responses, prompt removed (only new tokens are decoded), stopped at EOS, response header stripped.
 
     With `distributed=True` (under `accelerate launch`) every process generates for its share of the records and
-    all processes return the full list in record order; every process must call it then.
+    all processes return the full list in record order; every process must call it then. Every process runs the
+    same number of `generate` calls (the last share is padded with a repeated record), so with weights sharded by
+    FSDP or ZeRO-3, where transformers keeps the processes' forward passes in step (`synced_gpus`), none waits alone.
     """
     template = get_template(template)
     indices = list(range(len(records)))
@@ -44,12 +46,12 @@ def generate_responses(
         from accelerate.utils import gather_object
 
         state = PartialState(cpu=distributed_on_cpu())
-        with state.split_between_processes(indices) as shard:
+        with state.split_between_processes(indices, apply_padding=True) as shard:
             mine = _generate(model, tokenizer, [records[i] for i in shard], template, max_new_tokens, batch_size,
                              show_progress and state.is_main_process)
             pairs = gather_object(list(zip(shard, mine)))  # concatenated in process order
         out = [None] * len(records)
-        for i, response in pairs:
+        for i, response in pairs:  # a padded repeat writes the same response again
             out[i] = response
         return out
     return _generate(model, tokenizer, records, template, max_new_tokens, batch_size, show_progress)
@@ -60,12 +62,52 @@ def distributed_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def context_length(config) -> int | None:
+    """Positions the model can attend over (Llama-style `max_position_embeddings`, GPT-2's `n_positions`)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def encode_prompts(tokenizer, prompts: list[str], template: Template, max_prompt_tokens: int | None = None
+                   ) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt as training saw them, and how many were cropped to `max_prompt_tokens`.
+
+    Special tokens are added exactly as `tokenize_dataset` adds them (by the template's type: a chat template
+    writes its own). A prompt too long for `max_prompt_tokens` loses tokens from its start, after its leading
+    special tokens (BOS, `<|im_start|>`), like the training side's left truncation, so the response header stays.
+    """
+    add_special = not isinstance(template, ChatTemplate)
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special)["input_ids"]
+    if max_prompt_tokens is None:
+        return encoded, 0
+    special = set(tokenizer.all_special_ids)
+    cropped = 0
+    for n, ids in enumerate(encoded):
+        if len(ids) > max_prompt_tokens:
+            lead = 0
+            while lead < len(ids) and ids[lead] in special:
+                lead += 1
+            lead = min(lead, max_prompt_tokens - 1)
+            encoded[n] = ids[:lead] + ids[len(ids) - (max_prompt_tokens - lead):]
+            cropped += 1
+    return encoded, cropped
+
+
 def _generate(model, tokenizer, records, template: Template, max_new_tokens, batch_size, show_progress):
-    add_special = template.name != "chat_template"
+    context = context_length(model.config)
+    max_prompt_tokens = None if context is None else context - max_new_tokens
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context of "
+                         f"{context} tokens: lower max_new_tokens")
     was_training = model.training
     model.eval()
-    prompts = [tokenizer(template.format_prompt(r, tokenizer), add_special_tokens=add_special)["input_ids"]
-               for r in records]
+    prompts, cropped = encode_prompts(tokenizer, [template.format_prompt(r, tokenizer) for r in records], template,
+                                      max_prompt_tokens)
+    if cropped:
+        logger.warning(f"{cropped} of {len(prompts)} prompts are longer than the model's context ({context} tokens) "
+                       f"minus max_new_tokens ({max_new_tokens}): their start was cut, leading special tokens kept")
     generated = None
     if prompts and continuous_batching_supported(model):
         generated = _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress)

@@ -50,8 +50,10 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 class OneDNNLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype != torch.float32 or x.device.type != "cpu" or self.weight.dtype != torch.float32
-                or torch.is_autocast_enabled("cpu")):
-            return super().forward(x)  # autocast, other dtypes, moved to a GPU: the stock path
+                or torch.is_autocast_enabled("cpu") or x.numel() == 0):
+            # autocast, other dtypes, moved to a GPU: the stock path; also zero rows (an MoE expert that got no
+            # tokens), where oneDNN cannot build the weight-gradient product and nn.Linear returns empty tensors
+            return super().forward(x)
         return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
 
 

@@ -91,7 +91,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def first_non_finite(model, grads: bool) -> str | None:
-    named = [(name, param.grad if grads else param) for name, param in model.named_parameters()]
+    # Under ZeRO-3 a parameter is an empty placeholder; this process's slice of it is `ds_tensor`.
+    named = [(name, param.grad if grads else getattr(param, "ds_tensor", param))
+             for name, param in model.named_parameters()]
     tensors = [t for _, t in named if t is not None]
     # One fused norm per tensor and a single host sync: a NaN/inf anywhere makes its norm non-finite.
     if not tensors or bool(torch.stack([n.float().to(tensors[0].device) for n in torch._foreach_norm(tensors)]).isfinite().all()):
@@ -102,24 +104,40 @@ def first_non_finite(model, grads: bool) -> str | None:
     return None
 
 
+def agreed_non_finite(bad: str | None, device) -> str | None:
+    """Every process stops, or none: under FSDP / ZeRO each process checks only its shard, and one process raising
+    alone would leave the others waiting in the next collective. One all-reduced flag per check."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bad
+    flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bad or ("a tensor on another process" if flag.item() else None)
+
+
+def uses_deepspeed(args) -> bool:
+    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 class StopOnNonFiniteLoss(TrainerCallback):
     """Stops training at the first NaN/inf gradient, before `optimizer.step()` applies it.
 
     Raising here means the update is never applied, no checkpoint is written for that step, and the final save never
     runs: the weights in memory and the last checkpoint on disk stay the last good ones. (Trainer's
     `logging_nan_inf_filter` hides NaN losses from the logs, so the gradients are what is checked.) With fp16 loss
-    scaling, inf gradients are normal (the scaler skips the step), so then the weights are checked after the step.
+    scaling, inf gradients are normal (the scaler skips the step), and under DeepSpeed the gradients are not visible
+    before the update (accelerate steps the engine inside `backward`): then the weights are checked after the step,
+    still before any checkpoint of it is written. All processes agree on one flag, so they stop together.
     """
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if model is not None and not args.fp16:
-            bad = first_non_finite(model, grads=True)
+        if model is not None and not self._checks_after_update(args):
+            bad = agreed_non_finite(first_non_finite(model, grads=True), args.device)
             if bad:
                 raise NonFiniteLossError(self._message(args, state, f"the gradient {bad}", "before the update"))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and args.fp16:
-            bad = first_non_finite(model, grads=False)
+        if model is not None and self._checks_after_update(args):
+            bad = agreed_non_finite(first_non_finite(model, grads=False), args.device)
             if bad:
                 raise NonFiniteLossError(self._message(args, state, f"the weight {bad}", "after the update"))
 
@@ -128,6 +146,10 @@ class StopOnNonFiniteLoss(TrainerCallback):
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 raise NonFiniteLossError(self._message(args, state, f"{key}={value}", "when logging"))
+
+    @staticmethod
+    def _checks_after_update(args) -> bool:
+        return bool(args.fp16) or uses_deepspeed(args)
 
     @staticmethod
     def _message(args, state, what: str, when: str) -> str:
@@ -226,13 +248,21 @@ def scrub_secrets(args) -> None:
 
 
 def run_cli(main, argv=None) -> int:
-    """Runs `main(argv)`; bad input or a non-finite loss becomes one line on stderr and a non-zero exit code."""
+    """Runs `main(argv)`; bad input or a non-finite loss becomes one error on stderr and a non-zero exit code.
+
+    Under `accelerate launch` every process meets the same error (the same input; the non-finite flag is agreed),
+    so only the first process prints it."""
     try:
         main(argv)
     except USER_ERRORS as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        _print_error(e)
         return 2
     except NonFiniteLossError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        _print_error(e)
         return 3
     return 0
+
+
+def _print_error(error: Exception) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {redact(str(error))}", file=sys.stderr)

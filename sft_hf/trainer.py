@@ -4,16 +4,20 @@ The loss itself is Trainer's: since transformers 4.46 it passes `num_items_in_ba
 gradient-accumulation micro-batches, counted after the causal shift, summed over processes when
 `average_tokens_across_devices`) to the model's loss, so the loss is a mean over trained tokens, not a mean of
 per-batch means. `tests/test_trainer.py` checks that equality holds; this class adds what Trainer lacks:
-trained tokens per second and the padding fraction in the logs, and a collator by default.
+trained tokens per second (of training time only) and the padding fraction in the logs, crash-safe checkpoints
+(sft_hf/checkpoints.py), and a collator by default.
 """
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from sft_hf.checkpoints import mark_complete, rotate_checkpoints, unmark
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, has_varlen_attention, resolve_pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ class InstructionTrainer(Trainer):
         # trained tokens, padding positions, all positions since the last log; summed over processes when logged
         self._token_counts = torch.zeros(3, dtype=torch.long)
         self._last_log_time: float | None = None
+        self._paused_seconds = 0.0  # evaluation, saving and their callbacks since the last log: not training time
         self.trained_tokens_total = 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -94,9 +99,38 @@ class InstructionTrainer(Trainer):
             now = time.perf_counter()
             trained, padding, positions = counts.tolist()
             if is_train_log:
-                logs["train_tokens_per_second"] = round(trained / max(now - self._last_log_time, 1e-9), 1)
+                seconds = now - self._last_log_time - self._paused_seconds
+                logs["train_tokens_per_second"] = round(trained / max(seconds, 1e-9), 1)
                 logs["padding_fraction"] = round(padding / max(positions, 1), 4)
             self.trained_tokens_total += int(trained)
             self._token_counts.zero_()
-            self._last_log_time = now
+            self._last_log_time, self._paused_seconds = now, 0.0
         super().log(logs, start_time)
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # Logging, evaluation (with its generation callbacks) and saving after an optimizer step: time that
+        # train_tokens_per_second leaves out, from the log on (a log inside here starts a new window).
+        start = time.perf_counter()
+        try:
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+        finally:
+            if self._last_log_time is not None:
+                self._paused_seconds += time.perf_counter() - max(start, self._last_log_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, crash-safe: a folder written again loses its completion marker first, gets it back
+        once every process is done, and only then are old checkpoints rotated out (Trainer rotates before that, so
+        a crash in between could leave only an unmarked checkpoint, and a resume would start from scratch)."""
+        folder = Path(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unmark(folder)
+        self.accelerator.wait_for_everyone()  # no process writes into the folder while it still looks complete
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # other processes may still be writing their optimizer / RNG shards
+        if self.args.should_save and folder.is_dir():
+            mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(folder.parent, limit, keep=[folder, self.state.best_model_checkpoint])

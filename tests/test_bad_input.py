@@ -56,6 +56,30 @@ def test_bad_jsonl_record_names_file_line_and_field(tmp_path, bad_line, message)
         load_instruction_dataset(path)
 
 
+def test_every_bad_record_of_a_file_in_one_error(tmp_path):
+    """One run lists every bad line and record (parse errors first), so a file is fixed in one go."""
+    lines = [GOOD, '{"broken": ', {"instruction": "a", "output": 3}, GOOD, {"instruction": "a"}, b"\xff"]
+    path = write_jsonl(tmp_path / "data.jsonl", lines)
+    with pytest.raises(DataError) as error:
+        load_instruction_dataset(path)
+    assert str(error.value).splitlines() == [
+        f"{path}: 4 bad records (fix them, or pass --skip_bad_records true to drop them):",
+        "  line 2, column 12: malformed JSON: Expecting value",
+        "  line 6, byte 1: not valid UTF-8 (b'\\xff'...); re-save the file as UTF-8",
+        "  record 1 (line 3), field 'output': expected text, got int 3",
+        "  record 3 (line 5), field 'output': missing",
+    ]
+    # past 20, the rest are counted; a CSV (read by `datasets`) is checked the same way
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("instruction,input,output\n" + "".join(f"Say {i},,\n" for i in range(25)) + "Add one.,2,3\n")
+    with pytest.raises(DataError) as error:
+        load_instruction_dataset(str(csv_path))
+    reported = str(error.value).splitlines()
+    assert reported[0] == f"{csv_path}: 25 bad records (fix them, or pass --skip_bad_records true to drop them):"
+    assert reported[1:21] == [f"  record {i}, field 'output': missing" for i in range(20)]
+    assert reported[21:] == ["  and 5 more"]
+
+
 def test_blank_lines_count_in_line_numbers_not_in_record_numbers(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [GOOD, "", "   ", {"instruction": "a", "output": ""}])
     with pytest.raises(DataError, match=r"record 1 \(line 4\), field 'output': empty response"):
@@ -251,6 +275,25 @@ def test_cli_bad_data_is_one_line_and_nonzero_exit_before_training(tmp_path):
     result = run_train("--dataset_name", path, "--output_dir", str(out), "--lerning_rate", "1", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown recipe key 'lerning_rate'; did you mean 'learning_rate'?" in result.stderr
+
+
+def test_launched_bad_data_ends_with_the_error_and_its_exit_code(tmp_path):
+    """`sft-hf launch` on 2 processes: the error once (each process meets it; the first one prints it), every bad
+    record in it, then nothing from the launcher (`accelerate launch` adds torchrun's ChildFailedError report)."""
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 5 + [{"instruction": "a", "output": 3}, GOOD, {"output": "x"}])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "sft_hf", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+         str(ROOT / "recipes" / "train.py"), "--dataset_name", path, "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: 2 bad records (fix them, or pass --skip_bad_records true to drop them):",
+        "  record 5 (line 6), field 'output': expected text, got int 3",
+        "  record 7 (line 8), field 'instruction': missing",
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_real_generated_data_with_a_null_record():

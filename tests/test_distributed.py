@@ -110,3 +110,52 @@ def test_fsdp_on_two_cpu_processes(assets, tmp_path):
     for name, tensor in reloaded.state_dict().items():
         if name in reference:
             torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+# Generation as under FSDP / ZeRO-3: transformers then keeps the processes' forward passes in step (`synced_gpus`,
+# one all_reduce per generated token), so a process that generates while the other does anything else waits forever.
+# Weights cannot be sharded on CPU processes here (accelerate runs FSDP on GPUs only), but the collectives are the same.
+SYNCED_GENERATION = """
+import faulthandler, runpy, sys
+faulthandler.dump_traceback_later(150, exit=True)  # a hang fails with every process's stack, not a silent timeout
+import transformers.generation.utils as generation_utils
+generation_utils.is_fsdp_managed_module = lambda module: True
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_exact_match_and_samples_generated_by_every_process_in_step(assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_hf.generation import exact_match, generate_responses
+    from tiny_setup import TRAIN
+
+    model, data, _ = assets
+    script = tmp_path / "train_synced.py"
+    script.write_text(SYNCED_GENERATION.format(train=TRAIN))
+    out = tmp_path / "run"
+    # 7 held-out records over 2 processes, batch 3: shares of 4 and 3, i.e. 2 and 1 generate calls unless padded
+    argv = tiny_recipe_args(model, data, out, per_device_train_batch_size=4, max_steps=4, max_length=128,
+                            eval_exact_match=True, max_eval_samples=7, per_device_eval_batch_size=3,
+                            max_new_tokens=8, eval_generation_samples=3, eval_strategy="steps", eval_steps=2,
+                            onednn_linear=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
+         str(script), *argv], env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    results = json.loads((out / "all_results.json").read_text())
+    responses = json.loads((out / "test_responses.json").read_text())
+    assert len(responses) == 7
+    # the same answers, in record order, as one process generating alone with the saved model
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    alone = generate_responses(AutoModelForCausalLM.from_pretrained(out), tokenizer, responses, "alpaca", 8,
+                               show_progress=False)
+    assert [r["model_response"] for r in responses] == alone
+    assert results["eval_exact_match"] == exact_match(alone, [r["output"] for r in responses])
+    before = generate_responses(AutoModelForCausalLM.from_pretrained(model), tokenizer, responses, "alpaca", 8,
+                                show_progress=False)
+    assert results["baseline_exact_match"] == exact_match(before, [r["output"] for r in responses])
+    samples = [json.loads(line) for line in (out / "eval_generations.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] * 3 + [4] * 6  # evaluations at steps 2 and 4, and the final one

@@ -300,3 +300,21 @@ def test_remote_code_is_not_run_unless_asked(tiny, tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         load_model(args, load_tokenizer(args))
     assert not (folder / "CODE_RAN").exists()
+
+
+
+def test_every_process_stops_when_one_shard_is_non_finite(tmp_path):
+    """2 gloo processes, only process 1's shard NaN (tests/scripts/non_finite_shards.py): both must stop."""
+    subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "non_finite_shards.py"), str(tmp_path)],
+                   check=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert results[0] == {
+        "gradient on_pre_optimizer_step": "non-finite loss at step 7: the gradient a tensor on another process",
+        "deepspeed weight on_pre_optimizer_step": None,  # not checked: DeepSpeed hides gradients until its step
+        "deepspeed weight on_step_end": "non-finite loss at step 7: the weight a tensor on another process",
+    }
+    assert results[1] == {
+        "gradient on_pre_optimizer_step": "non-finite loss at step 7: the gradient weight.grad",
+        "deepspeed weight on_pre_optimizer_step": None,
+        "deepspeed weight on_step_end": "non-finite loss at step 7: the weight weight",
+    }

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
-from sft_hf.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, resolve_resume_checkpoint
+from sft_hf.checkpoints import (COMPLETE_MARKER, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
+                                rotate_checkpoints)
 from tiny_setup import load_weights, run_train, tiny_recipe_args, train_losses, write_tiny_dataset, write_tiny_model
 
 # Killed inside Trainer._save_checkpoint for step 12: the weights and optimizer of checkpoint-12 are on disk, its
@@ -73,3 +74,85 @@ def test_resolve_resume_checkpoint(tmp_path):
     assert resolve_resume_checkpoint("true", str(tmp_path / "empty")) is None  # fresh start, with a warning
     with pytest.raises(FileNotFoundError, match="checkpoint-7"):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-7"), str(tmp_path))
+
+
+# Killed in on_save, after Trainer wrote checkpoint-8 (and, before the fix, rotated checkpoint-4 away).
+CRASH_IN_ON_SAVE_STEP_8 = """
+import os, signal
+from transformers.trainer_callback import CallbackHandler
+on_save = CallbackHandler.on_save
+def crash_in_on_save(self, args, state, control):
+    if state.global_step == 8:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return on_save(self, args, state, control)
+CallbackHandler.on_save = crash_in_on_save
+"""
+
+
+def test_rotation_keeps_a_complete_checkpoint_through_a_crash_then_resumes(tmp_path):
+    model = write_tiny_model(tmp_path / "model")
+    data = write_tiny_dataset(tmp_path / "data.jsonl")
+    out = tmp_path / "run"
+    recipe = dict(per_device_train_batch_size=4, max_length=128, save_strategy="steps", save_steps=4,
+                  save_total_limit=1)
+    result = run_train(tiny_recipe_args(model, data, out, **recipe), prelude=CRASH_IN_ON_SAVE_STEP_8, check=False)
+    assert result.returncode == -9, result.stderr[-3000:]
+    # checkpoint-8 was complete before anything else ran; only then was checkpoint-4 rotated out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
+    assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()
+
+    result = run_train(tiny_recipe_args(model, data, out, resume_from_checkpoint="true", **recipe))
+    assert f"resuming from {out / 'checkpoint-8'}" in result.stderr
+    assert "starting from scratch" not in result.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 16
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, 17))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16"]
+
+
+def test_a_checkpoint_written_again_is_unmarked_until_complete(tmp_path, tiny_model_dir, monkeypatch):
+    """Resuming from an older checkpoint re-saves over checkpoint-N: its old marker must go before the first write,
+    or a crash during that save leaves a mix of old and new files marked complete."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from sft_hf import InstructionDataCollator, InstructionTrainer, SFTArguments
+
+    stale = tmp_path / "checkpoint-2"
+    stale.mkdir()
+    mark_complete(stale, 2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = Dataset.from_list([{"input_ids": list(range(3, 3 + n)), "prompt_length": 1} for n in (5, 7, 9, 6)])
+    args = SFTArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, save_strategy="steps",
+                        save_steps=2, report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = InstructionTrainer(model=model, args=args, train_dataset=rows,
+                                 data_collator=InstructionDataCollator(pad_token_id=0))
+
+    def crash(self, output_dir):
+        assert (stale / "model.safetensors").is_file()  # the new weights are in, the save is not finished
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert not (stale / COMPLETE_MARKER).exists()
+
+
+def test_rotate_checkpoints_never_deletes_the_newest_complete_one(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False), (8, False), (10, True)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            mark_complete(tmp_path / f"checkpoint-{step}", step)
+
+    def names():
+        return sorted((p.name for p in tmp_path.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+    assert rotate_checkpoints(tmp_path, None) == [] and len(names()) == 5
+    # half-written leftovers go first, then the oldest complete; the best one (4) is kept on request
+    rotate_checkpoints(tmp_path, 3, keep=[tmp_path / "checkpoint-4"])
+    assert names() == ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
+    rotate_checkpoints(tmp_path, 1, keep=[tmp_path / "checkpoint-4"])
+    assert names() == ["checkpoint-4", "checkpoint-10"]  # the newest complete one and the best: both protected
+    (tmp_path / "checkpoint-12").mkdir()  # being written right now, not yet marked
+    rotate_checkpoints(tmp_path, 1, keep=[tmp_path / "checkpoint-12"])
+    assert names() == ["checkpoint-10", "checkpoint-12"]

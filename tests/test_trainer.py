@@ -88,3 +88,41 @@ def test_trained_token_total_counts_steps_after_the_last_log(tiny_model_dir, tmp
     # 3 steps of 2 rows = the first 6 rows; step 3 comes after the last training log (step 2)
     expected = sum((collator([row])["labels"][0, 1:] != -100).sum().item() for row in data[:6])
     assert trainer.trained_tokens_total == expected
+
+
+def test_tokens_per_second_counts_training_time_only(tiny_model_dir, tmp_path, monkeypatch):
+    """A fake clock: each training step takes 1 s, each evaluation 100 s, each save 50 s. train_tokens_per_second
+    must be the window's trained tokens / its training seconds (2 steps of 1 s), whatever evaluation and saving cost."""
+    import types
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from sft_hf import InstructionTrainer, SFTArguments, trainer as trainer_module
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class Costs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # after the optimizer step: still training
+            clock.now += 1.0
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            clock.now += 100.0
+
+        def on_save(self, args, state, control, **kwargs):
+            clock.now += 50.0
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    data = Dataset.from_list(one_step.rows(model.config.vocab_size, model.config.eos_token_id))
+    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, logging_steps=2,
+                        eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                        train_sampling_strategy="sequential", disable_tqdm=True, use_cpu=True, report_to="none")
+    collator = InstructionDataCollator(pad_token_id=model.config.pad_token_id, completion_only_loss=True)
+    trainer = InstructionTrainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(2)),
+                                 data_collator=collator, callbacks=[Costs()])
+    trainer.train()
+    rates = [h["train_tokens_per_second"] for h in trainer.state.log_history if "train_tokens_per_second" in h]
+    trained = [sum((collator([row])["labels"][0, 1:] != -100).sum().item() for row in data.to_list()[i:i + 4])
+               for i in (0, 4)]  # the rows of steps 1-2 and of steps 3-4
+    assert rates == [pytest.approx(trained[0] / 2.0, abs=0.05), pytest.approx(trained[1] / 2.0, abs=0.05)]

@@ -1,0 +1,35 @@
+"""`sft-hf launch`: `accelerate launch` whose failed run ends with the script's own error, not the launcher's.
+
+    sft-hf launch --config_file accelerate_configs/cpu_2proc.yaml recipes/train.py --dataset_name data.jsonl
+
+`accelerate launch` answers a script's non-zero exit with a traceback of its own (`CalledProcessError` for one
+process, torchrun's `ChildFailedError` report for several) after the script's one-line error, and exits 1. Here the
+same launch runs in-process: the script's error line stays the last thing printed, and its exit code (2 for bad
+input, 3 for a non-finite loss) is the launcher's. Every `accelerate launch` option works the same.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+
+def main(argv=None) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # torchrun's agent logs one line per failed or stopped process before raising: the script has said why
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        launch_command(args)
+    except subprocess.CalledProcessError as e:  # one process
+        return e.returncode if e.returncode > 0 else 1
+    except ChildFailedError as e:  # several: the exit code of the process that failed first
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
