@@ -54,7 +54,11 @@ class EvalArguments:
     judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Env var holding the API key."})
     judge_prompt: str | None = field(default=None, metadata={
         "help": "Prompt template (text or a file) with {input}, {output}, {response}; default chapter 7's."})
-    judge_stream: bool = field(default=True, metadata={"help": "Ollama: stream NDJSON (its default)."})
+    judge_stream: bool | None = field(default=None, metadata={
+        "help": "Stream the reply (default: Ollama yes, NDJSON; OpenAI-compatible no)."})
+    judge_format: str = field(default="auto", metadata={
+        "help": "auto: JSON {score: int} where the server supports it, else chapter 7's text; json; text."})
+    judge_max_tokens: int | None = field(default=None, metadata={"help": "OpenAI-compatible: cap on reply tokens."})
     judge_concurrency: int = 4
     judge_retries: int = 4
     judge_backoff: float = 1.0
@@ -179,15 +183,18 @@ def main(argv=None):
 
     # 3. LLM judge.
     if records and args.judge_backend:
-        from sft_hf.judge import JUDGE_PROMPT, make_judge, run_judge
+        from sft_hf.judge import JUDGE_PROMPT, JudgeUnavailableError, make_judge, run_judge
 
         prompt = args.judge_prompt or JUDGE_PROMPT
         if args.judge_prompt and Path(args.judge_prompt).is_file():
             prompt = Path(args.judge_prompt).read_text()
         judge = make_judge(args.judge_backend, args.judge_model, args.judge_url, args.judge_api_key_env,
-                           args.judge_stream)
-        summaries = run_judge(records, judge, args.response_keys, output_dir, prompt, args.judge_concurrency,
-                              args.judge_retries, args.judge_backoff)
+                           args.judge_stream, args.judge_max_tokens)
+        try:
+            summaries = run_judge(records, judge, args.response_keys, output_dir, prompt, args.judge_concurrency,
+                                  args.judge_retries, args.judge_backoff, judge_format=args.judge_format)
+        except JudgeUnavailableError as e:  # a clear one-line error, not a traceback; the cache is kept
+            raise SystemExit(f"error: {e}") from None
         report["judge"] = {k: {n: v for n, v in s.items() if n != "unscored"} for k, s in summaries.items()}
 
     # 4. Multiple-choice benchmarks (lm-evaluation-harness).

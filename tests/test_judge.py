@@ -1,14 +1,17 @@
 """The LLM judge against real HTTP servers on loopback speaking the Ollama and OpenAI protocols."""
 import collections
 import json
+import threading
 import time
 
 import pytest
+from torch import no_grad as torch_no_grad
 
 from sft_hf.judge import (
     JUDGE_PROMPT,
     JudgeUnavailableError,
     OllamaJudge,
+    SCORE_SCHEMA,
     OpenAIJudge,
     format_summary,
     judge_responses,
@@ -67,9 +70,11 @@ def test_ollama_protocol_streaming_and_not(stream):
         results = judge_responses(records, OllamaJudge(url=server.url, stream=stream), max_workers=2,
                                   show_progress=False)
     assert [r["score"] for r in results] == [85, 40, None, 100, 7]
-    assert results[2] == {"index": 2, "score": None, "reply": "no idea", "problem": "no number"}
+    # the fake server ignores `format` (like an Ollama older than 0.5): prose replies are parsed as text
+    assert results[2] == {"index": 2, "score": None, "reply": "no idea", "problem": "no number", "path": "text"}
     assert len(server.requests) == 5
     sent = server.requests[0]["payload"]
+    assert sent["format"] == SCORE_SCHEMA
     assert server.requests[0]["path"] == "/api/chat"
     assert sent["model"] == "llama3" and sent["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
     assert sent["stream"] is stream
@@ -105,13 +110,26 @@ def test_retries_with_backoff_then_success_and_bounded_concurrency():
     # Every prompt first gets a 503, then a 429, then a stream cut off before "done"; the fourth attempt works.
     fail = lambda prompt, attempt: {1: 503, 2: 429}.get(attempt)  # noqa: E731
     broken = lambda prompt, attempt: attempt == 3  # noqa: E731
+    lock, running, most = threading.Lock(), [0], [0]
+
+    class Counting(OllamaJudge):  # concurrency counted here: the server may see a handler end after the next begins
+        def complete(self, prompt, structured=False):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                return super().complete(prompt, structured)
+            finally:
+                with lock:
+                    running[0] -= 1
+
     start = time.monotonic()
     with FakeJudgeServer(by_prompt.get, fail=fail, break_stream=broken, delay=0.05) as server:
-        results = judge_responses(records, OllamaJudge(url=server.url), max_workers=2, retries=3, backoff=0.02,
+        results = judge_responses(records, Counting(url=server.url), max_workers=2, retries=3, backoff=0.02,
                                   show_progress=False)
     assert [r["score"] for r in results] == [10, 20, 30, 40, 50, 60]
     assert server.attempts == {p: 4 for p in by_prompt}
-    assert server.max_in_flight == 2
+    assert most[0] == 2
     # 3 waits per item of 0.02, 0.04, 0.08 s: 6 items on 2 workers wait at least 3 * 0.14 s.
     assert time.monotonic() - start >= 0.42
 
@@ -125,7 +143,7 @@ def test_failures_are_kept_counted_and_not_cached_so_a_rerun_asks_again(tmp_path
     fail = lambda prompt, attempt: status.get(prompt)  # noqa: E731
     with FakeJudgeServer(by_prompt.get, fail=fail) as server:
         first = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, retries=2, backoff=0.01,
-                                show_progress=False)
+                                show_progress=False, judge_format="text")
     assert [r["score"] for r in first] == [11, None, 33, None, 55]
     assert "HTTP 400" in first[1]["problem"] and "HTTP 503" in first[3]["problem"]
     assert server.attempts[make_judge_prompt(records[1])] == 1 and server.attempts[make_judge_prompt(records[3])] == 3
@@ -138,15 +156,18 @@ def test_failures_are_kept_counted_and_not_cached_so_a_rerun_asks_again(tmp_path
     with open(cache, "a") as f:
         f.write('{"key": "abc", "rep')
     with FakeJudgeServer(by_prompt.get) as server:
-        second = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False)
+        second = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False,
+                                 judge_format="text")
     assert [r["score"] for r in second] == [11, 22, 33, 44, 55]
     assert {r["payload"]["messages"][0]["content"] for r in server.requests} == broken_prompts  # only those asked
 
     # A third run asks nothing at all; a different judge model does not reuse the cache.
     with FakeJudgeServer(by_prompt.get) as server:
-        third = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False)
+        third = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False,
+                                judge_format="text")
         assert [r["score"] for r in third] == [11, 22, 33, 44, 55] and server.requests == []
-        judge_responses(records, OllamaJudge(model="other", url=server.url), cache_path=cache, show_progress=False)
+        judge_responses(records, OllamaJudge(model="other", url=server.url), cache_path=cache, show_progress=False,
+                        judge_format="text")
         assert len(server.requests) == 5
 
 
@@ -171,11 +192,11 @@ def test_an_interrupted_run_resumes_without_asking_again(tmp_path):
     class CtrlCAfterThree(OllamaJudge):
         calls = 0
 
-        def complete(self, prompt):
+        def complete(self, prompt, structured=False):
             CtrlCAfterThree.calls += 1
             if CtrlCAfterThree.calls == 4:
                 raise KeyboardInterrupt
-            return super().complete(prompt)
+            return super().complete(prompt, structured)
 
     with FakeJudgeServer(by_prompt.get) as server:
         with pytest.raises(KeyboardInterrupt):
@@ -230,7 +251,7 @@ def test_local_transformers_judge(chatty_model_dir):
 
     records, _ = records_with_replies(["", "", ""])
     judge = HFJudge(chatty_model_dir, max_new_tokens=5)
-    results = judge_responses(records, judge, max_workers=4, show_progress=False)
+    results = judge_responses(records, judge, max_workers=4, show_progress=False, judge_format="text")
     model = AutoModelForCausalLM.from_pretrained(chatty_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(chatty_model_dir)
     for record, result in zip(records, results):
@@ -240,6 +261,35 @@ def test_local_transformers_judge(chatty_model_dir):
         assert result["reply"] == reply
         assert (result["score"], result["problem"]) == (parse_score(reply).score, parse_score(reply).problem)
     assert summarize(results)["num_items"] == 3
+
+
+@torch_no_grad()
+def test_local_transformers_judge_structured_takes_the_likeliest_integer(chatty_model_dir):
+    """Structured, the hf judge answers {"score": n} for the n whose text + eos is likeliest after the prompt:
+    checked against one full forward pass per candidate (no cache, no batching)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_hf.judge import HFJudge
+
+    records, _ = records_with_replies(["", "", "", ""])
+    judge = HFJudge(chatty_model_dir)
+    results = judge_responses(records, judge, show_progress=False, judge_format="json")
+    model = AutoModelForCausalLM.from_pretrained(chatty_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(chatty_model_dir)
+    expected = []
+    for record in records:
+        prompt = tokenizer(make_judge_prompt(record))["input_ids"]
+        logprobs = []
+        for n in range(101):
+            answer = tokenizer(str(n), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            logits = model(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+            logprobs.append(sum(logits[len(prompt) - 1 + j, t].item() for j, t in enumerate(answer)))
+        expected.append(max(range(101), key=logprobs.__getitem__))
+    assert [r["score"] for r in results] == expected
+    assert [r["path"] for r in results] == ["json"] * 4
+    assert results[0]["reply"] == json.dumps({"score": expected[0]})
+    assert len(set(expected)) > 1  # the prompts lead to different scores: the test compares something
 
 
 def test_the_judge_talks_only_to_the_url_it_is_given(tmp_path, monkeypatch):
