@@ -16,7 +16,9 @@ from sft_hf.judge import (
     format_summary,
     judge_responses,
     make_judge_prompt,
+    parse_reply,
     parse_score,
+    parse_structured_score,
     run_judge,
     summarize,
 )
@@ -328,3 +330,104 @@ def test_the_judge_talks_only_to_the_url_it_is_given(tmp_path, monkeypatch):
         summary = run_judge(records, direct, ["model_response"], tmp_path / "d", max_workers=1,
                             show_progress=False)["model_response"]
         assert summary["average"] == 42.0  # straight to the given loopback URL, the proxy variables ignored
+
+
+@pytest.mark.parametrize("reply, score, problem", [
+    ('{"score": 85}', 85, None), ('{ "score": 0 }', 0, None), ("{\n  \"score\": 100\n}", 100, None),
+    ('{"score": 101}', None, "out of range"), ('{"score": -1}', None, "out of range"),
+    ('{"score": 85.5}', None, "not an integer"), ('{"score": "85"}', None, "not an integer"),
+    ('{"score": true}', None, "not an integer"), ('{"score": 85, "why": "good"}', None, 'not {"score": <integer>}'),
+    ('{"rating": 85}', None, 'not {"score": <integer>}'), ("[85]", None, 'not {"score": <integer>}'),
+    ('{"score": 8', None, "invalid JSON"),  # cut off by max_tokens: never read as the text "8"
+])
+def test_structured_replies_are_validated_against_the_schema(reply, score, problem):
+    assert parse_structured_score(reply) == type(parse_structured_score("1"))(score, problem)
+    assert parse_reply(reply, "json") == (parse_structured_score(reply), "json")
+    # prose where JSON was asked (a server that ignored the format): chapter 7's parsing, counted as text
+    assert parse_reply("I give it 85.", "json") == (parse_score("85"), "text")
+
+
+def structured(payload):
+    return "response_format" in payload or "format" in payload
+
+
+def test_auto_falls_back_to_text_where_the_server_refuses_structured_output():
+    """A server that answers 400 to any response_format: auto asks each form once for the first item, then the
+    text prompt; once text has worked it asks text only. json mode keeps the items unscored, with why."""
+    records, by_prompt = records_with_replies(["85", "Score: 40", "no idea", "100"])
+    refuse = lambda payload: 400 if structured(payload) else None  # noqa: E731
+    with FakeJudgeServer(by_prompt.get, refuse=refuse) as server:
+        results = judge_responses(records, OpenAIJudge(model="m", url=server.url + "/v1"), max_workers=2,
+                                  show_progress=False)
+        forms = [r["payload"].get("response_format") for r in server.requests]
+    assert [r["score"] for r in results] == [85, 40, None, 100]
+    assert [r["path"] for r in results] == ["text"] * 4
+    # item 0: both response_format forms refused, then text; items 1-3: text only
+    assert [f and f["type"] for f in forms] == ["json_object", "json_schema", None, None, None, None]
+    assert forms[0]["schema"] == SCORE_SCHEMA and forms[1]["json_schema"]["schema"] == SCORE_SCHEMA
+    assert summarize(results)["score_paths"] == {"text": 3}
+
+    with FakeJudgeServer(by_prompt.get, refuse=refuse) as server:
+        strict = judge_responses(records, OpenAIJudge(model="m", url=server.url + "/v1"), show_progress=False,
+                                 judge_format="json", retries=0)
+    assert [r["score"] for r in strict] == [None] * 4
+    assert all(r["problem"].startswith("request failed: structured output refused") for r in strict)
+    assert "HTTP 400" in strict[0]["problem"]
+
+
+def test_a_4xx_about_something_else_keeps_structured_output_on():
+    """A prompt the server refuses whatever the format (too long, say) fails alone; the others stay structured."""
+    records, _ = records_with_replies(["", "", "", ""])
+    too_long = make_judge_prompt(records[1])
+    scores = {make_judge_prompt(r): 10 * (i + 1) for i, r in enumerate(records)}
+    reply = lambda prompt: json.dumps({"score": scores[prompt]})  # noqa: E731
+    fail = lambda prompt, attempt: 400 if prompt == too_long else None  # noqa: E731
+    with FakeJudgeServer(reply, fail=fail) as server:
+        results = judge_responses(records, OpenAIJudge(model="m", url=server.url + "/v1"), max_workers=1,
+                                  show_progress=False)
+    assert [r["score"] for r in results] == [10, None, 30, 40]
+    assert [r["path"] for r in results] == ["json", None, "json", "json"]
+    assert "HTTP 400" in results[1]["problem"]
+    assert [bool(structured(r["payload"])) for r in server.requests[-2:]] == [True, True]
+
+
+def test_the_response_format_the_server_takes_is_remembered():
+    """OpenAI itself refuses json_object without the word JSON in the prompt but takes json_schema: after the
+    first item, only json_schema is sent."""
+    records, _ = records_with_replies(["", "", ""])
+    reply = lambda prompt: '{"score": 70}'  # noqa: E731
+    refuse = lambda payload: 400 if (payload.get("response_format") or {}).get("type") == "json_object" else None  # noqa: E731
+    with FakeJudgeServer(reply, refuse=refuse) as server:
+        results = judge_responses(records, OpenAIJudge(model="m", url=server.url + "/v1"), max_workers=1,
+                                  show_progress=False, judge_format="json")
+    assert [r["score"] for r in results] == [70, 70, 70] and {r["path"] for r in results} == {"json"}
+    assert [r["payload"]["response_format"]["type"] for r in server.requests] == [
+        "json_object", "json_schema", "json_schema", "json_schema"]
+    summary = summarize(results)
+    assert summary["score_paths"] == {"json": 3}
+    assert "Scores by path: json 3" in format_summary(summary)
+
+
+def test_ollama_format_is_the_schema_then_json_mode():
+    records, _ = records_with_replies(["", ""])
+    refuse = lambda payload: 400 if isinstance(payload.get("format"), dict) else None  # noqa: E731
+    with FakeJudgeServer(lambda prompt: '{"score": 55}', refuse=refuse) as server:
+        results = judge_responses(records, OllamaJudge(url=server.url), max_workers=1, show_progress=False)
+    assert [r["score"] for r in results] == [55, 55] and [r["path"] for r in results] == ["json", "json"]
+    assert [r["payload"]["format"] for r in server.requests] == [SCORE_SCHEMA, "json", "json"]
+
+
+def test_cached_replies_keep_their_path_and_json_mode_asks_again_for_text_ones(tmp_path):
+    records, by_prompt = records_with_replies(["85", "40"])
+    cache = tmp_path / "cache.jsonl"
+    refuse = lambda payload: 400 if structured(payload) else None  # noqa: E731
+    with FakeJudgeServer(by_prompt.get, refuse=refuse) as server:
+        first = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False)
+    assert [(r["score"], r["path"]) for r in first] == [(85, "text"), (40, "text")]
+    assert [json.loads(line)["path"] for line in cache.read_text().splitlines()] == ["text", "text"]
+    with FakeJudgeServer(lambda prompt: '{"score": 90}') as server:
+        again = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False)
+        assert server.requests == [] and [r["score"] for r in again] == [85, 40]  # auto: the cache serves
+        strict = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False,
+                                 judge_format="json")
+        assert len(server.requests) == 2 and [(r["score"], r["path"]) for r in strict] == [(90, "json")] * 2
