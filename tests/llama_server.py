@@ -38,7 +38,7 @@ class LlamaServer:
     def start(self):
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias",
                    MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
-                   "--n_threads", "2"]
+                   "--n_threads", "1", "--n_threads_batch", "1"]
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout

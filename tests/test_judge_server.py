@@ -78,15 +78,15 @@ def test_retries_then_the_cache_answers_everything(llama_server, records, struct
     cache = tmp_path / "cache.jsonl"
     first_attempt_fails = lambda prompt, attempt: 503 if attempt == 1 else None  # noqa: E731
     with CountingProxy(llama_server.url, fail=first_attempt_fails) as proxy:
-        first = judge_responses(records[:6], make_judge(proxy.url), cache_path=cache, max_workers=2, retries=2,
+        first = judge_responses(records[:4], make_judge(proxy.url), cache_path=cache, max_workers=2, retries=2,
                                 backoff=0.01, show_progress=False)
-        assert sorted(proxy.attempts.values()) == [2] * 6  # a 503, then the answer
-        assert scores(first) == scores(structured_run[:6])
+        assert sorted(proxy.attempts.values()) == [2] * 4  # a 503, then the answer
+        assert scores(first) == scores(structured_run[:4])
         asked = len(proxy.requests)
-        again = judge_responses(records[:6], make_judge(proxy.url), cache_path=cache, show_progress=False)
+        again = judge_responses(records[:4], make_judge(proxy.url), cache_path=cache, show_progress=False)
         assert len(proxy.requests) == asked  # nothing asked twice
     assert again == first
-    assert len(cache.read_text().splitlines()) == 6
+    assert len(cache.read_text().splitlines()) == 4
 
 
 def wait_for(condition, timeout, what):
@@ -102,18 +102,18 @@ def cache_lines(path):
 
 
 def test_sigint_mid_run_then_a_rerun_resumes_from_the_cache(llama_server, records, structured_run, tmp_path):
-    """recipes/evaluate.py interrupted with SIGINT after 5 answers; run again, it asks only the items not cached."""
+    """recipes/evaluate.py interrupted with SIGINT after 3 answers; run again, it asks only the items not cached."""
     out = tmp_path / "eval"
     cache = out / "judge_cache_model_response.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     with CountingProxy(llama_server.url) as proxy:
         command = [sys.executable, str(ROOT / "recipes" / "evaluate.py"), "--responses", str(RESPONSES),
-                   "--max_samples", "20", "--metrics", "false", "--judge_backend", "openai", "--judge_url",
+                   "--max_samples", "10", "--metrics", "false", "--judge_backend", "openai", "--judge_url",
                    proxy.url, "--judge_model", MODEL_ALIAS, "--judge_max_tokens", str(MAX_TOKENS),
                    "--judge_concurrency", "1", "--output_dir", str(out)]
         run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_for(lambda: len(cache_lines(cache)) >= 5 or run.poll() is not None, 300, "5 cached answers")
+            wait_for(lambda: len(cache_lines(cache)) >= 3 or run.poll() is not None, 300, "3 cached answers")
             run.send_signal(signal.SIGINT)
             output, _ = run.communicate(timeout=120)
         finally:
@@ -121,18 +121,18 @@ def test_sigint_mid_run_then_a_rerun_resumes_from_the_cache(llama_server, record
         assert run.returncode == 130, output
         assert "interrupted" in output and str(cache) in output
         cached = {json.loads(line)["index"] for line in cache_lines(cache)}
-        assert 5 <= len(cached) < 20
+        assert 3 <= len(cached) < 10
         asked_before = len(proxy.requests)
 
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         asked_again = proxy.prompts()[asked_before:]
     prompts = [make_judge_prompt(r) for r in records]
-    assert sorted(asked_again) == sorted(prompts[i] for i in range(20) if i not in cached)  # each once, no others
+    assert sorted(asked_again) == sorted(prompts[i] for i in range(10) if i not in cached)  # each once, no others
     summary = json.loads((out / "judge_summary.json").read_text())["model_response"]
-    assert summary["num_scores"] == 20 and summary["score_paths"] == {"json": 20}
+    assert summary["num_scores"] == 10 and summary["score_paths"] == {"json": 10}
     per_item = json.loads((out / "judge_scores_model_response.json").read_text())
-    assert [p["judge_score"] for p in per_item] == scores(structured_run)
+    assert [p["judge_score"] for p in per_item] == scores(structured_run[:10])
 
 
 def test_a_server_that_dies_mid_run_ends_with_a_clear_message_and_the_cache_intact(records, structured_run,
@@ -140,24 +140,24 @@ def test_a_server_that_dies_mid_run_ends_with_a_clear_message_and_the_cache_inta
     server = LlamaServer(tmp_path / "server.log").start()
     cache = tmp_path / "cache.jsonl"
 
-    def kill_after_4_answers():
-        wait_for(lambda: len(cache_lines(cache)) >= 4, 300, "4 cached answers")
+    def kill_after_3_answers():
+        wait_for(lambda: len(cache_lines(cache)) >= 3, 300, "3 cached answers")
         server.stop(kill=True)
 
-    killer = threading.Thread(target=kill_after_4_answers, daemon=True)
+    killer = threading.Thread(target=kill_after_3_answers, daemon=True)
     killer.start()
     try:
         with pytest.raises(JudgeUnavailableError) as stopped:
-            judge_responses(records, make_judge(server.url), cache_path=cache, max_workers=1, retries=2,
+            judge_responses(records[:10], make_judge(server.url), cache_path=cache, max_workers=1, retries=2,
                             backoff=0.05, show_progress=False)
     finally:
         killer.join(timeout=310)
         server.stop(kill=True)
     message = str(stopped.value)
-    match = re.search(r"stopped answering after (\d+) of 20 items .*kept in (\S+): run again to resume", message)
+    match = re.search(r"stopped answering after (\d+) of 10 items .*kept in (\S+): run again to resume", message)
     assert match and match.group(2) == str(cache), message
     lines = [json.loads(line) for line in cache_lines(cache)]  # every line whole
-    assert len(lines) == int(match.group(1)) >= 4
+    assert len(lines) == int(match.group(1)) >= 3
     for line in lines:
         assert json.loads(line["reply"])["score"] == structured_run[line["index"]]["score"]
 
@@ -171,9 +171,9 @@ def test_a_server_that_dies_mid_run_ends_with_a_clear_message_and_the_cache_inta
             return super().complete(prompt, structured)
 
     try:
-        resumed = judge_responses(records, Counting(model=MODEL_ALIAS, url=server.url, max_tokens=MAX_TOKENS),
+        resumed = judge_responses(records[:10], Counting(model=MODEL_ALIAS, url=server.url, max_tokens=MAX_TOKENS),
                                   cache_path=cache, max_workers=1, show_progress=False)
     finally:
         server.stop()
-    assert len(asked) == 20 - len(lines)
-    assert scores(resumed) == scores(structured_run)
+    assert len(asked) == 10 - len(lines)
+    assert scores(resumed) == scores(structured_run[:10])
