@@ -164,6 +164,7 @@ def http_client():
             import httpx2
 
             _http_client = httpx2.Client(follow_redirects=False, trust_env=False)
+            logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a log line per request
         return _http_client
 
 

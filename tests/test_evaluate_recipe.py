@@ -168,6 +168,6 @@ def test_multiple_choice_from_the_recipe_before_and_after(tmp_path, chatty_model
     assert report["mc_base"] == run_local_mc(tiny_model_dir, task_file)  # "before": the base model's own run
     saved = json.loads((tmp_path / "out" / "mc_results.json").read_text())
     assert saved["mc"] == report["mc"] and saved["mc_base"] == report["mc_base"]
-    table = capsys.readouterr().out.split("subject ")[-1].splitlines()
+    table = capsys.readouterr().out.split("subject ")[-1].strip().split("\n\n")[0].splitlines()
     assert table[0].split() == ["before", "after"]
     assert table[-1].split() == ["overall", f"{report['mc_base']['overall']:.4f}", f"{report['mc']['overall']:.4f}"]

@@ -279,14 +279,14 @@ def test_local_transformers_judge_structured_takes_the_likeliest_integer(chatty_
     results = judge_responses(records, judge, show_progress=False, judge_format="json")
     model = AutoModelForCausalLM.from_pretrained(chatty_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(chatty_model_dir)
+    answers = [tokenizer(str(n), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for n in range(101)]
     expected = []
-    for record in records:
+    for record in records:  # each prompt + answer whole, right-padded, one forward pass for the 101 of them
         prompt = tokenizer(make_judge_prompt(record))["input_ids"]
-        logprobs = []
-        for n in range(101):
-            answer = tokenizer(str(n), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            logits = model(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
-            logprobs.append(sum(logits[len(prompt) - 1 + j, t].item() for j, t in enumerate(answer)))
+        width = len(prompt) + max(map(len, answers))
+        rows = torch.tensor([prompt + a + [0] * (width - len(prompt) - len(a)) for a in answers])
+        logits = model(rows).logits.log_softmax(-1)
+        logprobs = [sum(logits[n, len(prompt) - 1 + j, t].item() for j, t in enumerate(a)) for n, a in enumerate(answers)]
         expected.append(max(range(101), key=logprobs.__getitem__))
     assert [r["score"] for r in results] == expected
     assert [r["path"] for r in results] == ["json"] * 4
