@@ -89,10 +89,11 @@ def parse_score(reply: str, low: int = 0, high: int = 100) -> ParsedScore:
     return ParsedScore(int(value))
 
 
-# What a structured judge must answer: exactly {"score": <integer 0-100>}.
+# What a structured judge must answer: exactly {"score": <integer 0-100>}. The enum says the range again because
+# llama.cpp's grammar (llama-cpp-python 0.3) ignores minimum/maximum: a 135 M judge then wrote {"score": 200}.
 SCORE_SCHEMA = {
     "type": "object",
-    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100, "enum": list(range(101))}},
     "required": ["score"],
     "additionalProperties": False,
 }
