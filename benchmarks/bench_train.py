@@ -3,6 +3,9 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py                      # W1, 3 repeats, full epoch (~15 min)
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --quick              # W1, 1 repeat, 25% of the epoch (~3 min)
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --workload W2 --repeats 2 --fraction 0.5
+    HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --workload W3                 # SmolLM2-135M, 40 steps
+    HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --workload W3 --launch accelerate  # through the user's command
+    python benchmarks/bench_train.py --device cuda --workload W4                    # GPU: MFU, vs TRL flash-attention
 
 Each contender trains in its own process (so peak RSS, threads and compiled code are its own), one after the other
 in a rotated order per repeat, so machine noise hits every contender alike; the table reports medians and ratios.
@@ -70,10 +73,33 @@ ABLATIONS = {
     # with the stock (MKL) linears: dynamo then has no custom autograd function to trace
     "sft-hf padded (length-grouped) + torch.compile": dict(kind="ours", flags=PADDED + ["--torch_compile", "true"]),
 }
-ALL_CONTENDERS = {**CONTENDERS, **ABLATIONS}
+# Issue 15: bf16 autocast (native on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; skipped where emulated unless
+# --allow-emulated-bf16: 50× slower matmuls) and the GPU's best.
+BF16_CONTENDERS = {
+    "sft-hf fp32": dict(kind="ours", flags=["--precision", "fp32"]),
+    "sft-hf bf16": dict(kind="ours", flags=["--precision", "bf16"], bf16=True),
+    "TRL bf16 autocast padding_free (no checkpointing)": dict(
+        kind="trl", config=dict(bf16=True, gradient_checkpointing=False, padding_free=True, max_length=None),
+        bf16=True),
+    "sft-hf flash-attention": dict(kind="ours", flags=["--attn_implementation", "flash_attention_2"], gpu=True),
+    "TRL bf16 padding_free flash-attention": dict(
+        kind="trl", config=dict(bf16=True, gradient_checkpointing=False, padding_free=True, max_length=None),
+        attn="flash_attention_2", bf16=True, gpu=True),
+}
+CONTENDERS["TRL defaults (bf16 autocast + grad checkpointing)"]["bf16"] = True
+ALL_CONTENDERS = {**CONTENDERS, **BF16_CONTENDERS, **ABLATIONS}
+# The default contenders of the real-model workloads: TRL's candidates for its best on a CPU (bf16 autocast without
+# checkpointing, padding_free) and on a GPU (the same with flash-attention), its defaults, sft-hf default/fp32/bf16.
+REAL_MODEL_CONTENDERS = {
+    "cpu": ["sft-hf default", "sft-hf fp32", "sft-hf bf16", "TRL bf16 autocast padding_free (no checkpointing)",
+            "TRL defaults (bf16 autocast + grad checkpointing)", "TRL fp32 padding_free"],
+    "cuda": ["sft-hf default", "sft-hf flash-attention", "TRL bf16 padding_free flash-attention",
+             "TRL bf16 autocast padding_free (no checkpointing)", "TRL defaults (bf16 autocast + grad checkpointing)"],
+}
+W3_STEPS = 40
 # TRL's best = its fastest configuration in the run; its defaults too: with native bf16 (AVX512-BF16, AMX, GPUs)
 # bf16 autocast can beat fp32 even with gradient checkpointing.
-TRL_BEST_CANDIDATES = [name for name, c in CONTENDERS.items() if c["kind"] == "trl"]
+TRL_BEST_CANDIDATES = [name for name, c in {**CONTENDERS, **BF16_CONTENDERS}.items() if c["kind"] == "trl"]
 TRL_DEFAULTS = "TRL defaults (bf16 autocast + grad checkpointing)"
 
 
@@ -137,7 +163,7 @@ def _recipe_callbacks(wanted: bool) -> list:
     return [CheckpointCompleteCallback(), StopOnNonFiniteLoss()]
 
 
-def _build_trl(model_dir: str, config: dict, n_records: int, output_dir: str):
+def _build_trl(model_dir: str, config: dict, n_records: int, output_dir: str, attn: str | None = None):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -145,7 +171,7 @@ def _build_trl(model_dir: str, config: dict, n_records: int, output_dir: str):
     from benchmarks.bench_data import alpaca_text
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn)
     import torch
 
     # use_cpu: TRL's bf16 default refuses to run on a CPU otherwise
@@ -161,21 +187,31 @@ def _build_trl(model_dir: str, config: dict, n_records: int, output_dir: str):
     return trainer, tokenizer, prep_seconds
 
 
-def _final_loss(model, tokenizer, n_examples: int = 256) -> float:
-    """Mean token loss (every token, as trained) on the first training examples, the same code for every contender."""
+def _loss_records(workload: str) -> list[dict]:
+    """W1/W2: the first 256 training examples (a random model learns them first). W3/W4: chapter 7's 55 validation
+    records (the last 5%), the validation loss the issue compares bf16 and fp32 by."""
+    from benchmarks.workloads import DATA_FILE
+
+    if workload in ("W3", "W4"):
+        return json.loads(DATA_FILE.read_text())[1045:]
+    return _records(1.0)[:256]
+
+
+def _final_loss(model, tokenizer, records: list[dict]) -> float:
+    """Mean token loss (every token, as trained) on `records`, the same code for every contender, in fp32."""
     import torch
     from datasets import Dataset
 
     from sft_hf import InstructionDataCollator, tokenize_dataset
 
-    data = tokenize_dataset(Dataset.from_list(_records(1.0)[:n_examples]), tokenizer, "alpaca", MAX_LENGTH,
-                            verbose=False)
+    data = tokenize_dataset(Dataset.from_list(records), tokenizer, "alpaca", MAX_LENGTH, verbose=False)
     collator = InstructionDataCollator(pad_token_id=tokenizer.pad_token_id)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data), 16):
             batch = collator([data[j] for j in range(i, min(i + 16, len(data)))])
+            batch = {k: v.to(model.device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(model(**batch).loss) * n
             count += n
@@ -208,7 +244,8 @@ def run_one(name: str, workload: str, fraction: float, threads: int | None) -> d
             trainer, tokenizer, prep_seconds = _build_ours(model_dir, contender["flags"], n_records, output_dir,
                                                            callbacks=contender.get("callbacks", True))
         else:
-            trainer, tokenizer, prep_seconds = _build_trl(model_dir, contender["config"], n_records, output_dir)
+            trainer, tokenizer, prep_seconds = _build_trl(model_dir, contender["config"], n_records, output_dir,
+                                                          contender.get("attn"))
         counter = None
         if trainer.args.dataloader_num_workers == 0:  # the counts live in this process only then
             counter = trainer.data_collator = _TokenCounter(trainer.data_collator)
@@ -220,7 +257,7 @@ def run_one(name: str, workload: str, fraction: float, threads: int | None) -> d
     return {
         "contender": name, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
         "cpu_seconds": cpu_seconds, "tokens_per_cpu_second": tokens / cpu_seconds,
-        "train_loss": result.training_loss, "final_loss": _final_loss(trainer.model, tokenizer),
+        "train_loss": result.training_loss, "final_loss": _final_loss(trainer.model, tokenizer, _loss_records(workload)),
         "padding_fraction": 1 - counter.real / counter.positions if counter else None,
         "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                           else trainer.optimizer).__name__ + (" fused" if trainer.args.optim.endswith("fused") else ""),
@@ -241,6 +278,11 @@ def matmul_flops(seconds: float = 1.5, n: int = 1024) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     kernels = {"torch.matmul": lambda: a @ b}
+    from sft_hf.config import cpu_has_native_bf16, gpu_has_native_bf16
+
+    if (device == "cpu" and cpu_has_native_bf16()) or (device == "cuda" and gpu_has_native_bf16()):
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        kernels["bf16 torch.matmul"] = lambda: a16 @ b16
     if device == "cpu":
         from sft_hf.onednn_linear import _mm_t, onednn_pays
 
@@ -295,7 +337,55 @@ def machine_header() -> str:
             f"TRL {trl_version}")
 
 
+def run_launched(name: str, opts) -> dict:
+    """sft-hf through the user's command: `accelerate launch recipes/train.py --config <recipe>` in a subprocess
+    (the recipe holds the workload's settings and the contender's flags). Tokens/s = the tokens of the records
+    trained ÷ the run's own `train_runtime` (its `trainer.train()`); the loss is computed on the saved model."""
+    import yaml
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.workloads import DATA_FILE, build_workload
+    from sft_hf import tokenize_dataset
+
+    model_dir = build_workload(opts.workload)
+    n_records = len(_records(opts.fraction))
+    slug = name.replace(" ", "_").replace("/", "_")
+    out = Path(opts.log_dir, "launched", slug)
+    flags = ["--model_name_or_path", model_dir, "--dataset_name", str(DATA_FILE), "--template", "alpaca",
+             "--output_dir", str(out), "--overwrite_output_dir", "true", "--max_train_samples", str(n_records),
+             "--max_eval_samples", "8", *OURS_WORKLOAD_FLAGS, *ALL_CONTENDERS[name]["flags"]]
+    recipe = Path(opts.log_dir, f"{slug}.yaml")
+    recipe.write_text(yaml.safe_dump({k[2:]: v for k, v in zip(flags[::2], flags[1::2])}, sort_keys=False))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "recipes/train.py", "--config", str(recipe)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cpu_start = _cpu_seconds()
+    with open(Path(opts.log_dir, f"{slug}.launched.log"), "a") as log_file:
+        proc = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} (accelerate launch) failed (exit {proc.returncode}); see {log_file.name}")
+    cpu_seconds = _cpu_seconds() - cpu_start  # the whole command (load, tokenize, save too): a lower bound
+    results = json.loads(Path(out, "all_results.json").read_text())
+    state = json.loads(Path(out, "trainer_state.json").read_text())
+    pads = [h["padding_fraction"] for h in state["log_history"] if "padding_fraction" in h]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    data = tokenize_dataset(Dataset.from_list(_records(1.0)[:n_records]), tokenizer, "alpaca", MAX_LENGTH,
+                            verbose=False)
+    tokens, seconds = sum(data["length"]), results["train_runtime"]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="float32")
+    return {
+        "contender": name + " · accelerate launch", "tokens": tokens, "seconds": seconds,
+        "tokens_per_second": tokens / seconds, "cpu_seconds": cpu_seconds, "tokens_per_cpu_second": tokens / cpu_seconds,
+        "train_loss": results.get("train_loss"), "final_loss": _final_loss(model, tokenizer, _loss_records(opts.workload)),
+        "padding_fraction": statistics.mean(pads) if pads else None, "optimizer": "see log",
+        "epoch_fraction": n_records / len(_records(1.0)), "prep_seconds": None,
+        "params": sum(p.numel() for p in model.parameters()), "threads": None, "peak_rss_mb": None,
+    }
+
+
 def run_child(name: str, opts) -> dict:
+    if opts.launch == "accelerate" and ALL_CONTENDERS[name]["kind"] == "ours":
+        return run_launched(name, opts)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--child", name, "--child-out", out.name, "--workload", opts.workload,
                "--fraction", str(opts.slow_fraction if ALL_CONTENDERS[name].get("slow") else opts.fraction)]
@@ -310,7 +400,8 @@ def run_child(name: str, opts) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_tflops: float | None = None) -> str:
+def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_tflops: float | None = None,
+              workload: str = "W1") -> str:
     """The markdown table, then how the sft-hf default compares with the issue's targets.
 
     Two rooflines: 6 × parameters × tokens/s over the best `torch.matmul` rate measured in the run (the issue's
@@ -319,7 +410,7 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
 
     # noise only ever slows a matmul down: the best measurement is the machine's rate
     matmul = max(f["torch.matmul"] for f in flops)
-    best_gemm = max(max(f.values()) for f in flops)
+    best_gemm = max(max(f.values()) for f in flops)  # bf16 where native: the issue-15 roofline
     rates = {name: [r["tokens_per_second"] for r in rs] for name, rs in runs.items()}
     medians = {name: statistics.median(v) for name, v in rates.items()}
     trl_best = max((n for n in TRL_BEST_CANDIDATES if n in medians), key=medians.get, default=None)
@@ -343,8 +434,8 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
             f"{6 * r0['params'] * rate / best_gemm:.0%}",
             f"{statistics.median(r['tokens_per_cpu_second'] for r in rs):,.0f}",
             f"{statistics.median(pads):.1%}" if pads else "–",
-            f"{statistics.median(r['prep_seconds'] for r in rs):.2f} s",
-            f"{max(r['peak_rss_mb'] for r in rs):,.0f} MB",
+            f"{statistics.median(r['prep_seconds'] for r in rs):.2f} s" if r0["prep_seconds"] is not None else "–",
+            f"{max(r['peak_rss_mb'] for r in rs):,.0f} MB" if r0["peak_rss_mb"] is not None else "–",
             f"{statistics.median(r['final_loss'] for r in rs):.3f}",
             f"{r0['epoch_fraction']:.0%}",
         ]
@@ -354,13 +445,14 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
     r0 = next(iter(runs.values()))[0]
     measured = "; ".join(f"{k} " + ", ".join(f"{f[k] / 1e9:.0f}" for f in flops if k in f) for k in flops[0])
     lines.append(f"\nRoofline: 6 × {r0['params'] / 1e6:.2f} M parameters × tokens/s ÷ {matmul / 1e9:.0f} GFLOP/s "
-                 f"(best torch.matmul) or ÷ {best_gemm / 1e9:.0f} GFLOP/s (best fp32 GEMM); fp32 1024³ GFLOP/s "
+                 f"(best torch.matmul) or ÷ {best_gemm / 1e9:.0f} GFLOP/s (best GEMM, bf16 where native); 1024³ GFLOP/s "
                  f"measured before, between and after the repeats: {measured}.")
     ours = "sft-hf default"
     if ours in medians:
         checks = []
         if trl_best:
-            checks.append(f"{medians[ours] / medians[trl_best]:.2f}× TRL's best ({trl_best}; target ≥ 1.5×)")
+            target = "2×" if workload in ("W3", "W4") else "1.5×"  # issue 15 on the real model, issue 5 on W1
+            checks.append(f"{medians[ours] / medians[trl_best]:.2f}× TRL's best ({trl_best}; target ≥ {target})")
         if TRL_DEFAULTS in medians:
             checks.append(f"{medians[ours] / medians[TRL_DEFAULTS]:.1f}× TRL's defaults (target ≥ 15×)")
         checks.append(f"{6 * r0['params'] * medians[ours] / matmul:.0%} of the torch.matmul roofline (target ≥ 50%), "
@@ -371,7 +463,16 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", default="W1", choices=["W1", "W2"])
+    parser.add_argument("--workload", default="W1", choices=["W1", "W2", "W3", "W4"])
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"train this many steps of batch {BATCH_SIZE} (the first steps × {BATCH_SIZE} records); "
+                             f"W3/W4 default: {W3_STEPS}")
+    parser.add_argument("--launch", default="inprocess", choices=["inprocess", "accelerate"],
+                        help="accelerate: sft-hf contenders run the user's command, `accelerate launch "
+                             "recipes/train.py --config <recipe>`, in a subprocess (TRL's stay in-process)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--allow-emulated-bf16", action="store_true",
+                        help="run bf16 contenders also where bf16 is emulated (50x slower matmuls)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=1.0, help="train on this fraction of the epoch's records")
     parser.add_argument("--slow-fraction", type=float, default=0.25,
@@ -393,6 +494,7 @@ def main(argv=None):
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    from benchmarks.workloads import WORKLOADS, build_workload, train_records  # noqa: F811
 
     if opts.child:
         Path(opts.child_out).write_text(json.dumps(run_one(opts.child, opts.workload, opts.fraction, opts.threads)))
@@ -401,15 +503,41 @@ def main(argv=None):
         os.environ.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     if opts.quick:
         opts.repeats, opts.fraction, opts.slow_fraction = 1, 0.25, min(opts.slow_fraction, 0.1)
+    import torch
+
+    from sft_hf.config import cpu_has_native_bf16, gpu_has_native_bf16
+
+    cuda = torch.cuda.is_available()
+    if opts.device == "cuda" and not cuda:
+        parser.error("--device cuda: no CUDA device here")
+    if opts.device == "cpu" and cuda:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every contender on the CPU
+        cuda = False
+    if opts.workload == "W4" and not cuda:
+        parser.error("W4 (≈0.6 B parameters) is a GPU workload: use --device cuda on a GPU machine")
+    real_model = opts.workload in ("W3", "W4")
+    steps = opts.steps or (W3_STEPS if real_model else None)
+    if steps:
+        opts.fraction = steps * BATCH_SIZE / len(train_records())
+        opts.slow_fraction = opts.fraction
+    opts.skip_data = opts.skip_data or real_model
     opts.slow_fraction = min(opts.slow_fraction, opts.fraction)
-    names = list(CONTENDERS) if opts.contenders is None else [n.strip() for n in opts.contenders.split(",")]
+    if opts.contenders is not None:
+        names = [n.strip() for n in opts.contenders.split(",")]
+    else:
+        names = REAL_MODEL_CONTENDERS["cuda" if cuda else "cpu"] if real_model else list(CONTENDERS)
+        native = gpu_has_native_bf16() if cuda else cpu_has_native_bf16()
+        if not native and not opts.allow_emulated_bf16:
+            skipped = [n for n in names if ALL_CONTENDERS[n].get("bf16") or n == "sft-hf fp32"]
+            print(f"bf16 is emulated on this {'GPU' if cuda else 'CPU'}: skipping {skipped} (the sft-hf default "
+                  "is fp32 here; --allow-emulated-bf16 runs them)")
+            names = [n for n in names if n not in skipped]
+        names = [n for n in names if cuda or not ALL_CONTENDERS[n].get("gpu")]
     unknown = [n for n in names if n not in ALL_CONTENDERS]
     if unknown:
         parser.error(f"unknown contender(s) {unknown}; known: {list(ALL_CONTENDERS)}")
     opts.log_dir = opts.log_dir or tempfile.mkdtemp(prefix="sft_hf_bench_")
     Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
-
-    from benchmarks.workloads import build_workload, train_records
 
     if opts.threads:
         import torch
@@ -433,7 +561,7 @@ def main(argv=None):
                   f"final loss {r['final_loss']:.3f}", flush=True)
     flops.append(matmul_flops())
     print()
-    print(summarize(runs, flops, opts.peak_tflops))
+    print(summarize(runs, flops, opts.peak_tflops, opts.workload))
     if not opts.skip_data:
         from benchmarks.bench_data import markdown, measure
 

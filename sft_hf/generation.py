@@ -1,12 +1,15 @@
 """Greedy generation for held-out instructions (one process or sharded under `accelerate launch`), and exact match."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from tqdm.auto import tqdm
 
 from sft_hf.templates import Template, get_template
+
+logger = logging.getLogger(__name__)
 
 
 def extract_response(text: str, prompt: str = "", template: str | Template = "alpaca") -> str:
@@ -59,16 +62,77 @@ def distributed_on_cpu() -> bool:
 
 def _generate(model, tokenizer, records, template: Template, max_new_tokens, batch_size, show_progress):
     add_special = template.name != "chat_template"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
+    prompts = [tokenizer(template.format_prompt(r, tokenizer), add_special_tokens=add_special)["input_ids"]
+               for r in records]
+    generated = None
+    if prompts and continuous_batching_supported(model):
+        generated = _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress)
+    if generated is None:
+        generated = _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress)
+    out = []
+    for row in generated:
+        if tokenizer.eos_token_id in row:  # padded batches fill finished rows up with padding after their EOS
+            row = row[: row.index(tokenizer.eos_token_id)]
+        out.append(extract_response(tokenizer.decode(row, skip_special_tokens=True), template=template))
+    model.train(was_training)
+    return out
+
+
+def continuous_batching_supported(model) -> bool:
+    """transformers' continuous batching (`generate_batch`) runs models on its attention interface, SDPA or eager,
+    without adapters; anything else gets padded batches."""
+    from sft_hf.varlen_attention import NAME as VARLEN
+
+    return (os.environ.get("SFT_HF_CONTINUOUS_BATCHING", "1") != "0" and hasattr(model, "generate_batch")
+            and getattr(model, "_supports_attention_backend", False) and not hasattr(model, "peft_config")
+            and model.config._attn_implementation in ("sdpa", "eager", VARLEN))
+
+
+def _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress):
+    """Continuous batching: a finished row's slot takes the next prompt at once, so one long answer no longer holds
+    `batch_size - 1` finished rows (computed for nothing) until it ends. Greedy, so the tokens are plain `generate`'s
+    (tests/test_generation.py). Returns None when it fails; the caller then uses padded batches."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from sft_hf.varlen_attention import NAME as VARLEN
+
+    longest = max(map(len, prompts)) + max_new_tokens
+    page = 256
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                              else tokenizer.eos_token_id)
+    cb_config = ContinuousBatchingConfig(
+        page_size=page, max_requests_per_batch=batch_size, num_blocks=batch_size * -(-longest // page) + 1,
+        max_batch_tokens=max(512, batch_size), allow_block_sharing=False, auto_switch_to_flash=False,
+    )
+    attn = model.config._attn_implementation
+    if attn == VARLEN:  # the same SDPA for unpadded batches; continuous batching accepts it only by its own name
+        model.set_attn_implementation("sdpa")
+    try:
+        results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config,
+                                       progress_bar=show_progress, warmup=False)
+    finally:
+        if model.config._attn_implementation != attn:
+            model.set_attn_implementation(attn)
+    ordered = list(results.values())
+    if len(ordered) != len(prompts) or any(r.error is not None for r in ordered):
+        logger.warning("continuous batching failed (%s); generating in padded batches",
+                       next((r.error for r in ordered if r.error), "missing results"))
+        return None
+    return [list(r.generated_tokens) for r in ordered]
+
+
+def _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress):
+    """`model.generate` on left-padded batches of similar-length prompts."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Longest prompts first: batches of similar length waste less compute on padding.
-    prompts = [template.format_prompt(r, tokenizer) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="Generating", disable=not show_progress):
         idx = order[start : start + batch_size]
-        encoded = [tokenizer(prompts[i], add_special_tokens=add_special)["input_ids"] for i in idx]
+        encoded = [prompts[i] for i in idx]
         width = max(map(len, encoded))
         # Left padding, so every row's next token is generated at the same position.
         input_ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
@@ -78,10 +142,7 @@ def _generate(model, tokenizer, records, template: Template, max_new_tokens, bat
             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
         )
         for i, row in zip(idx, generated[:, width:].tolist()):
-            if tokenizer.eos_token_id in row:  # finished rows are filled up with padding after their EOS
-                row = row[: row.index(tokenizer.eos_token_id)]
-            out[i] = extract_response(tokenizer.decode(row, skip_special_tokens=True), template=template)
-    model.train(was_training)
+            out[i] = row
     return out
 
 

