@@ -54,12 +54,19 @@ class EvalArguments:
     judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Env var holding the API key."})
     judge_prompt: str | None = field(default=None, metadata={
         "help": "Prompt template (text or a file) with {input}, {output}, {response}; default chapter 7's."})
-    judge_stream: bool = field(default=True, metadata={"help": "Ollama: stream NDJSON (its default)."})
+    judge_stream: bool | None = field(default=None, metadata={
+        "help": "Stream the reply (default: Ollama yes, NDJSON; OpenAI-compatible no)."})
+    judge_format: str = field(default="auto", metadata={
+        "choices": ["auto", "json", "text"],
+        "help": "auto: JSON {score: int} where the server supports it, else chapter 7's text; json; text."})
+    judge_max_tokens: int | None = field(default=None, metadata={"help": "OpenAI-compatible: cap on reply tokens."})
     judge_concurrency: int = 4
     judge_retries: int = 4
     judge_backoff: float = 1.0
     mc_task_file: str | None = field(default=None, metadata={"help": "MMLU-format .json/.jsonl/.csv, run offline."})
     mc_tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval task names, e.g. mmlu."})
+    mc_base_model: str | None = field(default=None, metadata={
+        "help": "Also run --mc_task_file on this model (the one fine-tuning started from): before and after."})
     mc_num_fewshot: int = 0
     mc_limit: int | None = None
     cpu_threads: int | None = field(default=None, metadata={
@@ -184,20 +191,28 @@ def main(argv=None):
 
     # 3. LLM judge.
     if records and args.judge_backend:
-        from sft_hf.judge import JUDGE_PROMPT, make_judge, run_judge
+        from sft_hf.judge import JUDGE_PROMPT, JudgeUnavailableError, make_judge, run_judge
 
         prompt = args.judge_prompt or JUDGE_PROMPT
         if args.judge_prompt and Path(args.judge_prompt).is_file():
             prompt = Path(args.judge_prompt).read_text()
         judge = make_judge(args.judge_backend, args.judge_model, args.judge_url, args.judge_api_key_env,
-                           args.judge_stream)
-        summaries = run_judge(records, judge, args.response_keys, output_dir, prompt, args.judge_concurrency,
-                              args.judge_retries, args.judge_backoff)
+                           args.judge_stream, args.judge_max_tokens)
+        try:
+            summaries = run_judge(records, judge, args.response_keys, output_dir, prompt, args.judge_concurrency,
+                                  args.judge_retries, args.judge_backoff, judge_format=args.judge_format)
+        except JudgeUnavailableError as e:  # a clear one-line error, not a traceback; the cache is kept
+            raise SystemExit(f"error: {e}") from None
+        except KeyboardInterrupt:
+            caches = ", ".join(str(p) for p in sorted(output_dir.glob("judge_cache_*.jsonl"))) or "no cache yet"
+            print(f"\ninterrupted: the judge's answers so far are kept in {caches}; run the same command again to "
+                  "resume", file=sys.stderr)
+            raise SystemExit(130) from None
         report["judge"] = {k: {n: v for n, v in s.items() if n != "unscored"} for k, s in summaries.items()}
 
     # 4. Multiple-choice benchmarks (lm-evaluation-harness).
     if args.model and (args.mc_task_file or args.mc_tasks):
-        from sft_hf.mc_eval import format_mc_results, run_benchmarks, run_local_mc
+        from sft_hf.mc_eval import format_mc_comparison, format_mc_results, run_benchmarks, run_local_mc
         from sft_hf.modeling import resolve_model_path
 
         model_path = resolve_model_path(args.model)
@@ -205,6 +220,10 @@ def main(argv=None):
             report["mc"] = run_local_mc(model_path, args.mc_task_file, args.mc_num_fewshot, args.batch_size,
                                         args.mc_limit)
             print("\n" + format_mc_results(report["mc"]))
+            if args.mc_base_model:
+                report["mc_base"] = run_local_mc(resolve_model_path(args.mc_base_model), args.mc_task_file,
+                                                 args.mc_num_fewshot, args.batch_size, args.mc_limit)
+                print("\n" + format_mc_comparison({"before": report["mc_base"], "after": report["mc"]}))
         if args.mc_tasks:
             report["mc_tasks"] = run_benchmarks(model_path, args.mc_tasks, args.mc_num_fewshot, args.batch_size,
                                                 args.mc_limit)

@@ -1,17 +1,23 @@
 """Score responses 0-100 with an LLM judge, as chapter 7 does with Llama 3 through Ollama.
 
-Three backends, all behind `judge.complete(prompt) -> str`:
+Three backends, all behind `judge.complete(prompt, structured=False) -> str`:
 - `OllamaJudge`: POST /api/chat (NDJSON stream by default, like chapter 7, or one JSON reply),
-- `OpenAIJudge`: POST /v1/chat/completions of any OpenAI-compatible server (vLLM, llama.cpp, TGI, OpenAI);
-  the API key is read from an environment variable at request time and never stored, logged or cached,
+- `OpenAIJudge`: POST /v1/chat/completions of any OpenAI-compatible server (llama.cpp, vLLM, TGI, OpenAI),
+  one JSON reply or server-sent events; the API key is read from an environment variable at request time and
+  never stored, logged or cached,
 - `HFJudge`: a local transformers model, greedy.
+`structured=True` asks for {"score": <integer 0-100>} (SCORE_SCHEMA): Ollama's `format`, OpenAI's
+`response_format`, or, for HFJudge, the likeliest of the answers "0".."100". The chapter 7 prompt stays the same.
 
 `judge_responses` asks the judge for every record with bounded concurrency, retries with exponential backoff and
 an on-disk JSONL cache (one line per answered item), so an interrupted run resumes without asking again.
-Replies that hold no usable integer are kept and counted as unparsed, never silently dropped.
+Replies that hold no usable integer are kept and counted as unparsed, never silently dropped; structured replies
+are validated against the schema, and every result says which path ("json" or "text") its score came by.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,8 +26,6 @@ import re
 import statistics
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +89,41 @@ def parse_score(reply: str, low: int = 0, high: int = 100) -> ParsedScore:
     return ParsedScore(int(value))
 
 
+# What a structured judge must answer: exactly {"score": <integer 0-100>}. The enum says the range again because
+# llama.cpp's grammar (llama-cpp-python 0.3) ignores minimum/maximum: a 135 M judge then wrote {"score": 200}.
+SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100, "enum": list(range(101))}},
+    "required": ["score"],
+    "additionalProperties": False,
+}
+JUDGE_FORMATS = ("auto", "json", "text")  # auto: JSON where the server takes it, else chapter 7's text
+
+
+def parse_structured_score(reply: str) -> ParsedScore:
+    """Validate a structured reply against SCORE_SCHEMA (a JSON object with one key, an integer 0-100)."""
+    try:
+        value = json.loads(reply)
+    except (json.JSONDecodeError, TypeError):
+        return ParsedScore(None, "invalid JSON")
+    if not isinstance(value, dict) or set(value) != {"score"}:
+        return ParsedScore(None, 'not {"score": <integer>}')
+    score = value["score"]
+    if isinstance(score, bool) or not isinstance(score, int):
+        return ParsedScore(None, "not an integer")
+    if not 0 <= score <= 100:
+        return ParsedScore(None, "out of range")
+    return ParsedScore(score)
+
+
+def parse_reply(reply: str, asked: str) -> tuple[ParsedScore, str]:
+    """The score and the path it came by. A reply asked as "json" is validated against the schema, unless it is
+    prose (a server that ignored the format answered chapter 7's prompt as text): that is parsed as "text"."""
+    if asked == "json" and (reply or "").lstrip()[:1] in ("{", "["):
+        return parse_structured_score(reply), "json"
+    return parse_score(reply), "text"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Backends
 
@@ -92,42 +131,90 @@ def parse_score(reply: str, low: int = 0, high: int = 100) -> ParsedScore:
 class JudgeRequestError(RuntimeError):
     """A request that failed; `retryable` says whether asking again may help (timeouts, 429, 5xx)."""
 
-    def __init__(self, message: str, retryable: bool, unreachable: bool = False):
+    def __init__(self, message: str, retryable: bool, unreachable: bool = False, status: int | None = None):
         super().__init__(message)
         self.retryable, self.unreachable = retryable, unreachable  # unreachable: no server answered at all
+        self.status = status
+
+    @property
+    def refused(self) -> bool:
+        """The server answered and said no to this request (a 4xx other than timeout / rate limit)."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
+
+
+class StructuredOutputRefused(JudgeRequestError):
+    """The server refused every form of structured output it was offered (a 4xx to each)."""
 
 
 class JudgeUnavailableError(RuntimeError):
-    """The judge server could not be reached at all: stop instead of failing every item one by one."""
+    """The judge server could not be reached: stop instead of failing every item one by one."""
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise JudgeRequestError(f"{req.full_url}: HTTP {code} redirect to {newurl} refused (the judge talks only to "
-                                "the URL it is given)", retryable=False)
+_client_lock = threading.Lock()
+_http_client = None
 
 
-# No proxies from the environment and no redirects: requests (and the API key they carry) go to the given URL only.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _RefuseRedirects())
+def http_client():
+    """One shared httpx2 client (thread-safe, pooled connections). It follows no redirect and takes no proxy from
+    the environment: requests, and the API key they carry, go to the given URL only. (huggingface_hub's
+    InferenceClient cannot promise that: its shared session follows redirects, reads proxy variables, refuses every
+    URL under HF_HUB_OFFLINE=1, and sends the stored Hub token when no key is given.)"""
+    global _http_client
+    with _client_lock:
+        if _http_client is None:
+            import httpx2
+
+            _http_client = httpx2.Client(follow_redirects=False, trust_env=False)
+            logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a log line per request
+        return _http_client
 
 
+@contextlib.contextmanager
 def post_json(url: str, payload: dict, headers: dict | None = None, timeout: float = 120.0):
-    """POST JSON; returns the open response (the caller reads it as one JSON document or as NDJSON lines)."""
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json", **(headers or {})},
-        method="POST",
-    )
+    """POST JSON; yields the open response, read whole or line by line. Errors, also those while reading the body,
+    come out as JudgeRequestError."""
+    import httpx2
+
     try:
-        return _OPENER.open(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        body = " ".join(e.read().decode(errors="replace").split())[:200]
-        raise JudgeRequestError(f"{url}: HTTP {e.code}: {body}", retryable=e.code == 429 or e.code >= 500) from None
-    except (urllib.error.URLError, ConnectionError) as e:
-        reason = getattr(e, "reason", e)
-        refused = isinstance(reason, (ConnectionRefusedError, OSError)) and not isinstance(reason, TimeoutError)
-        raise JudgeRequestError(f"{url}: {reason}", retryable=True, unreachable=refused) from None
-    except TimeoutError as e:
-        raise JudgeRequestError(f"{url}: timed out ({e})", retryable=True) from None
+        with http_client().stream("POST", url, json=payload, headers=headers, timeout=timeout) as response:
+            status = response.status_code
+            if 300 <= status < 400:
+                raise JudgeRequestError(f"{url}: HTTP {status} redirect to {response.headers.get('location')} "
+                                        "refused (the judge talks only to the URL it is given)", retryable=False)
+            if status >= 400:
+                body = " ".join(response.read().decode(errors="replace").split())[:200]
+                raise JudgeRequestError(f"{url}: HTTP {status}: {body}", status=status,
+                                        retryable=status in (408, 429) or status >= 500)
+            yield response
+    except httpx2.ConnectError as e:
+        raise JudgeRequestError(f"{url}: cannot connect ({e})", retryable=True, unreachable=True) from None
+    except httpx2.TimeoutException as e:
+        raise JudgeRequestError(f"{url}: timed out ({type(e).__name__})", retryable=True) from None
+    except httpx2.TransportError as e:  # the connection broke off, e.g. midway through a stream
+        raise JudgeRequestError(f"{url}: {type(e).__name__}: {e}", retryable=True) from None
+
+
+class StructuredForms:
+    """The forms of structured output a backend knows, best first. A form the server refuses (4xx) is skipped from
+    then on, but only once a later form has been accepted: a 4xx for another reason (a prompt too long for the
+    context) is refused by every form and changes nothing."""
+
+    def __init__(self, forms: list):
+        self.forms, self.first = forms, 0
+
+    def ask(self, send):
+        error = None
+        for k in range(self.first, len(self.forms)):
+            try:
+                reply = send(self.forms[k])
+            except JudgeRequestError as e:
+                if not e.refused:
+                    raise
+                error = e
+                continue
+            self.first = max(self.first, k)
+            return reply
+        raise StructuredOutputRefused(f"structured output refused: {error}", retryable=False, status=error.status)
 
 
 @dataclass
@@ -138,21 +225,28 @@ class OllamaJudge:
     options: dict = field(default_factory=lambda: dict(OLLAMA_OPTIONS))
     timeout: float = 300.0
     max_workers: int | None = None  # no limit of its own; judge_responses decides
+    # Ollama's `format`: a JSON schema (Ollama >= 0.5), else "json" (JSON mode of older versions).
+    structured: StructuredForms = field(default_factory=lambda: StructuredForms([SCORE_SCHEMA, "json"]), repr=False)
 
     @property
     def identity(self) -> str:
         return f"ollama|{self.model}|{json.dumps(self.options, sort_keys=True)}"
 
-    def complete(self, prompt: str) -> str:
+    def complete(self, prompt: str, structured: bool = False) -> str:
         payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "options": self.options,
                    "stream": self.stream}
+        if structured:
+            return self.structured.ask(lambda form: self._chat({**payload, "format": form}))
+        return self._chat(payload)
+
+    def _chat(self, payload: dict) -> str:
         endpoint = self.url.rstrip("/") + "/api/chat"
         with post_json(endpoint, payload, timeout=self.timeout) as response:
             try:
                 if not self.stream:
                     return json.loads(response.read())["message"]["content"]
                 parts, done = [], False
-                for line in response:
+                for line in response.iter_lines():
                     if not line.strip():
                         continue
                     chunk = json.loads(line)
@@ -164,11 +258,17 @@ class OllamaJudge:
                         break
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise JudgeRequestError(f"{endpoint}: unexpected reply ({type(e).__name__}: {e})", True) from None
-            except (TimeoutError, ConnectionError, OSError) as e:  # the stream broke off midway
-                raise JudgeRequestError(f"{endpoint}: {e}", retryable=True) from None
         if not done:
             raise JudgeRequestError(f"{endpoint}: the stream ended before a 'done' message", retryable=True)
         return "".join(parts)
+
+
+# OpenAI-compatible `response_format`s, best first: llama.cpp's server (llama-cpp-python 0.3) constrains decoding
+# only with {"type": "json_object", "schema": ...}; OpenAI itself, vLLM and others take the "json_schema" form.
+OPENAI_RESPONSE_FORMATS = [
+    {"type": "json_object", "schema": SCORE_SCHEMA},
+    {"type": "json_schema", "json_schema": {"name": "judge_score", "schema": SCORE_SCHEMA, "strict": True}},
+]
 
 
 @dataclass
@@ -179,32 +279,57 @@ class OpenAIJudge:
     temperature: float = 0.0
     seed: int | None = 123
     max_tokens: int | None = None
+    stream: bool = False  # server-sent events, read until "data: [DONE]"
     timeout: float = 300.0
     max_workers: int | None = None
+    structured: StructuredForms = field(default_factory=lambda: StructuredForms(OPENAI_RESPONSE_FORMATS), repr=False)
 
     @property
     def identity(self) -> str:
-        return f"openai|{self.url.rstrip('/')}|{self.model}|{self.temperature}|{self.seed}"
+        return f"openai|{self.url.rstrip('/')}|{self.model}|{self.temperature}|{self.seed}|{self.max_tokens}"
 
-    def complete(self, prompt: str) -> str:
+    def complete(self, prompt: str, structured: bool = False) -> str:
         payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                   "temperature": self.temperature}
+                   "temperature": self.temperature, "stream": self.stream}
         if self.seed is not None:
             payload["seed"] = self.seed
         if self.max_tokens:
             payload["max_tokens"] = self.max_tokens
+        if structured:
+            return self.structured.ask(lambda form: self._chat({**payload, "response_format": form}))
+        return self._chat(payload)
+
+    def _chat(self, payload: dict) -> str:
         key = os.environ.get(self.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         endpoint = self.url.rstrip("/") + "/chat/completions"
         with post_json(endpoint, payload, headers, timeout=self.timeout) as response:
             try:
-                return json.loads(response.read())["choices"][0]["message"]["content"]
+                if not self.stream:
+                    return json.loads(response.read())["choices"][0]["message"]["content"]
+                parts, done = [], False
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, ": ping" comments, "event:" lines
+                    data = line[len("data:"):].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise JudgeRequestError(f"{endpoint}: {chunk['error']}", retryable=True)
+                    for choice in chunk.get("choices") or []:
+                        parts.append((choice.get("delta") or {}).get("content") or "")
             except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
                 raise JudgeRequestError(f"{endpoint}: unexpected reply ({type(e).__name__}: {e})", True) from None
+        if not done:
+            raise JudgeRequestError(f"{endpoint}: the stream ended before 'data: [DONE]'", retryable=True)
+        return "".join(parts)
 
 
 class HFJudge:
-    """A local transformers causal LM as judge: chat template when the tokenizer has one, greedy, a few tokens."""
+    """A local transformers causal LM as judge: chat template when the tokenizer has one, greedy, a few tokens.
+    Structured, it scores every answer "0".."100" (followed by end of sequence) and takes the likeliest."""
 
     max_workers = 1  # one model, one forward pass at a time
 
@@ -221,30 +346,61 @@ class HFJudge:
         path = Path(self.model_name_or_path)
         return f"hf|{path.resolve() if path.exists() else self.model_name_or_path}"
 
-    def complete(self, prompt: str) -> str:
+    def encode(self, prompt: str):
+        if getattr(self.tokenizer, "chat_template", None):
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                        add_generation_prompt=True)
+        return self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
+
+    def complete(self, prompt: str, structured: bool = False) -> str:
         import torch
 
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-        else:
-            text = prompt
-        encoded = self.tokenizer(text, return_tensors="pt").to(self.model.device)
+        encoded = self.encode(prompt)
+        if structured:
+            return json.dumps({"score": int(self.score_candidates(encoded["input_ids"]).argmax())})
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.no_grad():
             out = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens, do_sample=False,
                                       pad_token_id=pad_id)
         return self.tokenizer.decode(out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
+    def score_candidates(self, prompt_ids):
+        """log p(str(n) + eos | prompt) for n = 0..100: the prompt once, then all 101 answers in one batch."""
+        import torch
+
+        with torch.no_grad():
+            return self._score_candidates(prompt_ids)
+
+    def _score_candidates(self, prompt_ids):
+        import torch
+
+        answers = [self.tokenizer(str(n), add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                   for n in range(101)]
+        width = max(map(len, answers))
+        ids = torch.tensor([a + [0] * (width - len(a)) for a in answers], device=prompt_ids.device)
+        real = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=prompt_ids.device)
+        out = self.model(prompt_ids, use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(len(answers))
+        mask = torch.cat([torch.ones(len(answers), prompt_ids.shape[1], dtype=real.dtype, device=real.device), real], 1)
+        logits = self.model(ids, cache=cache, attention_mask=mask).logits  # (101, width, vocab)
+        # token j of an answer is predicted by position j-1, its first token by the prompt's last position
+        logits = torch.cat([out.logits[:, -1:].expand(len(answers), -1, -1), logits[:, :-1]], 1).float()
+        token_logprobs = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return (token_logprobs * real).sum(-1)
+
 
 def make_judge(backend: str, model: str | None = None, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-               stream: bool = True):
+               stream: bool | None = None, max_tokens: int | None = None):
+    """`stream` None: the backend's default (Ollama streams, OpenAI-compatible does not)."""
     if backend == "ollama":
-        return OllamaJudge(model=model or "llama3", url=url or "http://localhost:11434", stream=stream)
+        return OllamaJudge(model=model or "llama3", url=url or "http://localhost:11434",
+                           stream=True if stream is None else stream)
     if backend == "openai":
         if not model:
             raise ValueError("the openai judge backend needs --judge_model (the model name the server serves)")
-        return OpenAIJudge(model=model, url=url or "http://localhost:8000/v1", api_key_env=api_key_env)
+        return OpenAIJudge(model=model, url=url or "http://localhost:8000/v1", api_key_env=api_key_env,
+                           max_tokens=max_tokens, stream=bool(stream))
     if backend == "hf":
         if not model:
             raise ValueError("the hf judge backend needs --judge_model (a local model folder or Hub id)")
@@ -257,44 +413,45 @@ def make_judge(backend: str, model: str | None = None, url: str | None = None, a
 
 
 class JudgeCache:
-    """Append-only JSONL, one line per answered prompt, keyed by judge identity + prompt (never by any secret)."""
+    """Append-only JSONL, one line per answered prompt: its key (judge identity + prompt + whether a structured
+    answer was asked for; never any secret), index, reply, and the path the reply came by ("json" or "text")."""
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
-        self.replies: dict[str, str] = {}
+        self.replies: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
         if self.path and self.path.is_file():
             good = []
             for line in self.path.read_text().splitlines():
                 try:  # a run killed mid-write leaves a truncated last line: drop it, that item is asked again
                     item = json.loads(line)
-                    self.replies[item["key"]] = item["reply"]
+                    self.replies[item["key"]] = (item["reply"], item.get("path", "text"))
                     good.append(line + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
             self.path.write_text("".join(good))  # so the next append starts on a line of its own
 
     @staticmethod
-    def key(identity: str, prompt: str) -> str:
-        return hashlib.sha256(f"{identity}\n{prompt}".encode()).hexdigest()
+    def key(identity: str, prompt: str, structured: bool = False) -> str:
+        return hashlib.sha256(f"{identity}{'|structured' if structured else ''}\n{prompt}".encode()).hexdigest()
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> tuple[str, str] | None:
         return self.replies.get(key)
 
-    def put(self, key: str, reply: str, index: int) -> None:
+    def put(self, key: str, reply: str, index: int, path: str = "text") -> None:
         with self._lock:
-            self.replies[key] = reply
+            self.replies[key] = (reply, path)
             if self.path:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a") as f:
-                    f.write(json.dumps({"key": key, "index": index, "reply": reply}) + "\n")
+                    f.write(json.dumps({"key": key, "index": index, "reply": reply, "path": path}) + "\n")
 
 
-def ask_with_retries(judge, prompt: str, retries: int = 4, backoff: float = 1.0) -> str:
+def ask_with_retries(judge, prompt: str, retries: int = 4, backoff: float = 1.0, structured: bool = False) -> str:
     """`retries` more attempts after the first, waiting backoff, 2*backoff, 4*backoff, ... in between."""
     for attempt in range(retries + 1):
         try:
-            return judge.complete(prompt)
+            return judge.complete(prompt, structured=structured)
         except JudgeRequestError as e:
             if not e.retryable or attempt == retries:
                 raise
@@ -303,33 +460,79 @@ def ask_with_retries(judge, prompt: str, retries: int = 4, backoff: float = 1.0)
             time.sleep(delay)
 
 
+@dataclass
+class JudgeAsker:
+    """Asks one prompt in the run's format; returns (reply, path). In "auto", a server that refuses structured
+    output for a prompt it then answers as text is asked with text only from then on."""
+
+    judge: object
+    judge_format: str = "auto"
+    retries: int = 4
+    backoff: float = 1.0
+    structured_refused: bool = False
+
+    def __call__(self, prompt: str) -> tuple[str, str]:
+        if self.judge_format == "text" or self.structured_refused:
+            return ask_with_retries(self.judge, prompt, self.retries, self.backoff), "text"
+        try:
+            return ask_with_retries(self.judge, prompt, self.retries, self.backoff, structured=True), "json"
+        except StructuredOutputRefused as e:
+            if self.judge_format == "json":
+                raise
+            reply = ask_with_retries(self.judge, prompt, self.retries, self.backoff)  # a 4xx here: not the format
+            if not self.structured_refused:
+                logger.warning("the judge server refused structured output (%s): chapter 7's text prompt and "
+                               "parsing from now on", e)
+            self.structured_refused = True
+            return reply, "text"
+
+
 def judge_responses(
     records: list[dict], judge, response_key: str = "model_response", prompt_template: str = JUDGE_PROMPT,
     cache_path: str | Path | None = None, max_workers: int = 4, retries: int = 4, backoff: float = 1.0,
-    show_progress: bool = True,
+    show_progress: bool = True, judge_format: str = "auto",
 ) -> list[dict]:
-    """One result per record, in order: index, score (int or None), reply, problem (why unscored, else None)."""
+    """One result per record, in order: index, score (int or None), reply, problem (why unscored, else None) and
+    path ("json": a schema-valid structured reply, "text": chapter 7's prompt answered in prose; None if no reply).
+
+    judge_format: "json" asks for {"score": int} (structured output), "text" for chapter 7's integer in prose,
+    "auto" for JSON where the server takes it and text where it refuses (a 4xx).
+    """
+    if judge_format not in JUDGE_FORMATS:
+        raise ValueError(f"judge_format {judge_format!r}: use one of {', '.join(JUDGE_FORMATS)}")
     cache = JudgeCache(cache_path)
     prompts = [make_judge_prompt(r, response_key, prompt_template) for r in records]
-    keys = [JudgeCache.key(judge.identity, p) for p in prompts]
-    replies: dict[int, str] = {i: cache.get(k) for i, k in enumerate(keys) if cache.get(k) is not None}
+    keys = [JudgeCache.key(judge.identity, p, structured=judge_format != "text") for p in prompts]
+    answered: dict[int, tuple[str, str]] = {}
+    for i, key in enumerate(keys):
+        hit = cache.get(key)
+        if hit is not None and not (judge_format == "json" and hit[1] != "json"):
+            answered[i] = hit
     failures: dict[int, str] = {}
-    todo = [i for i in range(len(records)) if i not in replies]
-    if replies:
-        logger.info("judge cache %s: %d of %d items already answered", cache_path, len(replies), len(records))
+    todo = [i for i in range(len(records)) if i not in answered]
+    if answered:
+        logger.info("judge cache %s: %d of %d items already answered", cache_path, len(answered), len(records))
+    asker = JudgeAsker(judge, judge_format, retries, backoff)
 
-    def ask(i: int) -> str:
-        reply = ask_with_retries(judge, prompts[i], retries, backoff)
-        cache.put(keys[i], reply, i)  # written as soon as it is answered: an interrupted run loses nothing
-        return reply
+    def ask(i: int) -> tuple[str, str]:
+        reply, path = asker(prompts[i])
+        cache.put(keys[i], reply, i, path)  # written as soon as it is answered: an interrupted run loses nothing
+        return reply, path
+
+    def unavailable(e: JudgeRequestError) -> JudgeUnavailableError:
+        if not answered:
+            return JudgeUnavailableError(f"the judge is not reachable: {e} (is the server running at that URL? "
+                                         "For Ollama: `ollama serve` and `ollama pull <model>`)")
+        where = f"kept in {cache.path}: run again to resume" if cache.path else "not cached (no cache file)"
+        return JudgeUnavailableError(f"the judge stopped answering after {len(answered)} of {len(records)} items "
+                                     f"({e}); the answers so far are {where}")
 
     if todo:  # the first item alone: a judge that is not running fails once, not once per item
         try:
-            replies[todo[0]] = ask(todo[0])
+            answered[todo[0]] = ask(todo[0])
         except JudgeRequestError as e:
             if e.unreachable:
-                raise JudgeUnavailableError(f"the judge is not reachable: {e} (is the server running at that URL? "
-                                            "For Ollama: `ollama serve` and `ollama pull <model>`)") from None
+                raise unavailable(e) from None
             failures[todo[0]] = f"request failed: {e}"
         todo = todo[1:]
     workers = max(1, min(max_workers, judge.max_workers or max_workers))
@@ -341,8 +544,10 @@ def judge_responses(
         for future in as_completed(futures):
             i = futures[future]
             try:
-                replies[i] = future.result()
+                answered[i] = future.result()
             except JudgeRequestError as e:  # not cached, so a rerun asks again
+                if e.unreachable:  # the server went away: stop, nothing more will be answered
+                    raise unavailable(e) from None
                 failures[i] = f"request failed: {e}"
             bar.update()
     finally:  # on Ctrl-C (or any error) ask nothing more; what was answered is already in the cache
@@ -352,10 +557,11 @@ def judge_responses(
     results = []
     for i in range(len(records)):
         if i in failures:
-            results.append({"index": i, "score": None, "reply": None, "problem": failures[i]})
+            results.append({"index": i, "score": None, "reply": None, "problem": failures[i], "path": None})
             continue
-        parsed = parse_score(replies[i])
-        results.append({"index": i, "score": parsed.score, "reply": replies[i], "problem": parsed.problem})
+        reply, asked = answered[i]
+        parsed, path = parse_reply(reply, asked)
+        results.append({"index": i, "score": parsed.score, "reply": reply, "problem": parsed.problem, "path": path})
     return results
 
 
@@ -370,6 +576,7 @@ def summarize(results: list[dict]) -> dict:
         "num_scores": len(scores),
         "average": sum(scores) / len(scores) if scores else None,
         "median": statistics.median(scores) if scores else None,
+        "score_paths": dict(sorted(collections.Counter(r["path"] for r in results if r["score"] is not None).items())),
         "unscored": [{"index": r["index"], "reply": r["reply"], "problem": r["problem"]}
                      for r in results if r["score"] is None],
     }
@@ -382,6 +589,7 @@ def format_summary(summary: dict, label: str | None = None) -> str:
     if summary["average"] is not None:
         lines.append(f"Average score: {summary['average']:.2f}")
         lines.append(f"Median score: {summary['median']:g}")
+        lines.append("Scores by path: " + ", ".join(f"{path} {n}" for path, n in summary["score_paths"].items()))
     for item in summary["unscored"]:
         lines.append(f"  unscored item {item['index']}: {item['problem']} (reply {item['reply']!r})")
     return "\n".join(lines)
@@ -422,6 +630,7 @@ def compare_table(summaries: dict[str, dict]) -> str:
 def run_judge(
     records: list[dict], judge, response_keys: list[str], output_dir: str | Path, prompt_template: str = JUDGE_PROMPT,
     max_workers: int = 4, retries: int = 4, backoff: float = 1.0, show_progress: bool = True,
+    judge_format: str = "auto",
 ) -> dict[str, dict]:
     """Judge every response column, print chapter 7's summary, write per-item JSON, a histogram, a comparison."""
     output_dir = Path(output_dir)
@@ -430,7 +639,7 @@ def run_judge(
     for key in response_keys:
         slug = re.sub(r"\W+", "-", key).strip("-")
         results = judge_responses(records, judge, key, prompt_template, output_dir / f"judge_cache_{slug}.jsonl",
-                                  max_workers, retries, backoff, show_progress)
+                                  max_workers, retries, backoff, show_progress, judge_format)
         results_by_key[key], summaries[key] = results, summarize(results)
         print("\n" + format_summary(summaries[key], key))
         per_item = [{**records[r["index"]], **{f"judge_{k}": v for k, v in r.items() if k != "index"}}
@@ -439,6 +648,6 @@ def run_judge(
     plot_histogram(results_by_key, output_dir / "judge_histogram.png")
     if len(summaries) > 1:
         print("\n" + compare_table(summaries))
-    summary_file = {k: {**s, "judge": judge.identity} for k, s in summaries.items()}
+    summary_file = {k: {**s, "judge": judge.identity, "judge_format": judge_format} for k, s in summaries.items()}
     (output_dir / "judge_summary.json").write_text(json.dumps(summary_file, indent=2) + "\n")
     return summaries

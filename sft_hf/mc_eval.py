@@ -147,3 +147,16 @@ def format_mc_results(results: dict) -> str:
     lines += [f"{s:<{width}} {acc:.4f}" for s, acc in sorted(results["subjects"].items())]
     lines.append(f"{'overall':<{width}} {results['overall']:.4f}  ({results['num_questions']} questions)")
     return "\n".join(lines)
+
+
+def format_mc_comparison(results: dict[str, dict]) -> str:
+    """Accuracy per subject and overall, one column per model (e.g. before and after fine-tuning)."""
+    subjects = sorted(set().union(*(r["subjects"] for r in results.values())))
+    width = max([len(s) for s in subjects] + [7]) + 2
+    columns = [max(len(name), 8) for name in results]
+    lines = [f"{'subject':<{width}}" + " ".join(f"{name:>{w}}" for name, w in zip(results, columns))]
+    for subject in subjects + ["overall"]:
+        values = [r["overall"] if subject == "overall" else r["subjects"].get(subject) for r in results.values()]
+        lines.append(f"{subject:<{width}}" + " ".join("-".rjust(w) if v is None else f"{v:>{w}.4f}"
+                                                      for v, w in zip(values, columns)))
+    return "\n".join(lines)

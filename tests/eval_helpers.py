@@ -9,10 +9,12 @@ import pytest
 
 class FakeJudgeServer:
     """An HTTP server in a thread. `reply(prompt)` gives the judge's answer; `fail(prompt, attempt)` may return an
-    HTTP status to send instead (attempt counts the requests seen for that prompt, from 1)."""
+    HTTP status to send instead (attempt counts the requests seen for that prompt, from 1). `refuse(payload)` may
+    return a status for a request by what it asks (e.g. a response_format this server does not take)."""
 
-    def __init__(self, reply, fail=None, delay=0.0, chunk_size=3, break_stream=None):
+    def __init__(self, reply, fail=None, delay=0.0, chunk_size=3, break_stream=None, refuse=None):
         self.reply, self.fail, self.delay = reply, fail or (lambda prompt, attempt: None), delay
+        self.refuse = refuse or (lambda payload: None)
         self.chunk_size, self.break_stream = chunk_size, break_stream or (lambda prompt, attempt: False)
         self.requests, self.attempts = [], {}
         self.in_flight = self.max_in_flight = 0
@@ -33,7 +35,7 @@ class FakeJudgeServer:
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
                     time.sleep(server.delay)
-                    status = server.fail(prompt, attempt)
+                    status = server.fail(prompt, attempt) or server.refuse(payload)
                     if status:
                         self.send_error(status, "scripted failure")
                     elif self.path == "/api/chat":

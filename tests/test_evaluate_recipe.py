@@ -152,15 +152,22 @@ def test_template_comes_from_the_model_folder(tmp_path):
     assert evaluate_recipe.load_template(evaluate_recipe.EvalArguments(model=str(tmp_path / "none"))).name == "alpaca"
 
 
-def test_multiple_choice_from_the_recipe(tmp_path, chatty_model_dir):
+def test_multiple_choice_from_the_recipe_before_and_after(tmp_path, chatty_model_dir, tiny_model_dir, capsys):
     pytest.importorskip("lm_eval")
+    from sft_hf.mc_eval import run_local_mc
+
     rows = [{"subject": "math", "question": f"What is {i} + 1?", "choices": [str(i + 1), str(i), str(i + 2), "0"],
              "answer": 0} for i in range(3)]
     task_file = tmp_path / "mc.jsonl"
     task_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = evaluate_recipe.main(["--model", chatty_model_dir, "--mc_task_file", str(task_file),
-                                   "--output_dir", str(tmp_path / "out")])
+                                   "--mc_base_model", tiny_model_dir, "--output_dir", str(tmp_path / "out")])
     assert report["mc"]["num_questions"] == 3 and set(report["mc"]["subjects"]) == {"math"}
     assert report["mc"]["overall"] == report["mc"]["subjects"]["math"]
     assert report["mc"]["overall"] in (0, 1 / 3, 2 / 3, 1)
-    assert json.loads((tmp_path / "out" / "mc_results.json").read_text())["mc"] == report["mc"]
+    assert report["mc_base"] == run_local_mc(tiny_model_dir, task_file)  # "before": the base model's own run
+    saved = json.loads((tmp_path / "out" / "mc_results.json").read_text())
+    assert saved["mc"] == report["mc"] and saved["mc_base"] == report["mc_base"]
+    table = capsys.readouterr().out.split("subject ")[-1].strip().split("\n\n")[0].splitlines()
+    assert table[0].split() == ["before", "after"]
+    assert table[-1].split() == ["overall", f"{report['mc_base']['overall']:.4f}", f"{report['mc']['overall']:.4f}"]

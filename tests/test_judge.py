@@ -1,19 +1,24 @@
 """The LLM judge against real HTTP servers on loopback speaking the Ollama and OpenAI protocols."""
 import collections
 import json
+import threading
 import time
 
 import pytest
+from torch import no_grad as torch_no_grad
 
 from sft_hf.judge import (
     JUDGE_PROMPT,
     JudgeUnavailableError,
     OllamaJudge,
+    SCORE_SCHEMA,
     OpenAIJudge,
     format_summary,
     judge_responses,
     make_judge_prompt,
+    parse_reply,
     parse_score,
+    parse_structured_score,
     run_judge,
     summarize,
 )
@@ -67,9 +72,11 @@ def test_ollama_protocol_streaming_and_not(stream):
         results = judge_responses(records, OllamaJudge(url=server.url, stream=stream), max_workers=2,
                                   show_progress=False)
     assert [r["score"] for r in results] == [85, 40, None, 100, 7]
-    assert results[2] == {"index": 2, "score": None, "reply": "no idea", "problem": "no number"}
+    # the fake server ignores `format` (like an Ollama older than 0.5): prose replies are parsed as text
+    assert results[2] == {"index": 2, "score": None, "reply": "no idea", "problem": "no number", "path": "text"}
     assert len(server.requests) == 5
     sent = server.requests[0]["payload"]
+    assert sent["format"] == SCORE_SCHEMA
     assert server.requests[0]["path"] == "/api/chat"
     assert sent["model"] == "llama3" and sent["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
     assert sent["stream"] is stream
@@ -105,13 +112,26 @@ def test_retries_with_backoff_then_success_and_bounded_concurrency():
     # Every prompt first gets a 503, then a 429, then a stream cut off before "done"; the fourth attempt works.
     fail = lambda prompt, attempt: {1: 503, 2: 429}.get(attempt)  # noqa: E731
     broken = lambda prompt, attempt: attempt == 3  # noqa: E731
+    lock, running, most = threading.Lock(), [0], [0]
+
+    class Counting(OllamaJudge):  # concurrency counted here: the server may see a handler end after the next begins
+        def complete(self, prompt, structured=False):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                return super().complete(prompt, structured)
+            finally:
+                with lock:
+                    running[0] -= 1
+
     start = time.monotonic()
     with FakeJudgeServer(by_prompt.get, fail=fail, break_stream=broken, delay=0.05) as server:
-        results = judge_responses(records, OllamaJudge(url=server.url), max_workers=2, retries=3, backoff=0.02,
+        results = judge_responses(records, Counting(url=server.url), max_workers=2, retries=3, backoff=0.02,
                                   show_progress=False)
     assert [r["score"] for r in results] == [10, 20, 30, 40, 50, 60]
     assert server.attempts == {p: 4 for p in by_prompt}
-    assert server.max_in_flight == 2
+    assert most[0] == 2
     # 3 waits per item of 0.02, 0.04, 0.08 s: 6 items on 2 workers wait at least 3 * 0.14 s.
     assert time.monotonic() - start >= 0.42
 
@@ -125,7 +145,7 @@ def test_failures_are_kept_counted_and_not_cached_so_a_rerun_asks_again(tmp_path
     fail = lambda prompt, attempt: status.get(prompt)  # noqa: E731
     with FakeJudgeServer(by_prompt.get, fail=fail) as server:
         first = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, retries=2, backoff=0.01,
-                                show_progress=False)
+                                show_progress=False, judge_format="text")
     assert [r["score"] for r in first] == [11, None, 33, None, 55]
     assert "HTTP 400" in first[1]["problem"] and "HTTP 503" in first[3]["problem"]
     assert server.attempts[make_judge_prompt(records[1])] == 1 and server.attempts[make_judge_prompt(records[3])] == 3
@@ -138,15 +158,18 @@ def test_failures_are_kept_counted_and_not_cached_so_a_rerun_asks_again(tmp_path
     with open(cache, "a") as f:
         f.write('{"key": "abc", "rep')
     with FakeJudgeServer(by_prompt.get) as server:
-        second = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False)
+        second = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False,
+                                 judge_format="text")
     assert [r["score"] for r in second] == [11, 22, 33, 44, 55]
     assert {r["payload"]["messages"][0]["content"] for r in server.requests} == broken_prompts  # only those asked
 
     # A third run asks nothing at all; a different judge model does not reuse the cache.
     with FakeJudgeServer(by_prompt.get) as server:
-        third = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False)
+        third = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False,
+                                judge_format="text")
         assert [r["score"] for r in third] == [11, 22, 33, 44, 55] and server.requests == []
-        judge_responses(records, OllamaJudge(model="other", url=server.url), cache_path=cache, show_progress=False)
+        judge_responses(records, OllamaJudge(model="other", url=server.url), cache_path=cache, show_progress=False,
+                        judge_format="text")
         assert len(server.requests) == 5
 
 
@@ -171,11 +194,11 @@ def test_an_interrupted_run_resumes_without_asking_again(tmp_path):
     class CtrlCAfterThree(OllamaJudge):
         calls = 0
 
-        def complete(self, prompt):
+        def complete(self, prompt, structured=False):
             CtrlCAfterThree.calls += 1
             if CtrlCAfterThree.calls == 4:
                 raise KeyboardInterrupt
-            return super().complete(prompt)
+            return super().complete(prompt, structured)
 
     with FakeJudgeServer(by_prompt.get) as server:
         with pytest.raises(KeyboardInterrupt):
@@ -230,7 +253,7 @@ def test_local_transformers_judge(chatty_model_dir):
 
     records, _ = records_with_replies(["", "", ""])
     judge = HFJudge(chatty_model_dir, max_new_tokens=5)
-    results = judge_responses(records, judge, max_workers=4, show_progress=False)
+    results = judge_responses(records, judge, max_workers=4, show_progress=False, judge_format="text")
     model = AutoModelForCausalLM.from_pretrained(chatty_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(chatty_model_dir)
     for record, result in zip(records, results):
@@ -240,6 +263,35 @@ def test_local_transformers_judge(chatty_model_dir):
         assert result["reply"] == reply
         assert (result["score"], result["problem"]) == (parse_score(reply).score, parse_score(reply).problem)
     assert summarize(results)["num_items"] == 3
+
+
+@torch_no_grad()
+def test_local_transformers_judge_structured_takes_the_likeliest_integer(chatty_model_dir):
+    """Structured, the hf judge answers {"score": n} for the n whose text + eos is likeliest after the prompt:
+    checked against one full forward pass per candidate (no cache, no batching)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_hf.judge import HFJudge
+
+    records, _ = records_with_replies(["", "", "", ""])
+    judge = HFJudge(chatty_model_dir)
+    results = judge_responses(records, judge, show_progress=False, judge_format="json")
+    model = AutoModelForCausalLM.from_pretrained(chatty_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(chatty_model_dir)
+    answers = [tokenizer(str(n), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for n in range(101)]
+    expected = []
+    for record in records:  # each prompt + answer whole, right-padded, one forward pass for the 101 of them
+        prompt = tokenizer(make_judge_prompt(record))["input_ids"]
+        width = len(prompt) + max(map(len, answers))
+        rows = torch.tensor([prompt + a + [0] * (width - len(prompt) - len(a)) for a in answers])
+        logits = model(rows).logits.log_softmax(-1)
+        logprobs = [sum(logits[n, len(prompt) - 1 + j, t].item() for j, t in enumerate(a)) for n, a in enumerate(answers)]
+        expected.append(max(range(101), key=logprobs.__getitem__))
+    assert [r["score"] for r in results] == expected
+    assert [r["path"] for r in results] == ["json"] * 4
+    assert results[0]["reply"] == json.dumps({"score": expected[0]})
+    assert len(set(expected)) > 1  # the prompts lead to different scores: the test compares something
 
 
 def test_the_judge_talks_only_to_the_url_it_is_given(tmp_path, monkeypatch):
@@ -278,3 +330,104 @@ def test_the_judge_talks_only_to_the_url_it_is_given(tmp_path, monkeypatch):
         summary = run_judge(records, direct, ["model_response"], tmp_path / "d", max_workers=1,
                             show_progress=False)["model_response"]
         assert summary["average"] == 42.0  # straight to the given loopback URL, the proxy variables ignored
+
+
+@pytest.mark.parametrize("reply, score, problem", [
+    ('{"score": 85}', 85, None), ('{ "score": 0 }', 0, None), ("{\n  \"score\": 100\n}", 100, None),
+    ('{"score": 101}', None, "out of range"), ('{"score": -1}', None, "out of range"),
+    ('{"score": 85.5}', None, "not an integer"), ('{"score": "85"}', None, "not an integer"),
+    ('{"score": true}', None, "not an integer"), ('{"score": 85, "why": "good"}', None, 'not {"score": <integer>}'),
+    ('{"rating": 85}', None, 'not {"score": <integer>}'), ("[85]", None, 'not {"score": <integer>}'),
+    ('{"score": 8', None, "invalid JSON"),  # cut off by max_tokens: never read as the text "8"
+])
+def test_structured_replies_are_validated_against_the_schema(reply, score, problem):
+    assert parse_structured_score(reply) == type(parse_structured_score("1"))(score, problem)
+    assert parse_reply(reply, "json") == (parse_structured_score(reply), "json")
+    # prose where JSON was asked (a server that ignored the format): chapter 7's parsing, counted as text
+    assert parse_reply("I give it 85.", "json") == (parse_score("85"), "text")
+
+
+def structured(payload):
+    return "response_format" in payload or "format" in payload
+
+
+def test_auto_falls_back_to_text_where_the_server_refuses_structured_output():
+    """A server that answers 400 to any response_format: auto asks each form once for the first item, then the
+    text prompt; once text has worked it asks text only. json mode keeps the items unscored, with why."""
+    records, by_prompt = records_with_replies(["85", "Score: 40", "no idea", "100"])
+    refuse = lambda payload: 400 if structured(payload) else None  # noqa: E731
+    with FakeJudgeServer(by_prompt.get, refuse=refuse) as server:
+        results = judge_responses(records, OpenAIJudge(model="m", url=server.url + "/v1"), max_workers=2,
+                                  show_progress=False)
+        forms = [r["payload"].get("response_format") for r in server.requests]
+    assert [r["score"] for r in results] == [85, 40, None, 100]
+    assert [r["path"] for r in results] == ["text"] * 4
+    # item 0: both response_format forms refused, then text; items 1-3: text only
+    assert [f and f["type"] for f in forms] == ["json_object", "json_schema", None, None, None, None]
+    assert forms[0]["schema"] == SCORE_SCHEMA and forms[1]["json_schema"]["schema"] == SCORE_SCHEMA
+    assert summarize(results)["score_paths"] == {"text": 3}
+
+    with FakeJudgeServer(by_prompt.get, refuse=refuse) as server:
+        strict = judge_responses(records, OpenAIJudge(model="m", url=server.url + "/v1"), show_progress=False,
+                                 judge_format="json", retries=0)
+    assert [r["score"] for r in strict] == [None] * 4
+    assert all(r["problem"].startswith("request failed: structured output refused") for r in strict)
+    assert "HTTP 400" in strict[0]["problem"]
+
+
+def test_a_4xx_about_something_else_keeps_structured_output_on():
+    """A prompt the server refuses whatever the format (too long, say) fails alone; the others stay structured."""
+    records, _ = records_with_replies(["", "", "", ""])
+    too_long = make_judge_prompt(records[1])
+    scores = {make_judge_prompt(r): 10 * (i + 1) for i, r in enumerate(records)}
+    reply = lambda prompt: json.dumps({"score": scores[prompt]})  # noqa: E731
+    fail = lambda prompt, attempt: 400 if prompt == too_long else None  # noqa: E731
+    with FakeJudgeServer(reply, fail=fail) as server:
+        results = judge_responses(records, OpenAIJudge(model="m", url=server.url + "/v1"), max_workers=1,
+                                  show_progress=False)
+    assert [r["score"] for r in results] == [10, None, 30, 40]
+    assert [r["path"] for r in results] == ["json", None, "json", "json"]
+    assert "HTTP 400" in results[1]["problem"]
+    assert [bool(structured(r["payload"])) for r in server.requests[-2:]] == [True, True]
+
+
+def test_the_response_format_the_server_takes_is_remembered():
+    """OpenAI itself refuses json_object without the word JSON in the prompt but takes json_schema: after the
+    first item, only json_schema is sent."""
+    records, _ = records_with_replies(["", "", ""])
+    reply = lambda prompt: '{"score": 70}'  # noqa: E731
+    refuse = lambda payload: 400 if (payload.get("response_format") or {}).get("type") == "json_object" else None  # noqa: E731
+    with FakeJudgeServer(reply, refuse=refuse) as server:
+        results = judge_responses(records, OpenAIJudge(model="m", url=server.url + "/v1"), max_workers=1,
+                                  show_progress=False, judge_format="json")
+    assert [r["score"] for r in results] == [70, 70, 70] and {r["path"] for r in results} == {"json"}
+    assert [r["payload"]["response_format"]["type"] for r in server.requests] == [
+        "json_object", "json_schema", "json_schema", "json_schema"]
+    summary = summarize(results)
+    assert summary["score_paths"] == {"json": 3}
+    assert "Scores by path: json 3" in format_summary(summary)
+
+
+def test_ollama_format_is_the_schema_then_json_mode():
+    records, _ = records_with_replies(["", ""])
+    refuse = lambda payload: 400 if isinstance(payload.get("format"), dict) else None  # noqa: E731
+    with FakeJudgeServer(lambda prompt: '{"score": 55}', refuse=refuse) as server:
+        results = judge_responses(records, OllamaJudge(url=server.url), max_workers=1, show_progress=False)
+    assert [r["score"] for r in results] == [55, 55] and [r["path"] for r in results] == ["json", "json"]
+    assert [r["payload"]["format"] for r in server.requests] == [SCORE_SCHEMA, "json", "json"]
+
+
+def test_cached_replies_keep_their_path_and_json_mode_asks_again_for_text_ones(tmp_path):
+    records, by_prompt = records_with_replies(["85", "40"])
+    cache = tmp_path / "cache.jsonl"
+    refuse = lambda payload: 400 if structured(payload) else None  # noqa: E731
+    with FakeJudgeServer(by_prompt.get, refuse=refuse) as server:
+        first = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False)
+    assert [(r["score"], r["path"]) for r in first] == [(85, "text"), (40, "text")]
+    assert [json.loads(line)["path"] for line in cache.read_text().splitlines()] == ["text", "text"]
+    with FakeJudgeServer(lambda prompt: '{"score": 90}') as server:
+        again = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False)
+        assert server.requests == [] and [r["score"] for r in again] == [85, 40]  # auto: the cache serves
+        strict = judge_responses(records, OllamaJudge(url=server.url), cache_path=cache, show_progress=False,
+                                 judge_format="json")
+        assert len(server.requests) == 2 and [(r["score"], r["path"]) for r in strict] == [(90, "json")] * 2

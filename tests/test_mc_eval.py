@@ -6,7 +6,15 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from sft_hf.mc_eval import MCDataError, format_mc_results, read_mc_file, run_local_mc  # noqa: E402
+from sft_hf.mc_eval import (  # noqa: E402
+    MCDataError,
+    format_mc_comparison,
+    format_mc_results,
+    read_mc_file,
+    run_local_mc,
+)
+
+from conftest import ROOT  # noqa: E402
 
 QUESTIONS = [
     ("astronomy", "What is the closest star to Earth?", ["The Sun", "Sirius", "Vega", "Polaris"], 0),
@@ -95,3 +103,28 @@ def test_reads_mmlu_csv_columns_and_letters(tmp_path):
                    + json.dumps({"question": "q", "choices": ["a", "b"], "answer": "C"}) + "\n")
     with pytest.raises(MCDataError, match=r"bad.jsonl: record 1, field 'answer'"):
         read_mc_file(bad)
+
+
+def test_the_shipped_mmlu_mini_file():
+    """recipes/data/mmlu-mini.jsonl: 4 subjects x 10 test questions (answers spread over A-D) plus 1 dev each."""
+    import collections
+
+    records = read_mc_file(ROOT / "recipes" / "data" / "mmlu-mini.jsonl")
+    test = [r for r in records if r["split"] == "test"]
+    assert collections.Counter(r["subject"] for r in test) == {
+        "astronomy": 10, "elementary_mathematics": 10, "high_school_biology": 10, "high_school_geography": 10}
+    assert collections.Counter(r["subject"] for r in records if r["split"] == "dev") == dict.fromkeys(
+        ["astronomy", "elementary_mathematics", "high_school_biology", "high_school_geography"], 1)
+    assert collections.Counter(r["answer"] for r in test) == {0: 12, 1: 12, 2: 8, 3: 8}
+    assert len({r["question"] for r in records}) == 44 and all(len(r["choices"]) == 4 for r in records)
+
+
+def test_before_and_after_table():
+    before = {"subjects": {"astronomy": 0.3, "math": 0.5}, "overall": 0.4, "num_questions": 20}
+    after = {"subjects": {"astronomy": 0.6}, "overall": 0.6, "num_questions": 10}
+    assert format_mc_comparison({"before": before, "after": after}).splitlines() == [
+        "subject      before    after",
+        "astronomy    0.3000   0.6000",
+        "math         0.5000        -",
+        "overall      0.4000   0.6000",
+    ]
