@@ -30,6 +30,7 @@ from sft_hf import hub  # noqa: E402
 from sft_hf.callbacks import BaselineExactMatchCallback, GenerationSamplesCallback  # noqa: E402
 from sft_hf.collator import recipe_collator  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
+from sft_hf.generation import reference_answer, request_text  # noqa: E402
 from sft_hf.config import RecipeError, format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
 from sft_hf.checkpoints import resolve_resume_checkpoint  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402
@@ -45,11 +46,11 @@ def measure_exact_match(model, tokenizer, records, template, args, label):
     responses = generate_responses(model, tokenizer, records, template, args.max_new_tokens,
                                    batch_size=args.per_device_eval_batch_size, show_progress=args.process_index == 0,
                                    distributed=args.world_size > 1)
-    score = exact_match(responses, [r["output"] for r in records])
+    score = exact_match(responses, [reference_answer(r) for r in records])
     if args.process_index == 0:
         print(f"\n{label} exact match on {len(records)} held-out instructions: {score:.3f}")
         for record, response in list(zip(records, responses))[: args.num_sample_generations]:
-            print(f"  {record['instruction']} {record['input']!r} → {response!r} (expected {record['output']!r})")
+            print(f"  {request_text(record)} → {response!r} (expected {reference_answer(record)!r})")
     return score, responses
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sft_hf.generation import exact_match, generate_responses
+from sft_hf.generation import exact_match, generate_responses, reference_answer, request_text
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ class GenerationSamplesCallback(TrainerCallback):
                                        batch_size=self.batch_size, show_progress=False,
                                        distributed=args.world_size > 1)
         samples = [{"step": state.global_step, "instruction": r.get("instruction"), "input": r.get("input"),
-                    "expected": r.get("output"), "response": resp} for r, resp in zip(self.records, responses)]
+                    "expected": reference_answer(r), "response": resp} for r, resp in zip(self.records, responses)]
         self.history.append({"step": state.global_step, "samples": samples})
         score = None
         if self.check_answers:
-            score = exact_match(responses, [r["output"] for r in self.records])
+            score = exact_match(responses, [reference_answer(r) for r in self.records])
             if metrics is not None:
                 metrics["eval_samples_exact_match"] = score
             # Trainer logged the eval metrics just before calling us: complete that log entry.
@@ -47,8 +47,8 @@ class GenerationSamplesCallback(TrainerCallback):
             return
         lines = [f"step {state.global_step}: {len(samples)} sample generations"
                  + (f", exact match {score:.3f}" if score is not None else "")]
-        for s in samples:
-            lines.append(f"  {s['instruction']} {s['input']!r} → {s['response']!r} (expected {s['expected']!r})")
+        for r, s in zip(self.records, samples):
+            lines.append(f"  {request_text(r)} → {s['response']!r} (expected {s['expected']!r})")
         logger.info("\n".join(lines))
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(args.output_dir, "eval_generations.jsonl"), "a") as f:

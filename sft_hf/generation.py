@@ -188,6 +188,21 @@ def _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show
     return out
 
 
+def reference_answer(record: dict) -> str:
+    """The answer a held-out record expects: Alpaca's `output`, or a conversation's final assistant reply."""
+    if record.get("messages"):
+        return record["messages"][-1].get("content") or ""
+    return record["output"]
+
+
+def request_text(record: dict) -> str:
+    """What a record asks, for logs: Alpaca's instruction and input, or a conversation's last user message."""
+    if record.get("messages"):
+        users = [m.get("content") or "" for m in record["messages"] if m.get("role") == "user"]
+        return repr(users[-1] if users else "")
+    return f"{record['instruction']} {record.get('input') or ''!r}"
+
+
 def normalize_answer(text: str) -> str:
     return " ".join(text.strip().split())
 

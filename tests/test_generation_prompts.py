@@ -100,3 +100,15 @@ def test_onednn_linear_takes_zero_rows_like_nn_linear(tiny_model_dir):
             (y.sum() + 0.0).backward()
             assert x.grad.shape == x.shape
             assert torch.equal(layer.weight.grad, torch.zeros(3, 7)) and torch.equal(layer.bias.grad, torch.zeros(3))
+
+
+def test_held_out_answers_of_alpaca_records_and_conversations():
+    """Exact match during and after training reads the expected answer of either record shape."""
+    from sft_hf.generation import reference_answer, request_text
+
+    alpaca = {"instruction": "Add.", "input": "2 3", "output": "5"}
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+3?"},
+                         {"role": "assistant", "content": "5"}]}
+    assert (reference_answer(alpaca), request_text(alpaca)) == ("5", "Add. '2 3'")
+    assert (reference_answer(chat), request_text(chat)) == ("5", "'2+3?'")
