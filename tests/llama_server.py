@@ -71,13 +71,16 @@ class LlamaServer:
 
 class CountingProxy:
     """Forwards POSTs to `upstream` (a loopback URL) and records each request's payload. `fail(prompt, attempt)`
-    may return an HTTP status to send instead of forwarding (attempt counts that prompt's requests, from 1)."""
+    may return an HTTP status to send instead of forwarding (attempt counts that prompt's requests, from 1).
+    With `hold_after=N`, requests after the N-th are held for up to `hold_seconds` (or until `release` is set): a run is
+    surely mid-way then, however fast the server answers."""
 
-    def __init__(self, upstream: str, fail=None):
+    def __init__(self, upstream: str, fail=None, hold_after: int | None = None, hold_seconds: float = 5.0):
         target = urllib.request.urlparse(upstream)
         assert target.hostname in ("127.0.0.1", "localhost"), upstream
         self.requests, self.attempts, self.lock = [], {}, threading.Lock()
         self.fail = fail or (lambda prompt, attempt: None)
+        self.hold_after, self.hold_seconds, self.release = hold_after, hold_seconds, threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -91,6 +94,9 @@ class CountingProxy:
                 with proxy.lock:
                     proxy.requests.append(payload)
                     attempt = proxy.attempts[prompt] = proxy.attempts.get(prompt, 0) + 1
+                    held = proxy.hold_after is not None and len(proxy.requests) > proxy.hold_after
+                if held:
+                    proxy.release.wait(timeout=proxy.hold_seconds)
                 status = proxy.fail(prompt, attempt)
                 if status:
                     return self.send_error(status, "injected by the test proxy")
@@ -123,5 +129,6 @@ class CountingProxy:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()

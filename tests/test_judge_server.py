@@ -102,11 +102,12 @@ def cache_lines(path):
 
 
 def test_sigint_mid_run_then_a_rerun_resumes_from_the_cache(llama_server, records, structured_run, tmp_path):
-    """recipes/evaluate.py interrupted with SIGINT after 3 answers; run again, it asks only the items not cached."""
+    """recipes/evaluate.py interrupted with SIGINT after 3 answers (the 4th request is held by the proxy, so the run is
+    mid-way however fast the server is); run again, it asks only the items not cached."""
     out = tmp_path / "eval"
     cache = out / "judge_cache_model_response.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    with CountingProxy(llama_server.url) as proxy:
+    with CountingProxy(llama_server.url, hold_after=3) as proxy:
         command = [sys.executable, str(ROOT / "recipes" / "evaluate.py"), "--responses", str(RESPONSES),
                    "--max_samples", "10", "--metrics", "false", "--judge_backend", "openai", "--judge_url",
                    proxy.url, "--judge_model", MODEL_ALIAS, "--judge_max_tokens", str(MAX_TOKENS),
@@ -123,6 +124,8 @@ def test_sigint_mid_run_then_a_rerun_resumes_from_the_cache(llama_server, record
         cached = {json.loads(line)["index"] for line in cache_lines(cache)}
         assert 3 <= len(cached) < 10
         asked_before = len(proxy.requests)
+        proxy.hold_after = None  # the re-run is answered at once
+        proxy.release.set()
 
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
