@@ -112,7 +112,10 @@ def test_sigint_mid_run_then_a_rerun_resumes_from_the_cache(llama_server, record
                    "--max_samples", "10", "--metrics", "false", "--judge_backend", "openai", "--judge_url",
                    proxy.url, "--judge_model", MODEL_ALIAS, "--judge_max_tokens", str(MAX_TOKENS),
                    "--judge_concurrency", "1", "--output_dir", str(out)]
-        run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # A shell without job control starts background jobs with SIGINT ignored, and children inherit that (Python
+        # then never raises KeyboardInterrupt): give the run the terminal's default, as a user pressing Ctrl-C has.
+        run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_for(lambda: len(cache_lines(cache)) >= 3 or run.poll() is not None, 300, "3 cached answers")
             run.send_signal(signal.SIGINT)
