@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sft_hf.templates import ChatTemplate, Template, get_template
+from sft_hf.tokenization import left_cut_positions
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,9 @@ def encode_prompts(tokenizer, prompts: list[str], template: Template, max_prompt
     special = set(tokenizer.all_special_ids)
     cropped = 0
     for n, ids in enumerate(encoded):
-        if len(ids) > max_prompt_tokens:
-            lead = 0
-            while lead < len(ids) and ids[lead] in special:
-                lead += 1
-            lead = min(lead, max_prompt_tokens - 1)
-            encoded[n] = ids[:lead] + ids[len(ids) - (max_prompt_tokens - lead):]
+        if len(ids) > max_prompt_tokens:  # at least one non-special token stays after the leading ones
+            keep = left_cut_positions(ids, max_prompt_tokens, special, max_lead=max_prompt_tokens - 1)
+            encoded[n] = [ids[i] for i in keep]
             cropped += 1
     return encoded, cropped
 

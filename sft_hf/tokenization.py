@@ -125,6 +125,14 @@ def drop_first_exchange(messages: list[dict]) -> tuple[list[dict], int] | None:
     return None if cut is None else (messages[:n_system] + rest[cut:], cut)
 
 
+def left_cut_positions(ids: list[int], budget: int, special_ids: set[int], max_lead: int) -> list[int]:
+    """Positions of `ids` kept when it must shrink to `budget` tokens: its leading special tokens (BOS, a chat
+    template's first marker; at most `max_lead` of them), then its last tokens. Training's truncation and
+    generation's prompt crop share this rule, so the prompts they see begin alike."""
+    lead = min(max_lead, next((i for i, t in enumerate(ids) if t not in special_ids), len(ids)))
+    return list(range(lead)) + list(range(len(ids) - (budget - lead), len(ids)))
+
+
 def cut_left(encoded: Encoded, max_length: int, special_ids: set[int]) -> Encoded | None:
     """Today's rule for one reply: keep the final reply + EOS (the trailing trained tokens) and the row's leading
     special tokens (BOS, a chat template's first marker), cut the tokens between them from the left. None when the
@@ -134,8 +142,7 @@ def cut_left(encoded: Encoded, max_length: int, special_ids: set[int]) -> Encode
     budget = max_length - (len(ids) - start)  # tokens left for what comes before the reply
     if budget < 1:
         return None
-    n_special = min(budget, next((i for i, t in enumerate(ids[:start]) if t not in special_ids), start))
-    keep = list(range(n_special)) + list(range(start - (budget - n_special), len(ids)))
+    keep = left_cut_positions(ids[:start], budget, special_ids, max_lead=budget) + list(range(start, len(ids)))
     return Encoded([ids[i] for i in keep], [mask[i] for i in keep], [encoded.token_turns[i] for i in keep],
                    encoded.roles, True, encoded.dropped_turns)
 
