@@ -46,6 +46,8 @@ PADDED = ["--attn_implementation", "sdpa"]  # plain SDPA: padding-free rows don'
 CONTENDERS = {
     # padding-free rows, attention per example (sdpa_varlen), random order, rows rounded to 8 tokens, oneDNN linears
     "sft-hf default": dict(kind="ours", flags=[]),
+    # the same, through the user's command (`accelerate launch recipes/train.py --config ...`, in a subprocess)
+    "sft-hf default · accelerate launch": dict(kind="ours", flags=[], launch=True),
     "sft-hf padded (length-grouped)": dict(kind="ours", flags=PADDED),  # the `auto` sampling of padded batches
     "sft-hf padded (random)": dict(kind="ours", flags=PADDED + ["--train_sampling_strategy", "random"]),
     "TRL defaults (bf16 autocast + grad checkpointing)": dict(kind="trl", config={}, slow=True),
@@ -69,6 +71,8 @@ ABLATIONS = {
                                                                         "batch_rebalance"]),
     "sft-hf default + adamw_torch (foreach)": dict(kind="ours", flags=["--optim", "adamw_torch"]),
     "sft-hf default + 1 dataloader worker": dict(kind="ours", flags=["--dataloader_num_workers", "1"]),
+    "sft-hf default - logits only where trained": dict(kind="ours", flags=["--logits_where_trained", "false"]),
+    "sft-hf default - tcmalloc (glibc malloc)": dict(kind="ours", flags=[], system_malloc=True),
     "sft-hf padded (eager attention)": dict(kind="ours", flags=["--attn_implementation", "eager"]),
     # with the stock (MKL) linears: dynamo then has no custom autograd function to trace
     "sft-hf padded (length-grouped) + torch.compile": dict(kind="ours", flags=PADDED + ["--torch_compile", "true"]),
@@ -91,7 +95,7 @@ ALL_CONTENDERS = {**CONTENDERS, **BF16_CONTENDERS, **ABLATIONS}
 # The default contenders of the real-model workloads: TRL's candidates for its best on a CPU (bf16 autocast without
 # checkpointing, padding_free) and on a GPU (the same with flash-attention), its defaults, sft-hf default/fp32/bf16.
 REAL_MODEL_CONTENDERS = {
-    "cpu": ["sft-hf default", "sft-hf fp32", "sft-hf bf16", "TRL bf16 autocast padding_free (no checkpointing)",
+    "cpu": ["sft-hf default", "sft-hf default · accelerate launch", "sft-hf fp32", "sft-hf bf16", "TRL bf16 autocast padding_free (no checkpointing)",
             "TRL defaults (bf16 autocast + grad checkpointing)", "TRL fp32 padding_free"],
     "cuda": ["sft-hf default", "sft-hf flash-attention", "TRL bf16 padding_free flash-attention",
              "TRL bf16 autocast padding_free (no checkpointing)", "TRL defaults (bf16 autocast + grad checkpointing)"],
@@ -254,7 +258,8 @@ def run_one(name: str, workload: str, fraction: float, threads: int | None) -> d
         seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     return {
-        "contender": name, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+        "contender": name if ALL_CONTENDERS[name].get("launch") else name + " · accelerate launch",
+        "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
         "cpu_seconds": cpu_seconds, "tokens_per_cpu_second": tokens / cpu_seconds,
         "train_loss": result.training_loss, "final_loss": _final_loss(trainer.model, tokenizer, _loss_records(workload)),
         "padding_fraction": 1 - counter.real / counter.positions if counter else None,
@@ -358,6 +363,8 @@ def run_launched(name: str, opts) -> dict:
     recipe.write_text(yaml.safe_dump({k[2:]: v for k, v in zip(flags[::2], flags[1::2])}, sort_keys=False))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "recipes/train.py", "--config", str(recipe)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if ALL_CONTENDERS[name].get("system_malloc"):
+        env["SFT_HF_ALLOCATOR"] = "system"
     cpu_start = _cpu_seconds()
     with open(Path(opts.log_dir, f"{slug}.launched.log"), "a") as log_file:
         proc = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -373,7 +380,8 @@ def run_launched(name: str, opts) -> dict:
     tokens, seconds = sum(data["length"]), results["train_runtime"]
     model = AutoModelForCausalLM.from_pretrained(out, dtype="float32")
     return {
-        "contender": name + " · accelerate launch", "tokens": tokens, "seconds": seconds,
+        "contender": name if ALL_CONTENDERS[name].get("launch") else name + " · accelerate launch",
+        "tokens": tokens, "seconds": seconds,
         "tokens_per_second": tokens / seconds, "cpu_seconds": cpu_seconds, "tokens_per_cpu_second": tokens / cpu_seconds,
         "train_loss": results.get("train_loss"), "final_loss": _final_loss(model, tokenizer, _loss_records(opts.workload)),
         "padding_fraction": statistics.mean(pads) if pads else None, "optimizer": "see log",
@@ -383,7 +391,7 @@ def run_launched(name: str, opts) -> dict:
 
 
 def run_child(name: str, opts) -> dict:
-    if opts.launch == "accelerate" and ALL_CONTENDERS[name]["kind"] == "ours":
+    if ALL_CONTENDERS[name]["kind"] == "ours" and (opts.launch == "accelerate" or ALL_CONTENDERS[name].get("launch")):
         return run_launched(name, opts)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--child", name, "--child-out", out.name, "--workload", opts.workload,
@@ -446,8 +454,7 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
     lines.append(f"\nRoofline: 6 × {r0['params'] / 1e6:.2f} M parameters × tokens/s ÷ {matmul / 1e9:.0f} GFLOP/s "
                  f"(best torch.matmul) or ÷ {best_gemm / 1e9:.0f} GFLOP/s (best GEMM, bf16 where native); 1024³ GFLOP/s "
                  f"measured before, between and after the repeats: {measured}.")
-    ours = "sft-hf default"
-    if ours in medians:
+    for ours in [n for n in ("sft-hf default", "sft-hf default · accelerate launch") if n in medians]:
         checks = []
         if trl_best:
             target = "2×" if workload in ("W3", "W4") else "1.5×"  # issue 15 on the real model, issue 5 on W1
@@ -456,7 +463,7 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
             checks.append(f"{medians[ours] / medians[TRL_DEFAULTS]:.1f}× TRL's defaults (target ≥ 15×)")
         checks.append(f"{6 * r0['params'] * medians[ours] / matmul:.0%} of the torch.matmul roofline (target ≥ 50%), "
                       f"{6 * r0['params'] * medians[ours] / best_gemm:.0%} of the best-GEMM one")
-        lines.append("sft-hf default: " + "; ".join(checks) + ".")
+        lines.append(f"{ours}: " + "; ".join(checks) + ".")
     return "\n".join(lines)
 
 
@@ -493,6 +500,10 @@ def main(argv=None):
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    if opts.child and ALL_CONTENDERS[opts.child]["kind"] == "ours" and not ALL_CONTENDERS[opts.child].get("system_malloc"):
+        from sft_hf import allocator
+
+        allocator.use_fast_allocator()  # as recipes/train.py does: re-runs this child once on tcmalloc
     from benchmarks.workloads import WORKLOADS, build_workload, train_records  # noqa: F811
 
     if opts.child:
@@ -545,7 +556,9 @@ def main(argv=None):
     header = machine_header()
     print(header)
     build_workload(opts.workload)
-    print(f"Workload {opts.workload}, {opts.repeats} repeat(s), fraction {opts.fraction} of the epoch "
+    print(f"Workload {opts.workload}, {opts.repeats} repeat(s), sft-hf contenders "
+          f"{'through accelerate launch' if opts.launch == 'accelerate' else 'in-process'} unless named so, "
+          f"fraction {opts.fraction} of the epoch "
           f"({opts.slow_fraction} for the slow contenders); logs in {opts.log_dir}", flush=True)
     runs = {name: [] for name in names}
     flops = []

@@ -12,11 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-import transformers
-from transformers import set_seed
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from sft_hf import allocator  # noqa: E402
+
+if __name__ == "__main__":  # before torch allocates anything: re-runs this command once on tcmalloc (Linux)
+    allocator.use_fast_allocator()
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import set_seed  # noqa: E402
+
 from sft_hf import (  # noqa: E402
     InstructionTrainer,
     exact_match,
@@ -70,6 +75,9 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_warning()
     install_secret_redaction()  # tokens / API keys from the environment never reach a log line
     set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
+    if args.process_index == 0:
+        logger.info("malloc: %s (SFT_HF_ALLOCATOR=system keeps glibc's; sft_hf/allocator.py says why)",
+                    allocator.active_allocator())
     if args.process_index == 0:
         logger.info("recipe: %s", format_recipe(recipe))
     check_output_dir(args, is_main=args.process_index == 0)  # before any work: a second run must not clobber the first

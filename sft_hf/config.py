@@ -125,6 +125,11 @@ class SFTArguments(TrainingArguments):
         metadata={"help": "On x86 CPUs with AVX-512 that are not Intel, run fp32 linear layers on oneDNN "
                   "(about 2x faster matmuls than MKL's AVX2 path there)."},
     )
+    logits_where_trained: bool = field(
+        default=True,
+        metadata={"help": "In training, project onto the vocabulary (and take the cross-entropy) only at positions "
+                  "whose next token is trained; the loss and its gradient are unchanged."},
+    )
     pad_to_multiple_of: int | None = None
     precision: str = field(
         default="auto",

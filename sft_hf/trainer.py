@@ -9,11 +9,13 @@ trained tokens per second (of training time only) and the padding fraction in th
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -47,6 +49,15 @@ def describe_batching(args, collator, model) -> str:
     return f"padded batches in {sampling} order (train_sampling_strategy=group_by_length would cut the padding)"
 
 
+def accepts_logits_mask(model) -> bool:
+    """The model (or the one PEFT wraps) takes `logits_to_keep`, which transformers' causal LMs read through
+    `slice_logits_to_keep`: a boolean (batch, tokens) mask keeps those positions only. (A model that read it
+    otherwise would fail loudly: its logits would not match the targets' count.)"""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(type(base), "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
 class InstructionTrainer(Trainer):
     def __init__(self, *args, completion_only_loss: bool = False, **kwargs):
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
@@ -62,11 +73,25 @@ class InstructionTrainer(Trainer):
 
             if onednn_pays() and (swapped := use_onednn_linear(self.model)):
                 logger.info("Matmuls: %d fp32 linear layers on oneDNN (MKL takes its AVX2 path on this CPU)", swapped)
+        self.logits_where_trained = getattr(self.args, "logits_where_trained", False) and accepts_logits_mask(self.model)
         # trained tokens, padding positions, all positions since the last log; summed over processes when logged
         self._token_counts = torch.zeros(3, dtype=torch.long)
         self._last_log_time: float | None = None
         self._paused_seconds = 0.0  # evaluation, saving and their callbacks since the last log: not training time
         self.trained_tokens_total = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Training needs logits only where a token is trained: prompts (completion_only_loss), the last token of each
+        # example and padding have no target, yet the stock forward projects them onto the whole vocabulary
+        # (49,152 for SmolLM2: a fifth of its FLOPs) and through the cross-entropy. The model's own `logits_to_keep`
+        # takes a boolean mask; `shift_labels` are the targets of exactly those positions, so the loss is the same
+        # sum over trained tokens ÷ `num_items_in_batch`, and its gradient too (tests/test_trainer.py).
+        if (self.logits_where_trained and model.training and "labels" in inputs and self.label_smoother is None
+                and self.compute_loss_func is None):
+            targets = F.pad(inputs["labels"][..., 1:], (0, 1), value=IGNORE_INDEX)
+            keep = targets != IGNORE_INDEX
+            inputs = {**inputs, "logits_to_keep": keep, "shift_labels": targets[keep]}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._last_log_time is None:

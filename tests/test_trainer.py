@@ -126,3 +126,45 @@ def test_tokens_per_second_counts_training_time_only(tiny_model_dir, tmp_path, m
     trained = [sum((collator([row])["labels"][0, 1:] != -100).sum().item() for row in data.to_list()[i:i + 4])
                for i in (0, 4)]  # the rows of steps 1-2 and of steps 3-4
     assert rates == [pytest.approx(trained[0] / 2.0, abs=0.05), pytest.approx(trained[1] / 2.0, abs=0.05)]
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_logits_only_where_trained_keep_loss_and_gradient(tiny_model_dir, tmp_path, padding_free, use_lora):
+    """`logits_where_trained` projects only the positions that have a target, yet gives the stock forward's loss
+    and gradient: prompt-masked padded batches, padding-free rows, and a PEFT-wrapped model."""
+    from sft_hf import InstructionTrainer, SFTArguments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    data = one_step.rows(model.config.vocab_size, model.config.eos_token_id)
+    batch = InstructionDataCollator(pad_token_id=model.config.pad_token_id, completion_only_loss=True,
+                                    padding_free=padding_free)(data)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    assert trained < batch["input_ids"].numel() * 0.75  # prompts and padding: many positions without a target
+
+    def loss_and_grads(where_trained: bool):
+        args = SFTArguments(output_dir=str(tmp_path), use_cpu=True, logits_where_trained=where_trained,
+                            report_to="none", disable_tqdm=True)
+        trainer = InstructionTrainer(model=model, args=args, train_dataset=None,
+                                     data_collator=InstructionDataCollator(pad_token_id=0))
+        assert trainer.logits_where_trained == where_trained
+        model.train()
+        model.zero_grad()
+        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True,
+                                             num_items_in_batch=torch.tensor(trained))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.item(), outputs.logits.shape, grads
+
+    loss, logits_shape, grads = loss_and_grads(True)
+    stock_loss, stock_shape, stock_grads = loss_and_grads(False)
+    assert logits_shape == (trained, model.config.vocab_size)  # one row of logits per trained token, no more
+    assert stock_shape == (*batch["input_ids"].shape, model.config.vocab_size)
+    assert loss == pytest.approx(stock_loss, rel=1e-6)
+    assert grads.keys() == stock_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,70 @@
+"""recipes/train.py re-runs itself once on tcmalloc (sft_hf/allocator.py): same PID, command line and exit code; the
+opt-out and a chosen library are honoured; a missing library is a clear error."""
+import ctypes.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sft_hf import allocator
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = """
+import os, sys
+from sft_hf import allocator
+print("before", os.getpid(), flush=True)
+allocator.use_fast_allocator()
+print("after", os.getpid(), allocator.active_allocator(), sys.argv[1:], flush=True)
+sys.exit(3)
+"""
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD: Linux")
+
+
+def run_probe(**env_overrides) -> tuple[int, list[list[str]]]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.CHOICE)}
+    env.update(PYTHONPATH=str(ROOT), **env_overrides)
+    result = subprocess.run([sys.executable, "-c", PROBE, "--flag", "a b"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    return result.returncode, [line.split(" ", 2) for line in result.stdout.splitlines()]
+
+
+def a_preloadable_library() -> str:
+    """A real shared library that is harmless to preload (libm, part of glibc), resolved to a file."""
+    soname = ctypes.util.find_library("m")
+    for folder in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/lib64", "/lib"):
+        if soname and os.path.isfile(os.path.join(folder, soname)):
+            return os.path.join(folder, soname)
+    pytest.skip("no libm file found to preload")
+
+
+def test_reexec_once_keeping_pid_argv_and_exit_code():
+    library = a_preloadable_library()
+    code, lines = run_probe(SFT_HF_ALLOCATOR=library)
+    assert code == 3
+    # the first run prints "before" and execs; the re-run prints "before" again, sees the preload and goes on
+    assert [line[0] for line in lines] == ["before", "before", "after"]
+    assert len({line[1] for line in lines}) == 1  # exec, not a child: launchers keep supervising the same process
+    assert lines[-1][2] == f"{library} ['--flag', 'a b']"  # loaded (it is in /proc/self/maps), arguments intact
+
+
+def test_opt_out_keeps_the_system_malloc():
+    code, lines = run_probe(SFT_HF_ALLOCATOR="system")
+    assert code == 3
+    assert [line[0] for line in lines] == ["before", "after"]
+    assert lines[-1][2] == "the system malloc ['--flag', 'a b']"
+
+
+def test_a_chosen_library_that_does_not_exist_is_named(monkeypatch):
+    monkeypatch.setenv(allocator.CHOICE, "/nowhere/libtcmalloc.so")
+    with pytest.raises(FileNotFoundError, match="SFT_HF_ALLOCATOR=/nowhere/libtcmalloc.so"):
+        allocator.fast_allocator_library()
+
+
+@pytest.mark.skipif(not any(ctypes.util.find_library(n) for n in ("tcmalloc_minimal", "tcmalloc")),
+                    reason="tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
+def test_tcmalloc_is_found_and_preloaded_by_default():
+    code, lines = run_probe()
+    assert code == 3 and [line[0] for line in lines] == ["before", "before", "after"]
+    assert "tcmalloc" in lines[-1][2]
