@@ -42,7 +42,8 @@ class EvalArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N records."})
     template: str | None = field(default=None, metadata={"help": "Default: the model's sft_template.json or alpaca."})
     max_new_tokens: int = 256
-    batch_size: int = 8
+    batch_size: int | None = field(default=None, metadata={
+        "help": "Rows generated at once (default: by memory, at most 64); multiple-choice batch (default 8)."})
     responses: str | None = field(default=None, metadata={"help": "A JSON list of records with response fields."})
     response_keys: list[str] = field(default_factory=lambda: ["model_response"],
                                      metadata={"help": "Response fields to score; two or more are compared."})
@@ -217,15 +218,15 @@ def main(argv=None):
 
         model_path = resolve_model_path(args.model)
         if args.mc_task_file:
-            report["mc"] = run_local_mc(model_path, args.mc_task_file, args.mc_num_fewshot, args.batch_size,
+            report["mc"] = run_local_mc(model_path, args.mc_task_file, args.mc_num_fewshot, args.batch_size or 8,
                                         args.mc_limit)
             print("\n" + format_mc_results(report["mc"]))
             if args.mc_base_model:
                 report["mc_base"] = run_local_mc(resolve_model_path(args.mc_base_model), args.mc_task_file,
-                                                 args.mc_num_fewshot, args.batch_size, args.mc_limit)
+                                                 args.mc_num_fewshot, args.batch_size or 8, args.mc_limit)
                 print("\n" + format_mc_comparison({"before": report["mc_base"], "after": report["mc"]}))
         if args.mc_tasks:
-            report["mc_tasks"] = run_benchmarks(model_path, args.mc_tasks, args.mc_num_fewshot, args.batch_size,
+            report["mc_tasks"] = run_benchmarks(model_path, args.mc_tasks, args.mc_num_fewshot, args.batch_size or 8,
                                                 args.mc_limit)
             for task, result in report["mc_tasks"].items():
                 print(f"{result['alias']}: accuracy {result['acc']:.4f}")

@@ -49,7 +49,7 @@ logger = logging.getLogger("sft_hf")
 def measure_exact_match(model, tokenizer, records, template, args, label):
     # Every process generates its share: under FSDP / ZeRO-3 each forward pass needs all of them.
     responses = generate_responses(model, tokenizer, records, template, args.max_new_tokens,
-                                   batch_size=args.per_device_eval_batch_size, show_progress=args.process_index == 0,
+                                   batch_size=args.generation_batch_size, show_progress=args.process_index == 0,
                                    distributed=args.world_size > 1)
     score = exact_match(responses, [reference_answer(r) for r in records])
     if args.process_index == 0:
@@ -118,7 +118,7 @@ def main(argv=None):
         samples = raw["validation"].select(range(min(args.eval_generation_samples, len(raw["validation"]))))
         trainer.add_callback(GenerationSamplesCallback(samples.to_list(), template, args.max_new_tokens,
                                                        check_answers=args.eval_exact_match,
-                                                       batch_size=args.per_device_eval_batch_size))
+                                                       batch_size=args.generation_batch_size))
     if push_to_hub and (reason := hub.cannot_push_reason(hub_token)):
         logger.warning("push_to_hub: %s; training anyway, the push at the end will fail", reason)
     # `true` / `latest` → the newest checkpoint in output_dir that was completely written

@@ -20,7 +20,7 @@ class GenerationSamplesCallback(TrainerCallback):
     `<output_dir>/eval_generations.jsonl` as {step, instruction, input, expected, response}."""
 
     def __init__(self, records: list[dict], template="alpaca", max_new_tokens: int = 64, check_answers: bool = False,
-                 batch_size: int = 8, tokenizer=None):
+                 batch_size: int | None = None, tokenizer=None):
         self.records, self.template, self.max_new_tokens = list(records), template, max_new_tokens
         self.check_answers, self.batch_size, self.tokenizer = check_answers, batch_size, tokenizer
         self.history: list[dict] = []  # what was generated at each evaluation, for tests and notebooks

@@ -140,6 +140,11 @@ class SFTArguments(TrainingArguments):
         default=False, metadata={"help": "Greedy-generate the test split before and after training; exact match."}
     )
     max_new_tokens: int = 256
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows generated at once (exact match, samples). Default: as many as the KV cache fits in a "
+                  "quarter of the free memory, at most 64."},
+    )
     eval_generation_samples: int = field(
         default=0,
         metadata={"help": "At each evaluation, greedily generate for this many validation prompts and log them "

@@ -1,6 +1,7 @@
 """Greedy generation for held-out instructions (one process or sharded under `accelerate launch`), and exact match."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -31,9 +32,10 @@ def extract_response(text: str, prompt: str = "", template: str | Template = "al
 @torch.no_grad()
 def generate_responses(
     model, tokenizer, records: list[dict], template: str | Template = "alpaca", max_new_tokens: int = 256,
-    batch_size: int = 32, show_progress: bool = True, distributed: bool = False,
+    batch_size: int | None = None, show_progress: bool = True, distributed: bool = False,
 ) -> list[str]:
     """Greedy responses, prompt removed (only new tokens are decoded), stopped at EOS, response header stripped.
+    `batch_size` rows are generated at once; None chooses it by memory (`default_batch_size`).
 
     With `distributed=True` (under `accelerate launch`) every process generates for its share of the records and
     all processes return the full list in record order; every process must call it then. Every process runs the
@@ -106,6 +108,8 @@ def _generate(model, tokenizer, records, template: Template, max_new_tokens, bat
     if cropped:
         logger.warning(f"{cropped} of {len(prompts)} prompts are longer than the model's context ({context} tokens) "
                        f"minus max_new_tokens ({max_new_tokens}): their start was cut, leading special tokens kept")
+    if batch_size is None and prompts:
+        batch_size = default_batch_size(model, max(map(len, prompts)) + max_new_tokens)
     generated = None
     if prompts and continuous_batching_supported(model):
         generated = _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress)
@@ -118,6 +122,31 @@ def _generate(model, tokenizer, records, template: Template, max_new_tokens, bat
         out.append(extract_response(tokenizer.decode(row, skip_special_tokens=True), template=template))
     model.train(was_training)
     return out
+
+
+def default_batch_size(model, tokens_per_row: int, most: int = 64) -> int:
+    """As many rows as their KV cache (`tokens_per_row` each) fits in a quarter of the free memory (shared by this
+    machine's processes), at most `most`.
+
+    Decoding reads every weight once per step whatever the number of rows, so more rows are nearly free until the
+    matmuls become compute-bound: on 2 CPU cores SmolLM2-135M's 110 test answers came at 61 generated tokens/s with
+    32 rows, 77 with 64 and 80 with 128 (benchmarks/README.md). The cap keeps the first answers coming soon."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype_bytes = next(model.parameters()).element_size()
+    row_bytes = 2 * layers * kv_heads * head_dim * dtype_bytes * tokens_per_row  # keys and values
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the processes of this machine share its memory
+    return max(1, min(most, free // (4 * processes) // max(row_bytes, 1)))
 
 
 def continuous_batching_supported(model) -> bool:
@@ -136,7 +165,7 @@ def _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, 
     (tests/test_generation.py). Returns None when it fails; the caller then uses padded batches."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from sft_hf.varlen_attention import NAME as VARLEN
+    from sft_hf.varlen_attention import NAME as VARLEN, per_request_attention, supports_varlen
 
     longest = max(map(len, prompts)) + max_new_tokens
     page = 256
@@ -150,9 +179,12 @@ def _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, 
     attn = model.config._attn_implementation
     if attn == VARLEN:  # the same SDPA for unpadded batches; continuous batching accepts it only by its own name
         model.set_attn_implementation("sdpa")
+    # each request's attention on its own keys (sft_hf/varlen_attention.py) where every layer attends in full
+    own_attention = per_request_attention() if supports_varlen(model.config) else contextlib.nullcontext()
     try:
-        results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config,
-                                       progress_bar=show_progress, warmup=False)
+        with own_attention:
+            results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config,
+                                           progress_bar=show_progress, warmup=False)
     finally:
         if model.config._attn_implementation != attn:
             model.set_attn_implementation(attn)

@@ -77,6 +77,90 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
     return out.unsqueeze(0), None  # [1, tokens, heads, dim], as sdpa_attention_forward returns
 
 
+_last_requests: tuple = (None, None)  # (cu_seq_lens_q, layout): every layer of one generation step shares it
+
+
+def _request_layout(cu_seq_lens_q, cu_seq_lens_k, device):
+    """One continuous-batching step's requests: the decoding ones (one query each) as a padded gather over their
+    keys, the others (prompts being read) as (query slice, key slice) pairs."""
+    global _last_requests
+    cached_q, cached_layout = _last_requests
+    if cached_q is cu_seq_lens_q:
+        return cached_layout
+    q, k = cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist()
+    q_lens = [b - a for a, b in zip(q, q[1:])]
+    decoding = [i for i, n in enumerate(q_lens) if n == 1]
+    layout = dict(prompts=[(q[i], q[i + 1], k[i], k[i + 1]) for i, n in enumerate(q_lens) if n > 1], decoding=None)
+    if decoding:
+        k_lens = torch.tensor([k[i + 1] - k[i] for i in decoding])
+        slot = torch.arange(int(k_lens.max()))
+        seen = slot < k_lens[:, None]  # [decoding, longest]
+        source = torch.tensor([k[i] for i in decoding])[:, None] + torch.minimum(slot, k_lens[:, None] - 1)
+        layout["decoding"] = (torch.tensor([q[i] for i in decoding], device=device), source.to(device),
+                              seen[:, None, None, :].to(device))
+    _last_requests = (cu_seq_lens_q, layout)
+    return layout
+
+
+def paged_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA for transformers' continuous batching (`generate_batch`) with each request alone.
+
+    transformers runs a step's requests as one row and masks it block-diagonally, so attention costs
+    (requests × their keys)² and larger batches, which amortise reading the weights, stop paying (benchmarks/README.md).
+    Here decoding requests (one query each) attend in one padded SDPA over their own keys, and each prompt being read
+    attends to its own keys, causally, aligned at the end (a prompt read in chunks sees its earlier chunks). The
+    result is the masked product's, token for token (tests/test_generation.py)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if isinstance(cu_k, dict):
+        cu_k = next(iter(cu_k.values())) if len(cu_k) == 1 else None
+    if cu_q is None or cu_k is None or query.shape[0] != 1 or kwargs.get("sliding_window") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    layout = _request_layout(cu_q, cu_k, query.device)
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = query.new_empty(query.shape)  # [1, heads, tokens, dim]
+    if layout["decoding"] is not None:
+        rows, source, seen = layout["decoding"]
+        heads, dim = query.shape[1], query.shape[3]
+        kv_heads = key.shape[1]
+
+        def gather(states):  # [1, kv heads, tokens, dim] -> [decoding, kv heads, longest, dim]
+            return states[0].index_select(1, source.flatten()).view(kv_heads, *source.shape, dim).transpose(0, 1)
+
+        # grouped queries: the `groups` query heads of a key head become `groups` query rows of that head
+        q = query[0].index_select(1, rows).transpose(0, 1).reshape(len(rows), kv_heads, groups, dim)
+        o = F.scaled_dot_product_attention(q, gather(key), gather(value), attn_mask=seen, scale=scaling)
+        out[0].index_copy_(1, rows, o.reshape(len(rows), heads, dim).transpose(0, 1))
+    for q_start, q_end, k_start, k_end in layout["prompts"]:
+        k, v = key[:, :, k_start:k_end], value[:, :, k_start:k_end]
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        n_q, n_k = q_end - q_start, k_end - k_start
+        causal = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril(n_k - n_q)  # aligned at the end
+        out[:, :, q_start:q_end] = F.scaled_dot_product_attention(
+            query[:, :, q_start:q_end], k, v, attn_mask=None if n_q == n_k else causal, is_causal=n_q == n_k,
+            scale=scaling)
+    return out.transpose(1, 2).contiguous(), None  # [1, tokens, heads, dim], as sdpa_attention_forward returns
+
+
+class per_request_attention:
+    """Within the block, transformers' continuous batching (which accepts only the name "sdpa" among the SDPA kinds)
+    runs `paged_sdpa_attention`; the previous entry is restored on exit."""
+
+    def __enter__(self):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.functions = ALL_ATTENTION_FUNCTIONS
+        self.previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = paged_sdpa_attention  # this instance only: the class mapping is untouched
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is None:
+            self.functions._local_mapping.pop("sdpa", None)
+        else:
+            self.functions["sdpa"] = self.previous
+
+
 def register() -> str:
     AttentionInterface.register(NAME, sdpa_varlen_attention)
     # transformers' own SDPA masks (block-diagonal for a padding-free row): exact for whatever falls back to

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_hf import generation
 from sft_hf.templates import get_template
-from sft_hf.varlen_attention import NAME as VARLEN
+from sft_hf import varlen_attention
+from sft_hf.varlen_attention import NAME as VARLEN, paged_sdpa_attention
 
 
 def _plain_greedy(model, tokenizer, prompts, max_new_tokens):
@@ -41,12 +42,20 @@ def _check_same_tokens(model, tokenizer, records, max_new_tokens, batch_size):
     return expected
 
 
-def test_tiny_llama_continuous_batching_is_plain_greedy(tiny_model_dir, instruction_records):
+def test_tiny_llama_continuous_batching_is_plain_greedy(tiny_model_dir, instruction_records, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     model.set_attn_implementation(VARLEN)  # what load_model gives: generation must switch to SDPA and back
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("cu_seq_lens_q") is not None)
+        return paged_sdpa_attention(*args, **kwargs)
+
+    monkeypatch.setattr(varlen_attention, "paged_sdpa_attention", counted)
     # 10 prompts of different lengths through 3 slots: slots are refilled while others still generate
     expected = _check_same_tokens(model, tokenizer, instruction_records[:10], 12, 3)
+    assert calls and all(calls)  # each request attended alone (sft_hf.varlen_attention), not through the block mask
     assert len({len(r) for r in expected}) > 1 or all(len(r) == 12 for r in expected)
 
 
@@ -64,3 +73,23 @@ def test_models_without_the_attention_interface_use_padded_batches(tiny_model_di
     assert generation.continuous_batching_supported(model)
     model.config._attn_implementation = "flex_attention"
     assert not generation.continuous_batching_supported(model)
+
+
+def test_default_batch_size_fits_the_kv_cache_in_a_quarter_of_free_memory(monkeypatch):
+    import psutil
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    row = 2 * 3 * 2 * 8 * 4 * 100  # keys and values × layers × KV heads × head dim × fp32 bytes × 100 tokens
+    free = [4 * row * 10 + 5]
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free[0]})())
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert generation.default_batch_size(model, 100) == 10
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine: half each
+    assert generation.default_batch_size(model, 100) == 5
+    free[0] = row  # not even one row's quarter: still one row
+    assert generation.default_batch_size(model, 100) == 1
+    free[0] = 10**15
+    assert generation.default_batch_size(model, 100) == 64

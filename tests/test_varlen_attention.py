@@ -110,3 +110,29 @@ def test_sliding_window_models_keep_masked_sdpa():
     assert supports_varlen(transformers.Qwen2Config())  # use_sliding_window is off by default
     config = json.loads(transformers.Qwen2Config(use_sliding_window=True, sliding_window=16).to_json_string())
     assert not supports_varlen(transformers.Qwen2Config(**config))
+
+
+def test_continuous_batching_attention_is_the_block_masked_product():
+    """One generation step of transformers' continuous batching: two requests decoding, one prompt read whole, one
+    prompt's second chunk. Each request alone equals transformers' block-diagonal masked SDPA, token for token."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sft_hf.varlen_attention import paged_sdpa_attention
+
+    q_lens, k_lens = [1, 5, 1, 4], [7, 5, 3, 9]  # a chunk of 4 queries whose request has 5 keys already
+    cu_q = torch.tensor([0, 1, 6, 7, 11], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 12, 15, 24], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 6, sum(q_lens), 8, generator=g)
+    key, value = torch.randn(2, 1, 2, sum(k_lens), 8, generator=g)  # grouped queries: 3 query heads per key head
+    mask = torch.zeros(sum(q_lens), sum(k_lens), dtype=torch.bool)
+    for i, (n_q, n_k) in enumerate(zip(q_lens, k_lens)):
+        for j in range(n_q):  # query j of a request sees its keys up to its own position, counted from the end
+            mask[cu_q[i] + j, cu_k[i] : cu_k[i] + n_k - n_q + j + 1] = True
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask[None, None], scaling=0.35)
+    got, _ = paged_sdpa_attention(module, query, key, value, mask[None, None], scaling=0.35, cu_seq_lens_q=cu_q,
+                                  cu_seq_lens_k={"full_attention": cu_k})
+    assert got.shape == expected.shape == (1, 11, 6, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
