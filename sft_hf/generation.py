@@ -179,8 +179,10 @@ def _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, 
     attn = model.config._attn_implementation
     if attn == VARLEN:  # the same SDPA for unpadded batches; continuous batching accepts it only by its own name
         model.set_attn_implementation("sdpa")
-    # each request's attention on its own keys (sft_hf/varlen_attention.py) where every layer attends in full
-    own_attention = per_request_attention() if supports_varlen(model.config) else contextlib.nullcontext()
+    # Each request's attention on its own keys (sft_hf/varlen_attention.py) where every layer attends in full. On
+    # CPU only: it reads the request lengths on the host, which CUDA graph capture forbids, and it is measured on CPU.
+    own = supports_varlen(model.config) and model.device.type == "cpu"
+    own_attention = per_request_attention() if own else contextlib.nullcontext()
     try:
         with own_attention:
             results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb_config,
