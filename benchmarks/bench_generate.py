@@ -163,8 +163,7 @@ def main(argv=None):
     print(machine_header())
     records = _test_records(opts.n)
     print(f"{len(records)} prompts, ≤ {opts.max_new_tokens} new tokens, greedy, batch {opts.batch_size} (sft-hf: "
-          f"its default), "
-          f"{opts.repeats} repeat(s)", flush=True)
+          f"its default), {opts.repeats} repeat(s)", flush=True)
     runs = {name: [] for name in names}
     outputs = {}
     for repeat in range(opts.repeats):

@@ -217,16 +217,17 @@ def main(argv=None):
         from sft_hf.modeling import resolve_model_path
 
         model_path = resolve_model_path(args.model)
+        mc_batch_size = args.batch_size or 8
         if args.mc_task_file:
-            report["mc"] = run_local_mc(model_path, args.mc_task_file, args.mc_num_fewshot, args.batch_size or 8,
+            report["mc"] = run_local_mc(model_path, args.mc_task_file, args.mc_num_fewshot, mc_batch_size,
                                         args.mc_limit)
             print("\n" + format_mc_results(report["mc"]))
             if args.mc_base_model:
                 report["mc_base"] = run_local_mc(resolve_model_path(args.mc_base_model), args.mc_task_file,
-                                                 args.mc_num_fewshot, args.batch_size or 8, args.mc_limit)
+                                                 args.mc_num_fewshot, mc_batch_size, args.mc_limit)
                 print("\n" + format_mc_comparison({"before": report["mc_base"], "after": report["mc"]}))
         if args.mc_tasks:
-            report["mc_tasks"] = run_benchmarks(model_path, args.mc_tasks, args.mc_num_fewshot, args.batch_size or 8,
+            report["mc_tasks"] = run_benchmarks(model_path, args.mc_tasks, args.mc_num_fewshot, mc_batch_size,
                                                 args.mc_limit)
             for task, result in report["mc_tasks"].items():
                 print(f"{result['alias']}: accuracy {result['acc']:.4f}")

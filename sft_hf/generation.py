@@ -136,11 +136,10 @@ def default_batch_size(model, tokens_per_row: int, most: int = 64) -> int:
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    dtype_bytes = next(model.parameters()).element_size()
-    row_bytes = 2 * layers * kv_heads * head_dim * dtype_bytes * tokens_per_row  # keys and values
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+    weight = next(model.parameters())
+    row_bytes = 2 * layers * kv_heads * head_dim * weight.element_size() * tokens_per_row  # keys and values
+    if weight.device.type == "cuda":
+        free = torch.cuda.mem_get_info(weight.device)[0]
     else:
         import psutil
 

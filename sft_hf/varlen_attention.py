@@ -25,6 +25,14 @@ NAME = "sdpa_varlen"
 _last_layout: tuple = (None, None)  # (position_ids, layout): every layer of one forward shares the same row
 
 
+def _pad_segments(starts, lengths):
+    """Segments of a flat row (`starts`, `lengths`: 1-d tensors) as a padded [segments, longest] gather: the source
+    index of each slot, and which slots are real. Padded slots repeat the segment's last index, so one gather serves
+    every slot; callers mask them out or drop what they compute."""
+    slot = torch.arange(int(lengths.max()))
+    return starts[:, None] + torch.minimum(slot, lengths[:, None] - 1), slot < lengths[:, None]
+
+
 def _padded_layout(position_ids, query, key):
     """For a padding-free row: (source token of each padded slot, padded slots that are real tokens, examples,
     longest example); None when this is not a padding-free row."""
@@ -41,14 +49,12 @@ def _padded_layout(position_ids, query, key):
     layout = None
     if len(starts) > 1 and starts[0] == 0:
         lengths = torch.diff(starts, append=torch.tensor([len(positions)]))
-        longest = int(lengths.max())
-        slot = torch.arange(longest)
-        real = slot < lengths[:, None]  # [examples, longest]
         # Padded slots may hold any token: with right padding a causal query never sees them, and what the padded
-        # queries compute is dropped. Repeating the example's last token keeps this one gather.
-        source = starts[:, None] + torch.minimum(slot, lengths[:, None] - 1)
+        # queries compute is dropped.
+        source, real = _pad_segments(starts, lengths)  # [examples, longest]
         device = query.device
-        layout = (source.flatten().to(device), real.flatten().nonzero().flatten().to(device), len(lengths), longest)
+        layout = (source.flatten().to(device), real.flatten().nonzero().flatten().to(device), len(lengths),
+                  source.shape[1])
     _last_layout = (position_ids, layout)
     return layout
 
@@ -92,10 +98,8 @@ def _request_layout(cu_seq_lens_q, cu_seq_lens_k, device):
     decoding = [i for i, n in enumerate(q_lens) if n == 1]
     layout = dict(prompts=[(q[i], q[i + 1], k[i], k[i + 1]) for i, n in enumerate(q_lens) if n > 1], decoding=None)
     if decoding:
-        k_lens = torch.tensor([k[i + 1] - k[i] for i in decoding])
-        slot = torch.arange(int(k_lens.max()))
-        seen = slot < k_lens[:, None]  # [decoding, longest]
-        source = torch.tensor([k[i] for i in decoding])[:, None] + torch.minimum(slot, k_lens[:, None] - 1)
+        source, seen = _pad_segments(torch.tensor([k[i] for i in decoding]),
+                                     torch.tensor([k[i + 1] - k[i] for i in decoding]))  # [decoding, longest]
         layout["decoding"] = (torch.tensor([q[i] for i in decoding], device=device), source.to(device),
                               seen[:, None, None, :].to(device))
     _last_requests = (cu_seq_lens_q, layout)
