@@ -128,9 +128,10 @@ def default_batch_size(model, tokens_per_row: int, most: int = 64) -> int:
     """As many rows as their KV cache (`tokens_per_row` each) fits in a quarter of the free memory (shared by this
     machine's processes), at most `most`.
 
-    Decoding reads every weight once per step whatever the number of rows, so more rows are nearly free until the
-    matmuls become compute-bound: on 2 CPU cores SmolLM2-135M's 110 test answers came at 61 generated tokens/s with
-    32 rows, 77 with 64 and 80 with 128 (benchmarks/README.md). The cap keeps the first answers coming soon."""
+    A decoding step's cost grows far slower than its rows (few rows run far below the matmul peak: on 2 CPU cores a
+    SmolLM2-135M step of ~29 rows took 1.5× one of a single row), so more rows pay: its 110 test answers came at 61
+    generated tokens/s with 32 rows, 77 with 64 and 80 with 128 (benchmarks/README.md). The cap keeps the first
+    answers coming soon."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)

@@ -33,9 +33,18 @@ def _pad_segments(starts, lengths):
     return starts[:, None] + torch.minimum(slot, lengths[:, None] - 1), slot < lengths[:, None]
 
 
+def _gather_segments(states, source):
+    """[1, heads, tokens, dim] -> [segments, heads, longest, dim]: the tokens `source` ([segments, longest]) picks.
+    Whole tokens are gathered from the token-major view: continuous batching's keys and values are [tokens, heads,
+    dim] in memory (its cache read-back), and gathering along the head-major view's token dimension instead was ~20×
+    slower on CPU there (a third of a decoding step)."""
+    heads, dim = states.shape[1], states.shape[3]
+    return states[0].transpose(0, 1).index_select(0, source.flatten()).view(*source.shape, heads, dim).transpose(1, 2)
+
+
 def _padded_layout(position_ids, query, key):
-    """For a padding-free row: (source token of each padded slot, padded slots that are real tokens, examples,
-    longest example); None when this is not a padding-free row."""
+    """For a padding-free row: (source token of each padded slot [examples, longest], the padded slots that are real
+    tokens, flattened); None when this is not a padding-free row."""
     global _last_layout
     if position_ids is None or query.shape[0] != 1 or position_ids.shape[0] != 1:
         return None
@@ -52,9 +61,7 @@ def _padded_layout(position_ids, query, key):
         # Padded slots may hold any token: with right padding a causal query never sees them, and what the padded
         # queries compute is dropped.
         source, real = _pad_segments(starts, lengths)  # [examples, longest]
-        device = query.device
-        layout = (source.flatten().to(device), real.flatten().nonzero().flatten().to(device), len(lengths),
-                  source.shape[1])
+        layout = (source.to(query.device), real.flatten().nonzero().flatten().to(query.device))
     _last_layout = (position_ids, layout)
     return layout
 
@@ -68,18 +75,14 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         raise ValueError(f"attn_implementation={NAME} does not do sliding-window or soft-capped attention; "
                          "use attn_implementation=sdpa (padded batches) or flash_attention_2")
-    source, real, examples, longest = layout
-
-    def to_examples(states):  # [1, heads, tokens, dim] -> [examples, heads, longest, dim]
-        heads, dim = states.shape[1], states.shape[3]
-        return states[0].transpose(0, 1).index_select(0, source).view(examples, longest, heads, dim).transpose(1, 2)
-
+    source, real = layout
     groups = getattr(module, "num_key_value_groups", 1)  # grouped-query attention: a key/value head per group
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    out = F.scaled_dot_product_attention(to_examples(query), to_examples(key), to_examples(value), dropout_p=dropout,
-                                         scale=scaling, is_causal=True)
+    out = F.scaled_dot_product_attention(_gather_segments(query, source), _gather_segments(key, source),
+                                         _gather_segments(value, source), dropout_p=dropout, scale=scaling,
+                                         is_causal=True)
     heads, dim = out.shape[1], out.shape[3]
-    out = out.transpose(1, 2).reshape(examples * longest, heads, dim).index_select(0, real)
+    out = out.transpose(1, 2).reshape(source.numel(), heads, dim).index_select(0, real)
     return out.unsqueeze(0), None  # [1, tokens, heads, dim], as sdpa_attention_forward returns
 
 
@@ -123,21 +126,13 @@ def paged_sdpa_attention(module, query, key, value, attention_mask, dropout: flo
     layout = _request_layout(cu_q, cu_k, query.device)
     groups = getattr(module, "num_key_value_groups", 1)
     heads, tokens, dim = query.shape[1:]
-    # Token-major views: continuous batching's keys and values are [tokens, heads, dim] in memory (read back from its
-    # cache), so gathering whole tokens (dim 0) copies rows; gathering along the head-major view's token dim was
-    # ~20× slower on CPU and took a third of a decoding step.
     out = query.new_empty(tokens, heads, dim)  # returned as [1, tokens, heads, dim], as sdpa_attention_forward does
     if layout["decoding"] is not None:
         rows, source, seen = layout["decoding"]
-        kv_heads = key.shape[1]
-
-        def gather(states):  # [1, kv heads, tokens, dim] -> [decoding, kv heads, longest, dim]
-            return states[0].transpose(0, 1).index_select(0, source.flatten()).view(*source.shape, kv_heads, dim) \
-                .transpose(1, 2)
-
         # grouped queries: the `groups` query heads of a key head become `groups` query rows of that head
-        q = query[0].transpose(0, 1).index_select(0, rows).reshape(len(rows), kv_heads, groups, dim)
-        o = F.scaled_dot_product_attention(q, gather(key), gather(value), attn_mask=seen, scale=scaling)
+        q = query[0].transpose(0, 1).index_select(0, rows).reshape(len(rows), key.shape[1], groups, dim)
+        o = F.scaled_dot_product_attention(q, _gather_segments(key, source), _gather_segments(value, source),
+                                           attn_mask=seen, scale=scaling)
         out.index_copy_(0, rows, o.reshape(len(rows), heads, dim))
     for q_start, q_end, k_start, k_end in layout["prompts"]:
         k, v = key[:, :, k_start:k_end], value[:, :, k_start:k_end]
