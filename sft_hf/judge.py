@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sft_hf.templates import get_template
+from sft_hf.templates import get_template, reference_answer
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,10 @@ OLLAMA_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # chapter 7's
 
 
 def format_input(entry: dict, template="alpaca") -> str:
-    """Chapter 7's `format_input`: the prompt up to, but not including, the response header."""
+    """Chapter 7's `format_input`: the prompt up to, but not including, the response header. A conversation
+    (`messages`) is shown as its turns before the final reply, one `role: content` line each."""
+    if entry.get("messages"):
+        return "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in entry["messages"][:-1])
     template = get_template(template)
     prompt = template.format_prompt(entry)
     return prompt[: len(prompt) - len(template.response)] if template.response else prompt
@@ -54,7 +57,7 @@ def format_input(entry: dict, template="alpaca") -> str:
 def make_judge_prompt(entry: dict, response_key: str = "model_response", prompt_template: str = JUDGE_PROMPT) -> str:
     if response_key not in entry:
         raise KeyError(f"record has no field {response_key!r} (fields: {sorted(entry)})")
-    return prompt_template.format(input=format_input(entry), output=entry["output"], response=entry[response_key])
+    return prompt_template.format(input=format_input(entry), output=reference_answer(entry), response=entry[response_key])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -92,27 +92,36 @@ def apply_lora(model, model_args, gradient_checkpointing: bool = False):
     return model
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto") -> str:
+def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> str:
     """Load base model + adapter from `adapter_dir`, fold the LoRA update into the weights and save a plain
     transformers model (plus the tokenizer and template found beside the adapter) to `out_dir`."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
+    from sft_hf.config import RecipeError
+    from sft_hf.safety import atomic_save
+
     if not Path(adapter_dir, "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; is this a LoRA output_dir?")
+        raise RecipeError(f"{adapter_dir}: no adapter_config.json; is this a LoRA output_dir?")
+    if Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())) and not overwrite:
+        raise RecipeError(f"{out_dir} exists and is not empty: choose another folder for the merged model, or pass "
+                          "--overwrite to replace its model files")
+    if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise RecipeError(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype)
     merged = model.merge_and_unload()
-    merged.save_pretrained(out_dir)
-    try:
-        tokenizer_source = adapter_dir if Path(adapter_dir, "tokenizer_config.json").is_file() else \
-            model.peft_config["default"].base_model_name_or_path
-        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out_dir)
-    except OSError as error:
-        logger.warning("merged model saved without a tokenizer: %s", error)
-    for extra in ("sft_template.json",):
-        if Path(adapter_dir, extra).is_file():
-            shutil.copy(Path(adapter_dir, extra), Path(out_dir, extra))
+    with atomic_save(out_dir) as staging:  # an interrupted merge leaves out_dir as it was
+        merged.save_pretrained(staging)
+        try:
+            tokenizer_source = adapter_dir if Path(adapter_dir, "tokenizer_config.json").is_file() else \
+                model.peft_config["default"].base_model_name_or_path
+            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
+        except OSError as error:
+            logger.warning("merged model saved without a tokenizer: %s", error)
+        for extra in ("sft_template.json",):
+            if Path(adapter_dir, extra).is_file():
+                shutil.copy(Path(adapter_dir, extra), Path(staging, extra))
     return out_dir
 
 
@@ -125,7 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("adapter_dir", help="output_dir of a LoRA run (has adapter_config.json)")
     parser.add_argument("out_dir", help="where to write the merged model")
     parser.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16 or float16")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model files of a non-empty out_dir")
     args = parser.parse_args(argv)
-    merge_adapter(args.adapter_dir, args.out_dir, args.dtype)
+    merge_adapter(args.adapter_dir, args.out_dir, args.dtype, args.overwrite)
     print(f"Merged {args.adapter_dir} into a full model at {args.out_dir}")
     return 0

@@ -9,6 +9,7 @@ Two ways in:
 """
 from __future__ import annotations
 
+import collections
 import json
 import re
 import tempfile
@@ -137,8 +138,10 @@ def run_local_mc(model: str, task_file: str | Path, num_fewshot: int = 0, batch_
         results = run_benchmarks(model, [GROUP], num_fewshot=num_fewshot, batch_size=batch_size, limit=limit,
                                  device=device, include_path=folder, include_defaults=False, dtype="float32")
     subjects = {r["alias"]: r["acc"] for task, r in results.items() if task != GROUP}
-    return {"subjects": subjects, "overall": results[GROUP]["acc"],
-            "num_questions": sum(r["split"] == "test" for r in records)}
+    per_subject = collections.Counter(r["subject"] for r in records if r["split"] == "test")
+    # lm-eval's `limit` caps each subject's task: the questions actually asked
+    asked = sum(n if limit is None else min(n, int(limit)) for n in per_subject.values())
+    return {"subjects": subjects, "overall": results[GROUP]["acc"], "num_questions": asked}
 
 
 def format_mc_results(results: dict) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import evaluate
 
+from sft_hf.templates import reference_answer
+
 MODULES = Path(__file__).resolve().parent / "evaluate_modules"
 
 
@@ -31,8 +33,9 @@ def reference_metrics(predictions: list[str], references: list[str]) -> dict[str
 
 
 def evaluate_responses(records: list[dict], response_key: str = "model_response") -> dict[str, float]:
-    """Metrics of one response column against `output`, as in chapter 7's response JSON."""
-    missing = [i for i, r in enumerate(records) if response_key not in r or "output" not in r]
+    """Metrics of one response column against the reference: `output` (chapter 7's response JSON) or, for a
+    conversation (`messages`), its final assistant reply."""
+    missing = [i for i, r in enumerate(records) if response_key not in r or not ("output" in r or r.get("messages"))]
     if missing:
-        raise KeyError(f"records {missing[:5]} lack {response_key!r} or 'output'")
-    return reference_metrics([r[response_key] for r in records], [r["output"] for r in records])
+        raise KeyError(f"records {missing[:5]} lack {response_key!r} or a reference ('output' or 'messages')")
+    return reference_metrics([r[response_key] for r in records], [reference_answer(r) for r in records])

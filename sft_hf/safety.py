@@ -18,11 +18,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from sft_hf.config import RecipeError
 from sft_hf.data import DataError
+from sft_hf.gguf import GGUFError
 from sft_hf.templates import TemplateError
 
 logger = logging.getLogger(__name__)
 
-USER_ERRORS = (DataError, TemplateError, RecipeError)  # bad input: reported in one line, before training starts
+USER_ERRORS = (DataError, TemplateError, RecipeError, GGUFError)  # bad input: reported in one line, before training starts
 
 # ---------------------------------------------------------------------------------------------------------------
 # Atomic save
@@ -165,17 +166,22 @@ class StopOnNonFiniteLoss(TrainerCallback):
 # Output dir policy
 
 
+RUN_LOGS = ("eval_generations.jsonl", "test_responses.json")
+DATA_LOOKS = ("inspect.html", "data_report")  # sft-hf inspect / report's default outputs
+
+
 def check_output_dir(args, is_main: bool = True) -> None:
     """A second run into a non-empty output_dir must say what to do instead of overwriting or crashing later.
 
     Resuming (`resume_from_checkpoint` true or a path, resolved by sft_hf.checkpoints) and `overwrite_output_dir`
-    are the two ways in. With overwrite, the old run's checkpoints are removed now (they would mix with this run's
-    and be resumed from) and its final model stays until the new one replaces it atomically.
+    are the two ways in. With overwrite, the old run's checkpoints and RUN_LOGS are removed now (they would mix with
+    this run's, and checkpoints be resumed from) and its final model stays until the new one replaces it atomically.
     """
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output_dir {out} is a file, not a folder")
-    contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    # `sft-hf inspect` / `report` write into output_dir by default: looking at the data first is not a run
+    contents = sorted(p.name for p in out.iterdir() if p.name not in DATA_LOOKS) if out.is_dir() else []
     resume = args.resume_from_checkpoint
     if not contents or (resume not in (None, False) and str(resume).lower() not in ("", "false", "no", "none")):
         return
@@ -186,10 +192,15 @@ def check_output_dir(args, is_main: bool = True) -> None:
             "--resume_from_checkpoint true to continue it from its last checkpoint, or choose another --output_dir"
         )
     stale = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
-    logger.warning(f"overwrite_output_dir: replacing the run in {out} ({shown}); removing {len(stale)} old checkpoints")
+    # Logs this run appends to or may not write (no exact match asked for): left, they would mix two runs.
+    stale_logs = [out / name for name in RUN_LOGS if (out / name).is_file()]
+    logger.warning(f"overwrite_output_dir: replacing the run in {out} ({shown}); removing {len(stale)} old checkpoints"
+                   + "".join(f", {p.name}" for p in stale_logs))
     if is_main:
         for path in stale:
             shutil.rmtree(path)
+        for path in stale_logs:
+            path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,14 +264,14 @@ def run_cli(main, argv=None) -> int:
     Under `accelerate launch` every process meets the same error (the same input; the non-finite flag is agreed),
     so only the first process prints it."""
     try:
-        main(argv)
+        code = main(argv)
     except USER_ERRORS as e:
         _print_error(e)
         return 2
     except NonFiniteLossError as e:
         _print_error(e)
         return 3
-    return 0
+    return code if isinstance(code, int) else 0  # a main that returns its exit code (sft-hf commands) keeps it
 
 
 def _print_error(error: Exception) -> None:

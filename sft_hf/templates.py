@@ -56,6 +56,10 @@ class Template:
         try:
             text = self.prompt.format(**record)
             if record.get("input"):
+                if not self.input and "input" not in self.fields():  # the record's input would vanish silently
+                    raise TemplateError(
+                        f"template {self.name!r} has no 'input' part, so the record's input {record['input']!r} would "
+                        "be dropped: add one to the template (e.g. input: \"\\n\\n{input}\") or use {input} in its prompt")
                 text += self.input.format(**record)
         except KeyError as e:
             raise TemplateError(
@@ -352,3 +356,10 @@ def _generation_spans(tokenizer, messages, tools) -> list[tuple[int, int]] | Non
                                             return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
     text = rendered[0]
     return [(a, a + len(text[a:b].rstrip())) for a, b in spans[0] if text[a:b].strip()]
+
+
+def reference_answer(record: dict) -> str:
+    """The answer a held-out record expects: Alpaca's `output`, or a conversation's final assistant reply."""
+    if record.get("messages"):
+        return record["messages"][-1].get("content") or ""
+    return record["output"]

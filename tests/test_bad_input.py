@@ -265,14 +265,16 @@ def run_train(*args, cwd) -> subprocess.CompletedProcess:
 def test_cli_bad_data_is_one_line_and_nonzero_exit_before_training(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 5 + [{"instruction": "a", "output": 3}] + [GOOD] * 5)
     out = tmp_path / "out"
-    result = run_train("--dataset_name", path, "--output_dir", str(out), "--max_steps", "1", cwd=tmp_path)
+    result = run_train("--model_name_or_path", "builtin:tiny-llama", "--dataset_name", path, "--output_dir", str(out),
+                       "--max_steps", "1", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {path}: record 5 (line 6), field 'output': expected text, got int 3")
     assert not out.exists()  # nothing trained, nothing written
 
-    result = run_train("--dataset_name", path, "--output_dir", str(out), "--lerning_rate", "1", cwd=tmp_path)
+    result = run_train("--model_name_or_path", "builtin:tiny-llama", "--dataset_name", path, "--output_dir", str(out),
+                       "--lerning_rate", "1", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown recipe key 'lerning_rate'; did you mean 'learning_rate'?" in result.stderr
 
@@ -285,7 +287,8 @@ def test_launched_bad_data_ends_with_the_error_and_its_exit_code(tmp_path):
     env.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run(
         [sys.executable, "-m", "sft_hf", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-         str(ROOT / "recipes" / "train.py"), "--dataset_name", path, "--output_dir", str(tmp_path / "out")],
+         str(ROOT / "recipes" / "train.py"), "--model_name_or_path", "builtin:tiny-llama", "--dataset_name", path,
+         "--output_dir", str(tmp_path / "out")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
@@ -313,3 +316,94 @@ def test_missing_file_or_unreachable_dataset(tmp_path):
         load_instruction_dataset(str(tmp_path / "typo.jsonl"))
     with pytest.raises(DataError, match=r"^nobody/no-such-dataset: could not be loaded: "):
         load_instruction_dataset("nobody/no-such-dataset")  # offline in tests; not found online
+
+
+def test_dataset_without_a_model_is_an_error_not_the_toy_model():
+    with pytest.raises(RecipeError, match="--dataset_name without --model_name_or_path"):
+        parse_recipe(["--dataset_name", "data.json"])
+    model_args, data_args, _ = parse_recipe(["--dataset_name", "data.json", "--model_name_or_path", "builtin:tiny-llama"])
+    assert (model_args.model_name_or_path, data_args.dataset_name) == ("builtin:tiny-llama", "data.json")
+
+
+@pytest.mark.parametrize("path", ["./no/such/model", "/no/such/model", "~/no-such-model"])
+def test_a_missing_model_folder_is_named_in_one_line(path):
+    from sft_hf.modeling import resolve_model_path
+
+    with pytest.raises(RecipeError, match=rf"^model {path}: no such folder"):
+        resolve_model_path(path)
+
+
+def test_merge_lora_refuses_a_non_empty_out_dir_and_names_a_non_adapter(tmp_path, capsys):
+    from sft_hf.cli import main as cli_main
+
+    adapter, out = tmp_path / "adapter", tmp_path / "run"
+    adapter.mkdir(), out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights of another run")
+    assert cli_main(["merge-lora", str(adapter), str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {adapter}: no adapter_config.json; is this a LoRA output_dir?"
+    (adapter / "adapter_config.json").write_text("{}")
+    assert cli_main(["merge-lora", str(adapter), str(out)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {out} exists and is not empty")
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]  # untouched
+
+
+def run_evaluate(*args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / "evaluate.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_evaluate_bad_arguments_are_one_line_before_any_generation(tmp_path):
+    result = run_evaluate("--responses", str(tmp_path / "missing.json"), cwd=tmp_path)
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2, f"error: --responses {tmp_path / 'missing.json'}: no such file")
+    # the judge backend is checked before the model is loaded or anything generated
+    result = run_evaluate("--model", "builtin:tiny-llama", "--dataset_name", "builtin:toy-tasks", "--judge_backend",
+                          "olama", "--output_dir", str(tmp_path / "ev"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown --judge_backend 'olama': use ollama, openai, hf (did you mean 'ollama'?)")
+    assert not (tmp_path / "ev").exists()
+    result = run_evaluate("--responses", "r.json", "--judge_backnd", "hf", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown argument(s) --judge_backnd hf; did you mean --judge_backend?")
+
+
+def test_recipe_values_of_the_wrong_type_name_their_source_in_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: builtin:tiny-llama\nlearning_rate: abc\n")
+    with pytest.raises(RecipeError, match=rf"^{recipe}: argument --learning_rate/--learning-rate: invalid float value"):
+        parse_recipe(["--config", str(recipe)])
+    with pytest.raises(RecipeError, match=r"^command line: argument --learning_rate/--learning-rate: invalid float"):
+        parse_recipe(["--config", str(recipe), "--learning_rate", "x"])
+    # the command line's value wins without the file's being parsed; --config=path works like --config path
+    assert parse_recipe([f"--config={recipe}", "--learning_rate", "0.001"])[2].learning_rate == 0.001
+    with pytest.raises(RecipeError, match="^command line: per_device_train_batch_size must be at least 1, got 0"):
+        parse_recipe(["--config", str(recipe), "--learning_rate", "1", "--per_device_train_batch_size", "0"])
+    with pytest.raises(RecipeError, match="^command line: max_train_samples must be at least 1, got -5"):
+        parse_recipe(["--config", str(recipe), "--learning_rate", "1", "--max_train_samples", "-5"])
+
+
+def test_a_template_without_an_input_part_refuses_records_with_input():
+    from sft_hf.templates import Template
+
+    template = Template(name="qa", prompt="Q: {instruction}", response="\nA: ")
+    assert template.format_prompt({"instruction": "Fix it.", "input": "", "output": "x"}) == "Q: Fix it.\nA: "
+    with pytest.raises(TemplateError, match=r"template 'qa' has no 'input' part, so the record's input 'freind'"):
+        template.format_prompt({"instruction": "Fix it.", "input": "freind", "output": "friend"})
+
+
+def test_inspect_outputs_do_not_make_the_output_dir_a_run(tmp_path):
+    from types import SimpleNamespace
+
+    from sft_hf.safety import check_output_dir
+
+    out = tmp_path / "run"
+    (out / "data_report").mkdir(parents=True)
+    (out / "inspect.html").write_text("<html></html>")
+    args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=False)
+    check_output_dir(args)  # no error: looking at the data first is not a run
+    (out / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RecipeError, match=r"is not empty \(model.safetensors\)"):
+        check_output_dir(args)

@@ -105,6 +105,24 @@ def test_responses_file_two_columns_openai_judge(tmp_path, monkeypatch):
     assert report["metrics"][keys[0]] != report["metrics"][keys[1]]
 
 
+def test_conversation_responses_are_scored_against_their_last_reply(tmp_path):
+    """A chat run's test_responses.json: `messages` (the reference is the final assistant turn) + `model_response`."""
+    def conversation(question, answer, response):
+        return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": question},
+                             {"role": "assistant", "content": answer}], "model_response": response}
+
+    records = [conversation("2+3?", "5", "5"), conversation("Capital of France?", "Paris", "Lyon")]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(records))
+    report = evaluate_recipe.main(["--responses", str(path), "--output_dir", str(tmp_path / "o")])
+    assert report["metrics"]["model_response"] == reference_metrics(["5", "Lyon"], ["5", "Paris"])
+    assert report["metrics"]["model_response"]["exact_match"] == 0.5
+    prompt = make_judge_prompt(records[1])  # the judge sees the turns before the reply, and the expected reply
+    assert "system: Be brief.\nuser: Hi\nassistant: Hello.\nuser: Capital of France?" in prompt
+    assert "correct output `Paris`" in prompt and "model response `Lyon`" in prompt
+
+
 def test_bad_responses_file_names_record_and_field(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b", "model_response": "c"}, {"instruction": "a",

@@ -222,8 +222,12 @@ def test_second_run_into_a_non_empty_output_dir(tiny, tmp_path, capsys):
     train_recipe.main(train_argv(tiny, out, "--max_steps", "4", "--resume_from_checkpoint", "true"))
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
 
-    # Overwriting is allowed when asked: the old run's checkpoints go, a new model replaces the old one.
+    # Overwriting is allowed when asked: the old run's checkpoints go, a new model replaces the old one, and the old
+    # run's logs that this run (no exact match, no samples) would not rewrite go too, not left beside the new model.
+    (out / "eval_generations.jsonl").write_text('{"step": 3, "response": "old"}\n')
+    (out / "test_responses.json").write_text("[]\n")
     train_recipe.main(train_argv(tiny, out, "--overwrite_output_dir", "true", "--seed", "7", "--max_steps", "2"))
+    assert not (out / "eval_generations.jsonl").exists() and not (out / "test_responses.json").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert (out / "model.safetensors").read_bytes() != weights

@@ -104,7 +104,8 @@ def test_onednn_linear_takes_zero_rows_like_nn_linear(tiny_model_dir):
 
 def test_held_out_answers_of_alpaca_records_and_conversations():
     """Exact match during and after training reads the expected answer of either record shape."""
-    from sft_hf.generation import reference_answer, request_text
+    from sft_hf.generation import request_text
+    from sft_hf.templates import reference_answer
 
     alpaca = {"instruction": "Add.", "input": "2 3", "output": "5"}
     chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

