@@ -28,8 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from sft_hf.config import RecipeError  # noqa: E402
 from sft_hf.templates import TEMPLATES, get_template  # noqa: E402
 
-JUDGE_BACKENDS = ("ollama", "openai", "hf")
-
 logger = logging.getLogger("sft_hf")
 
 
@@ -124,9 +122,9 @@ def read_responses(path: str, keys: list[str]) -> list[dict]:
     if not isinstance(records, list):
         raise RecipeError(f"{path}: expected a JSON list of records")
     for i, record in enumerate(records):
-        chat = isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]
         if not isinstance(record, dict):
             raise RecipeError(f"{path}: record {i}: expected an object with fields, got {type(record).__name__}")
+        chat = isinstance(record.get("messages"), list) and record["messages"]
         for key in [*(() if chat else ("instruction", "output")), *keys]:  # a conversation's reference: its last reply
             if not isinstance(record.get(key), str):
                 raise RecipeError(f"{path}: record {i}, field {key!r}: missing or not text (fields: {sorted(record)})")
@@ -166,12 +164,12 @@ def parse_args(argv=None) -> EvalArguments:
         raise RecipeError(f"unknown argument(s) {' '.join(unknown)}" + (f"; did you mean {close[0]}?" if close else
                                                                         " (python recipes/evaluate.py --help)"))
     if args.judge_backend is not None:  # checked before generating, which can take minutes
-        if args.judge_backend not in JUDGE_BACKENDS:
-            close = difflib.get_close_matches(args.judge_backend, JUDGE_BACKENDS, n=1)
-            raise RecipeError(f"unknown --judge_backend {args.judge_backend!r}: use {', '.join(JUDGE_BACKENDS)}"
-                              + (f" (did you mean {close[0]!r}?)" if close else ""))
-        if args.judge_backend in ("openai", "hf") and not args.judge_model:
-            raise RecipeError(f"--judge_backend {args.judge_backend} needs --judge_model")
+        from sft_hf.judge import check_judge_settings
+
+        try:
+            check_judge_settings(args.judge_backend, args.judge_model)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
     return args
 
 

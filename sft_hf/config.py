@@ -288,10 +288,12 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
                 logger.info("--%s given: ignoring %s from %s", name, dropped, config)
     parser = HfArgumentParser(ARG_CLASSES)
 
+    def source(name: str) -> str:  # where a value came from: the recipe file, unless the command line set it
+        return str(config) if name in recipe and name not in cli_names else "command line"
+
     def bad_value(message: str):  # argparse would print the whole usage (~150 lines) above this one
         key = re.match(r"argument --(\w+)", message)
-        where = config if key and key.group(1) in recipe and key.group(1) not in cli_names else "command line"
-        raise RecipeError(f"{where}: {message}")
+        raise RecipeError(f"{source(key.group(1)) if key else 'command line'}: {message}")
 
     parser.error = bad_value
     try:
@@ -306,8 +308,7 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
                       ("max_train_samples", parsed[1]), ("max_eval_samples", parsed[1])):
         value = getattr(obj, name, None)
         if value is not None and value < 1:
-            raise RecipeError(f"{config if name in recipe and name not in cli_names else 'command line'}: "
-                              f"{name} must be at least 1, got {value}")
+            raise RecipeError(f"{source(name)}: {name} must be at least 1, got {value}")
     values = {}
     for name in dict.fromkeys([*recipe, *cli_names]):  # file order, then the command line's new keys
         if name == "help" or SECRET_KEY.search(name):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -393,22 +394,31 @@ class HFJudge:
         return (token_logprobs * real).sum(-1)
 
 
+JUDGE_BACKENDS = ("ollama", "openai", "hf")
+NEEDS_MODEL = {"openai": "the model name the server serves", "hf": "a local model folder or Hub id"}
+
+
+def check_judge_settings(backend: str, model: str | None) -> None:
+    """The backend exists and has the model it needs: checked before anything is generated to judge."""
+    if backend not in JUDGE_BACKENDS:
+        close = difflib.get_close_matches(backend, JUDGE_BACKENDS, n=1)
+        raise ValueError(f"unknown --judge_backend {backend!r}: use {', '.join(JUDGE_BACKENDS)}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if backend in NEEDS_MODEL and not model:
+        raise ValueError(f"the {backend} judge backend needs --judge_model ({NEEDS_MODEL[backend]})")
+
+
 def make_judge(backend: str, model: str | None = None, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                stream: bool | None = None, max_tokens: int | None = None):
     """`stream` None: the backend's default (Ollama streams, OpenAI-compatible does not)."""
+    check_judge_settings(backend, model)
     if backend == "ollama":
         return OllamaJudge(model=model or "llama3", url=url or "http://localhost:11434",
                            stream=True if stream is None else stream)
     if backend == "openai":
-        if not model:
-            raise ValueError("the openai judge backend needs --judge_model (the model name the server serves)")
         return OpenAIJudge(model=model, url=url or "http://localhost:8000/v1", api_key_env=api_key_env,
                            max_tokens=max_tokens, stream=bool(stream))
-    if backend == "hf":
-        if not model:
-            raise ValueError("the hf judge backend needs --judge_model (a local model folder or Hub id)")
-        return HFJudge(model)
-    raise ValueError(f"unknown judge backend {backend!r}: use ollama, openai or hf")
+    return HFJudge(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
