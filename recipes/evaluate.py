@@ -25,7 +25,7 @@ from transformers import HfArgumentParser
 # `python recipes/evaluate.py` puts recipes/ first on sys.path, where this file would shadow the `evaluate` library.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from sft_hf.config import RecipeError  # noqa: E402
+from sft_hf.errors import RecipeError  # noqa: E402
 from sft_hf.templates import TEMPLATES, get_template  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
@@ -144,7 +144,7 @@ def generate_split(args: EvalArguments, template) -> list[dict]:
     mapping = json.loads(args.column_mapping) if args.column_mapping else None
     with PartialState().main_process_first():
         splits = load_instruction_dataset(args.dataset_name, args.dataset_config, mapping, args.train_split_ratio,
-                                          args.test_split_ratio, args.shuffle_seed)
+                                          args.test_split_ratio, args.shuffle_seed, template=template)
     records = splits[args.split].to_list()[: args.max_samples]
     if not records:
         raise RecipeError(f"{args.dataset_name}: the {args.split!r} split is empty")
@@ -176,9 +176,10 @@ def parse_args(argv=None) -> EvalArguments:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from sft_hf.threads import set_cpu_threads
+    if args.model or args.judge_backend == "hf":  # a model runs here (else torch is not even imported)
+        from sft_hf.threads import set_cpu_threads
 
-    set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
+        set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
     if not args.model and not args.responses:
         raise RecipeError("pass --model (with --dataset_name) to generate responses, or --responses file.json")
     output_dir = Path(args.output_dir or (Path(args.model, "evaluation") if args.model and Path(args.model).is_dir()
@@ -266,6 +267,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from sft_hf.safety import run_cli
+    from sft_hf.errors import run_cli
 
     sys.exit(run_cli(main))  # bad arguments, data or responses file: one line on stderr and exit code 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from sft_hf.lora import main  # noqa: E402
-from sft_hf.safety import run_cli  # noqa: E402
+from sft_hf.errors import run_cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))  # not an adapter, out_dir not empty: one line and exit code 2

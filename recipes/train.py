@@ -37,11 +37,11 @@ from sft_hf.collator import recipe_collator  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
 from sft_hf.generation import request_text  # noqa: E402
 from sft_hf.templates import reference_answer  # noqa: E402
-from sft_hf.config import RecipeError, format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
+from sft_hf.config import format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
 from sft_hf.checkpoints import resolve_resume_checkpoint  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402
-from sft_hf.safety import (  # noqa: E402
-    StopOnNonFiniteLoss, atomic_save, check_output_dir, install_secret_redaction, run_cli)
+from sft_hf.errors import RecipeError, install_secret_redaction, run_cli  # noqa: E402
+from sft_hf.safety import StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
 from sft_hf.threads import set_cpu_threads  # noqa: E402
 
 logger = logging.getLogger("sft_hf")

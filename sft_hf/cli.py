@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         print(f"sft-hf: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    from sft_hf.safety import run_cli
+    from sft_hf.errors import run_cli
 
     return run_cli(module.main, argv[1:])  # bad data, template, recipe or folder: one line on stderr, exit code 2
 

@@ -19,6 +19,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from sft_hf.errors import RecipeError
+
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
 # Flags that make a recipe's own choice meaningless: given on the command line, they drop these keys from the file.
 # (max_steps > 0 would otherwise override --num_train_epochs; precision would override --bf16.)
@@ -217,10 +219,6 @@ def choose_precision(args: SFTArguments) -> None:
 ARG_CLASSES = (ModelArguments, DataArguments, SFTArguments)
 
 
-class RecipeError(ValueError):
-    pass
-
-
 def _to_argv(recipe: dict) -> list[str]:
     argv = []
     for key, value in recipe.items():
@@ -256,6 +254,8 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
     value other than the default, secrets left out. Saved as recipe.yaml, it parses back to the same arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+        argv.insert(0, "--config")  # `train.py recipe.yaml --flag value`, as alignment-handbook's scripts take it
     cli_names = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
     config = default_recipe
     if "--config" in argv:
@@ -298,12 +298,16 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
     parser.error = bad_value
     try:
         from_file = {k: v for k, v in recipe.items() if k not in cli_names}  # the command line's value wins
-        parsed = parser.parse_args_into_dataclasses(args=_to_argv(from_file) + argv)
+        *parsed, unused = parser.parse_args_into_dataclasses(args=_to_argv(from_file) + argv,
+                                                             return_remaining_strings=True)
         defaults = parser.parse_args_into_dataclasses(args=[])
     except RecipeError:
         raise
     except ValueError as e:  # TrainingArguments.__post_init__ checks: say so in one line, not a traceback
         raise RecipeError(f"{config or 'command line'}: {e}") from e
+    if unused:  # a recipe file goes first or after --config; every other value after its --flag
+        raise RecipeError(f"command line: unexpected {' '.join(unused)!r}: values follow their --flag, and a recipe "
+                          "file comes first or after --config")
     for name, obj in (("per_device_train_batch_size", parsed[2]), ("per_device_eval_batch_size", parsed[2]),
                       ("max_train_samples", parsed[1]), ("max_eval_samples", parsed[1])):
         value = getattr(obj, name, None)

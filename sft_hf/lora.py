@@ -98,12 +98,14 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    from sft_hf.config import RecipeError
+    from sft_hf.errors import RecipeError
     from sft_hf.safety import atomic_save
 
     if not Path(adapter_dir, "adapter_config.json").is_file():
         raise RecipeError(f"{adapter_dir}: no adapter_config.json; is this a LoRA output_dir?")
-    if Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())) and not overwrite:
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise RecipeError(f"{out_dir} is a file: name a folder for the merged model")
+    if Path(out_dir).is_dir() and any(Path(out_dir).iterdir()) and not overwrite:
         raise RecipeError(f"{out_dir} exists and is not empty: choose another folder for the merged model, or pass "
                           "--overwrite to replace its model files")
     if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from sft_hf.errors import UserError
+
 LETTERS = "ABCDEFGHIJ"
 GROUP = "sft_hf_mc"
 # MMLU's prompt in lm-eval (tasks/mmlu/default/_default_template_yaml), for any number of choices.
@@ -25,7 +27,7 @@ DOC_TO_TEXT = (
 )
 
 
-class MCDataError(ValueError):
+class MCDataError(UserError):
     pass
 
 

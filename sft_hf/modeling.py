@@ -9,7 +9,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_hf import gguf, lora, toy, varlen_attention
-from sft_hf.config import RecipeError
+from sft_hf.errors import RecipeError
 from sft_hf.templates import TemplateError
 
 logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""Faults and safety: an atomic final save, a stop on non-finite loss, a policy for non-empty output dirs, secrets
-kept out of logs and saved files, and a one-line error (not a traceback) for bad input on the command line.
+"""Faults and safety: an atomic final save, a stop on non-finite loss, a policy for non-empty output dirs. (How an
+error reaches the user, secrets redacted, is sft_hf/errors.py.)
 """
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,14 +15,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from sft_hf.config import RecipeError
-from sft_hf.data import DataError
-from sft_hf.gguf import GGUFError
-from sft_hf.templates import TemplateError
+from sft_hf.errors import NonFiniteLossError, RecipeError
 
 logger = logging.getLogger(__name__)
-
-USER_ERRORS = (DataError, TemplateError, RecipeError, GGUFError)  # bad input: reported in one line, before training starts
 
 # ---------------------------------------------------------------------------------------------------------------
 # Atomic save
@@ -85,10 +79,6 @@ def publish(staging: Path, final: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Non-finite loss
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN/inf; raised before the bad update is applied or saved."""
 
 
 def first_non_finite(model, grads: bool) -> str | None:
@@ -201,79 +191,3 @@ def check_output_dir(args, is_main: bool = True) -> None:
             shutil.rmtree(path)
         for path in stale_logs:
             path.unlink()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Secrets
-
-SECRET_ENV_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD)(_|$)", re.IGNORECASE)
-SECRET_PATTERNS = (
-    re.compile(r"\bhf_[A-Za-z0-9]{20,}"),  # Hugging Face tokens
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"),  # OpenAI-style API keys
-    re.compile(r"(?i)(?<=bearer )[A-Za-z0-9._\-]{8,}"),
-)
-REDACTED = "<redacted>"
-
-
-def secret_values() -> list[str]:
-    """Values of environment variables named like secrets (HF_TOKEN, OPENAI_API_KEY, ...), longest first."""
-    values = {v for k, v in os.environ.items() if SECRET_ENV_NAME.search(k) and len(v) >= 8}
-    return sorted(values, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    for value in secret_values():
-        text = text.replace(value, REDACTED)
-    for pattern in SECRET_PATTERNS:
-        text = pattern.sub(REDACTED, text)
-    return text
-
-
-class RedactSecrets(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
-def install_secret_redaction() -> None:
-    """Redact secrets in everything the root and the transformers/datasets log handlers write."""
-    loggers = [logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("datasets")]
-    for handler in {h for lg in loggers for h in lg.handlers}:
-        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
-            handler.addFilter(RedactSecrets())
-
-
-def scrub_secrets(args) -> None:
-    """`--hub_token` would be pickled into training_args.bin in every checkpoint and the final model: hand it to
-    huggingface_hub through the environment instead (it reads HF_TOKEN), and keep it out of `args`."""
-    if getattr(args, "hub_token", None):
-        os.environ.setdefault("HF_TOKEN", args.hub_token)
-        args.hub_token = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def run_cli(main, argv=None) -> int:
-    """Runs `main(argv)`; bad input or a non-finite loss becomes one error on stderr and a non-zero exit code.
-
-    Under `accelerate launch` every process meets the same error (the same input; the non-finite flag is agreed),
-    so only the first process prints it."""
-    try:
-        code = main(argv)
-    except USER_ERRORS as e:
-        _print_error(e)
-        return 2
-    except NonFiniteLossError as e:
-        _print_error(e)
-        return 3
-    return code if isinstance(code, int) else 0  # a main that returns its exit code (sft-hf commands) keeps it
-
-
-def _print_error(error: Exception) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {redact(str(error))}", file=sys.stderr)

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from sft_hf.errors import UserError
 
-class TemplateError(ValueError):
+
+class TemplateError(UserError):
     """A template is unknown, malformed, or asks for a field the record does not have."""
 
 
@@ -44,6 +46,7 @@ class Template:
     prompt: str  # format string over the record's fields, e.g. "...### Instruction:\n{instruction}"
     input: str = ""  # appended only when the record's `input` is non-empty
     response: str = ""  # separator between prompt and output, e.g. "\n\n### Response:\n"; ends the prompt
+    multi_turn = False  # (a class attribute, not a field) these take one user turn and one assistant turn
 
     def fields(self) -> set[str]:
         parts = (self.prompt, self.input)
@@ -96,6 +99,8 @@ def _render_from_segments(template: Template, record: dict, tokenizer) -> tuple[
 class ChatTemplate(Template):
     """The tokenizer's own chat template (`tokenizer.apply_chat_template`), any number of turns."""
 
+    multi_turn = True
+
     def render(self, record: dict, tokenizer=None) -> tuple[str, str]:
         return _render_from_segments(self, record, tokenizer)
 
@@ -117,6 +122,8 @@ class ChatMLTemplate(Template):
     An assistant turn ends with the tokenizer's EOS token (`<|im_end|>` for ChatML tokenizers such as SmolLM2's and
     Qwen's), so the model learns to stop where generation stops; other turns end with `<|im_end|>`.
     """
+
+    multi_turn = True
 
     def render(self, record: dict, tokenizer=None) -> tuple[str, str]:
         return _render_from_segments(self, record, tokenizer)

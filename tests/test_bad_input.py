@@ -212,6 +212,20 @@ def test_record_the_template_cannot_render_names_split_and_record(tokenizer):
         tokenize_dataset(Dataset.from_list(records), tokenizer, "alpaca", max_length=64, verbose=False)
 
 
+def test_multi_turn_records_under_a_single_turn_template_name_file_record_and_line(tmp_path):
+    one = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    two = {"messages": [*one["messages"], {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [one, one, two, one])
+    with pytest.raises(DataError, match=rf"^{path}: record 2 \(line 3\), field 'messages': template 'alpaca' takes "
+                                        r"one user turn and one assistant turn; use 'chatml' or 'chat_template'"):
+        load_instruction_dataset(path, template="alpaca")
+    sharegpt = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}] * 2}
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", [sharegpt])
+    with pytest.raises(DataError, match=r"record 0 \(line 1\), field 'conversations': template 'phi3' takes one"):
+        load_instruction_dataset(path, template="phi3")
+    assert len(load_instruction_dataset(path, template="chatml", train_split_ratio=1.0)["train"]) == 1
+
+
 def test_max_length_too_small_for_the_template_itself(tokenizer):
     alpaca = get_template("alpaca")
     empty = {"instruction": "", "input": "", "output": ""}
@@ -345,6 +359,9 @@ def test_merge_lora_refuses_a_non_empty_out_dir_and_names_a_non_adapter(tmp_path
     assert cli_main(["merge-lora", str(adapter), str(out)]) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: {out} exists and is not empty")
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]  # untouched
+    assert cli_main(["merge-lora", str(adapter), str(out / "model.safetensors"), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {out / 'model.safetensors'} is a file: name a folder for the " \
+                                              "merged model"
 
 
 def run_evaluate(*args, cwd) -> subprocess.CompletedProcess:
@@ -383,6 +400,17 @@ def test_recipe_values_of_the_wrong_type_name_their_source_in_one_line(tmp_path)
         parse_recipe(["--config", str(recipe), "--learning_rate", "1", "--per_device_train_batch_size", "0"])
     with pytest.raises(RecipeError, match="^command line: max_train_samples must be at least 1, got -5"):
         parse_recipe(["--config", str(recipe), "--learning_rate", "1", "--max_train_samples", "-5"])
+
+
+def test_a_recipe_given_first_without_config_and_a_stray_value(tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("model_name_or_path: builtin:tiny-llama\nlearning_rate: 0.002\nmax_length: 48\n")
+    _, _, args = parse_recipe([str(recipe), "--learning_rate", "0.003"])  # alignment-handbook's form
+    assert (args.learning_rate, args.max_length) == (0.003, 48)
+    with pytest.raises(RecipeError, match=r"^command line: unexpected 'oops': values follow their --flag"):
+        parse_recipe(["--config", str(recipe), "oops"])
+    with pytest.raises(RecipeError, match=r"^command line: unexpected '0.2'"):
+        parse_recipe(["--config", str(recipe), "--learning_rate", "0.1", "0.2"])
 
 
 def test_a_template_without_an_input_part_refuses_records_with_input():

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "run"
-    cmd = [sys.executable, str(ROOT / "recipes/train.py"), "--output_dir", str(out), "--max_steps", "600",
-           "--eval_steps", "300", "--logging_steps", "50"]
+    cmd = [sys.executable, str(ROOT / "recipes/train.py"), "--output_dir", str(out), "--max_steps", "500",
+           "--eval_steps", "250", "--logging_steps", "50"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -25,8 +25,8 @@ def test_shortened_default_recipe_learns(default_run):
     out, stdout = default_run
     results = json.loads((out / "all_results.json").read_text())
     assert results["baseline_exact_match"] <= 0.02  # a randomly initialised model answers nothing right
-    # 600 of the default 1500 steps
-    assert results["eval_exact_match"] >= 0.9  # 0.985 here (1.000 after the full 1500 steps)
+    # 500 of the default 1000 steps
+    assert results["eval_exact_match"] >= 0.9  # 1.000 here (0.985 with 600: the last few answers come and go)
     assert "Before training: exact match on 200 held-out instructions: 0.0" in stdout
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]

@@ -18,7 +18,8 @@ from sft_hf import safety
 from sft_hf.collator import InstructionDataCollator
 from sft_hf.config import ModelArguments, RecipeError, SFTArguments
 from sft_hf.modeling import load_model, load_tokenizer
-from sft_hf.safety import NonFiniteLossError, StopOnNonFiniteLoss, atomic_save, redact, run_cli, staging_dir
+from sft_hf.errors import NonFiniteLossError, redact, run_cli
+from sft_hf.safety import StopOnNonFiniteLoss, atomic_save, staging_dir
 from sft_hf.templates import get_template
 from sft_hf.tokenization import tokenize_dataset
 from sft_hf.toy import make_toy_records, train_bpe_tokenizer

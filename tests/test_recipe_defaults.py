@@ -86,7 +86,7 @@ def test_a_run_without_config_that_names_model_or_data_starts_from_trainingargum
 def test_plain_run_is_the_default_recipe_and_the_command_line_beats_the_file():
     default = yaml.safe_load(DEFAULT_RECIPE.read_text())
     _, data_args, args = parse_recipe([])
-    assert args.max_steps == default["max_steps"] == 1500 and data_args.dataset_name == "builtin:toy-tasks"
+    assert args.max_steps == default["max_steps"] == 1000 and data_args.dataset_name == "builtin:toy-tasks"
     _, _, args = parse_recipe(["--max_steps", "800"])  # any key overrides; the rest is still the default recipe
     assert args.max_steps == 800 and args.learning_rate == default["learning_rate"]
     # the file's max_steps would silently override --num_train_epochs: the command line wins
@@ -99,12 +99,24 @@ def test_plain_run_is_the_default_recipe_and_the_command_line_beats_the_file():
 
 @pytest.mark.skipif(cores() < 2, reason="needs 2 cores to tell every core from accelerate's 1")
 def test_evaluate_under_accelerate_launch_uses_every_core(tmp_path):
-    responses = tmp_path / "responses.json"
-    responses.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi.", "model_response": "Hi."}]')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_NUM_THREADS"))}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "recipes" / "evaluate.py"),
-                             "--responses", str(responses), "--output_dir", str(tmp_path / "eval")],
+                             "--model", "builtin:tiny-llama", "--dataset_name", "builtin:toy-tasks", "--max_samples",
+                             "2", "--max_new_tokens", "2", "--output_dir", str(tmp_path / "eval")],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert threads_logged(result) == cores()
+
+
+def test_judging_saved_responses_never_imports_torch(tmp_path):
+    # no model runs, so none of the ~8 s of torch + Trainer imports (the metrics' `evaluate` library is off here)
+    responses = tmp_path / "responses.json"
+    responses.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi.", "model_response": "Hi."}]')
+    probe = (f"import runpy, sys\nsys.argv = [{str(ROOT / 'recipes' / 'evaluate.py')!r}, *sys.argv[1:]]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as e:\n    print('EXIT', e.code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe, "--responses", str(responses), "--metrics", "false",
+                             "--output_dir", str(tmp_path / "eval")], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "EXIT 0 False", result.stdout + result.stderr[-2000:]

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import TrainerControl, TrainerState
 
-from sft_hf.safety import NonFiniteLossError, StopOnNonFiniteLoss
+from sft_hf.errors import NonFiniteLossError
+from sft_hf.safety import StopOnNonFiniteLoss
 
 
 def run(rank: int, out_dir: str) -> None:
