@@ -13,7 +13,6 @@ Generation runs on every process under `accelerate launch` (the test split is sh
 on the main process. Writes into --output_dir: test_responses.json (chapter 7's shape: each record plus
 `model_response`), metrics.json, judge_scores_*.json, judge_histogram.png, judge_summary.json, mc_results.json.
 """
-import difflib
 import json
 import logging
 import sys
@@ -25,7 +24,7 @@ from transformers import HfArgumentParser
 # `python recipes/evaluate.py` puts recipes/ first on sys.path, where this file would shadow the `evaluate` library.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from sft_hf.errors import RecipeError  # noqa: E402
+from sft_hf.errors import RecipeError, did_you_mean  # noqa: E402
 from sft_hf.templates import TEMPLATES, get_template  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
@@ -160,9 +159,8 @@ def parse_args(argv=None) -> EvalArguments:
     args, unknown = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         flags = [f"--{f.name}" for f in fields(EvalArguments)]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        raise RecipeError(f"unknown argument(s) {' '.join(unknown)}" + (f"; did you mean {close[0]}?" if close else
-                                                                        " (python recipes/evaluate.py --help)"))
+        hint = did_you_mean(unknown[0].split("=")[0], flags) or "see python recipes/evaluate.py --help"
+        raise RecipeError(f"unknown argument(s) {' '.join(unknown)}; {hint}")
     if args.judge_backend is not None:  # checked before generating, which can take minutes
         from sft_hf.judge import check_judge_settings
 

@@ -5,7 +5,6 @@ the same, so a TRL or alignment-handbook recipe reads the same here.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from sft_hf.errors import RecipeError
+from sft_hf.errors import RecipeError, did_you_mean
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
 # Flags that make a recipe's own choice meaningless: given on the command line, they drop these keys from the file.
@@ -238,9 +237,8 @@ def _check_names(names: list[str], where: str) -> None:
     known = _known_names() | {"help"}
     for name in names:
         if name not in known and not (name.startswith("no_") and name[3:] in known):  # --no_<flag> for booleans
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"{where}: unknown recipe key {name!r}{hint}")
+            hint = did_you_mean(name, known)
+            raise RecipeError(f"{where}: unknown recipe key {name!r}" + (f"; {hint}" if hint else ""))
 
 
 def parse_recipe(argv: list[str] | None = None, default_recipe: Path | None = DEFAULT_RECIPE):

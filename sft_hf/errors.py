@@ -6,6 +6,7 @@ starts without importing torch or transformers' Trainer (about 8 s on 2 CPU core
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -23,6 +24,12 @@ class RecipeError(UserError):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; raised before the bad update is applied or saved."""
+
+
+def did_you_mean(name: str, names) -> str:
+    """The hint for a mistyped name: "did you mean 'x'?" with the closest of `names`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import difflib
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sft_hf.errors import did_you_mean
 from sft_hf.templates import get_template, reference_answer
 
 logger = logging.getLogger(__name__)
@@ -401,9 +401,9 @@ NEEDS_MODEL = {"openai": "the model name the server serves", "hf": "a local mode
 def check_judge_settings(backend: str, model: str | None) -> None:
     """The backend exists and has the model it needs: checked before anything is generated to judge."""
     if backend not in JUDGE_BACKENDS:
-        close = difflib.get_close_matches(backend, JUDGE_BACKENDS, n=1)
+        hint = did_you_mean(backend, JUDGE_BACKENDS)
         raise ValueError(f"unknown --judge_backend {backend!r}: use {', '.join(JUDGE_BACKENDS)}"
-                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+                         + (f" ({hint})" if hint else ""))
     if backend in NEEDS_MODEL and not model:
         raise ValueError(f"the {backend} judge backend needs --judge_model ({NEEDS_MODEL[backend]})")
 

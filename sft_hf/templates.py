@@ -9,7 +9,6 @@ token id, by `tokenize_dataset` (not twice when the reply already ends with it).
 """
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import string
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sft_hf.errors import UserError
+from sft_hf.errors import UserError, did_you_mean
 
 
 class TemplateError(UserError):
@@ -192,10 +191,9 @@ def get_template(name_or_path: str | dict | Template) -> Template:
     elif str(name_or_path).endswith((".yaml", ".yml")):
         raise TemplateError(f"template file {name_or_path} not found")
     else:
-        close = difflib.get_close_matches(str(name_or_path), TEMPLATES, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(str(name_or_path), TEMPLATES)
         raise TemplateError(
-            f"unknown template {name_or_path!r}: {hint}use one of {sorted(TEMPLATES)} or a YAML file with keys "
+            f"unknown template {name_or_path!r}: {hint + ' ' if hint else ''}use one of {sorted(TEMPLATES)} or a YAML file with keys "
             "prompt, input, response"
         )
     if not isinstance(spec, dict):

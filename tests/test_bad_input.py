@@ -384,7 +384,7 @@ def test_evaluate_bad_arguments_are_one_line_before_any_generation(tmp_path):
     result = run_evaluate("--responses", "r.json", "--judge_backnd", "hf", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: unknown argument(s) --judge_backnd hf; did you mean --judge_backend?")
+        "error: unknown argument(s) --judge_backnd hf; did you mean '--judge_backend'?")
 
 
 def test_recipe_values_of_the_wrong_type_name_their_source_in_one_line(tmp_path):
