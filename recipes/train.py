@@ -82,6 +82,8 @@ def main(argv=None):
     if args.process_index == 0:
         logger.info("recipe: %s", format_recipe(recipe))
     check_output_dir(args, is_main=args.process_index == 0)  # before any work: a second run must not clobber the first
+    # `true` / `latest` → the newest checkpoint in output_dir that was completely written
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)
 
     # 1. Data: load, split, template, tokenize (the main process first, the others reuse its datasets cache).
@@ -122,8 +124,6 @@ def main(argv=None):
                                                        batch_size=args.generation_batch_size))
     if push_to_hub and (reason := hub.cannot_push_reason(hub_token)):
         logger.warning("push_to_hub: %s; training anyway, the push at the end will fail", reason)
-    # `true` / `latest` → the newest checkpoint in output_dir that was completely written
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = {}
     if (baseline := BaselineExactMatchCallback.logged(trainer.state)) is not None:

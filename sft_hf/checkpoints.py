@@ -18,6 +18,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from sft_hf.errors import RecipeError
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete"
@@ -90,6 +92,11 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
         return None
     if value is True or str(value).lower() in ("true", "yes", "latest"):
         checkpoint = latest_complete_checkpoint(output_dir)
+        finished = [n for n in ("config.json", "adapter_config.json") if Path(output_dir, n).is_file()]
+        if checkpoint is None and finished:  # starting from scratch would replace a finished model
+            raise RecipeError(f"resume_from_checkpoint={value}: {output_dir} holds a finished model ({finished[0]}) and "
+                              "no checkpoint to resume from; to train again from scratch, pass --overwrite_output_dir "
+                              "true or another --output_dir")
         if checkpoint is None:
             logger.warning("resume_from_checkpoint=%s: no complete checkpoint in %s, starting from scratch",
                            value, output_dir)
@@ -97,7 +104,7 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
             logger.info("resuming from %s", checkpoint)
         return checkpoint
     if not Path(value).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a checkpoint folder")
+        raise RecipeError(f"resume_from_checkpoint: {value} is not a checkpoint folder")
     if not is_complete(value):
         logger.warning("%s has no %s marker: it may be half-written (or written by another tool)", value,
                        COMPLETE_MARKER)

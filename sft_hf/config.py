@@ -306,11 +306,12 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
     if unused:  # a recipe file goes first or after --config; every other value after its --flag
         raise RecipeError(f"command line: unexpected {' '.join(unused)!r}: values follow their --flag, and a recipe "
                           "file comes first or after --config")
-    for name, obj in (("per_device_train_batch_size", parsed[2]), ("per_device_eval_batch_size", parsed[2]),
-                      ("max_train_samples", parsed[1]), ("max_eval_samples", parsed[1])):
+    for name, obj, least in (("per_device_train_batch_size", parsed[2], 1), ("per_device_eval_batch_size", parsed[2], 1),
+                             ("max_train_samples", parsed[1], 1), ("max_eval_samples", parsed[1], 1),
+                             ("shuffle_seed", parsed[1], 0)):
         value = getattr(obj, name, None)
-        if value is not None and value < 1:
-            raise RecipeError(f"{source(name)}: {name} must be at least 1, got {value}")
+        if value is not None and value < least:
+            raise RecipeError(f"{source(name)}: {name} must be at least {least}, got {value}")
     values = {}
     for name in dict.fromkeys([*recipe, *cli_names]):  # file order, then the command line's new keys
         if name == "help" or SECRET_KEY.search(name):

@@ -34,10 +34,19 @@ class MCDataError(UserError):
 def read_mc_file(path: str | Path) -> list[dict]:
     """Records as {question, choices, answer: int, subject, split}, each checked (the error names record and field)."""
     path = Path(path)
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".json":
-        rows = json.loads(path.read_text())
+    if not path.is_file():
+        raise MCDataError(f"{path}: no such file")
+    if path.suffix in (".json", ".jsonl"):
+        text = path.read_text()
+        lines = enumerate(text.splitlines(), start=1) if path.suffix == ".jsonl" else [(1, text)]
+        rows = []
+        for first_line, chunk in ((n, c) for n, c in lines if c.strip() or path.suffix == ".json"):
+            try:
+                rows.append(json.loads(chunk))
+            except json.JSONDecodeError as e:
+                raise MCDataError(f"{path}: line {first_line + e.lineno - 1}, column {e.colno}: malformed JSON: "
+                                  f"{e.msg}") from None
+        rows = rows[0] if path.suffix == ".json" else rows
     elif path.suffix == ".csv":
         import csv
 

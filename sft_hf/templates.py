@@ -321,6 +321,11 @@ def chat_template_segments(tokenizer, messages: list[dict], tools=None, trained_
 
     if not replies:
         raise TemplateError("the conversation has no assistant reply to train on")
+    for i, (a, b) in replies.items():  # a template without tool support drops the calls: an empty reply, trained
+        names = [(c.get("function") or c).get("name") for c in messages[i].get("tool_calls") or []]
+        if any(name and name not in full[a:b] for name in names):
+            raise TemplateError(f"message {i} (assistant): the chat template does not render its tool_calls, so the "
+                                f"reply would be trained as {full[a:b]!r}; use template chatml, which renders them")
     # Segment boundaries: where each message starts (when known) and where each reply starts and ends.
     starts = [(p, i) for i, p in enumerate(prefix[:n]) if p is not None]
     bounds = sorted({p for p, _ in starts} | {x for span in replies.values() for x in span} | {len(full)})

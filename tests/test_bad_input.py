@@ -400,6 +400,8 @@ def test_recipe_values_of_the_wrong_type_name_their_source_in_one_line(tmp_path)
         parse_recipe(["--config", str(recipe), "--learning_rate", "1", "--per_device_train_batch_size", "0"])
     with pytest.raises(RecipeError, match="^command line: max_train_samples must be at least 1, got -5"):
         parse_recipe(["--config", str(recipe), "--learning_rate", "1", "--max_train_samples", "-5"])
+    with pytest.raises(RecipeError, match="^command line: shuffle_seed must be at least 0, got -3"):
+        parse_recipe(["--config", str(recipe), "--learning_rate", "1", "--shuffle_seed", "-3"])
 
 
 def test_a_recipe_given_first_without_config_and_a_stray_value(tmp_path):

@@ -109,6 +109,11 @@ def test_reads_mmlu_csv_columns_and_letters(tmp_path):
                    + json.dumps({"question": "q", "choices": ["a", "b"], "answer": "C"}) + "\n")
     with pytest.raises(MCDataError, match=r"bad.jsonl: record 1, field 'answer'"):
         read_mc_file(bad)
+    bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n\n{\"question\": \"q\" \"x\"}\n")
+    with pytest.raises(MCDataError, match=r"bad.jsonl: line 3, column 18: malformed JSON: Expecting ',' delimiter$"):
+        read_mc_file(bad)
+    with pytest.raises(MCDataError, match=r"missing.json: no such file$"):
+        read_mc_file(tmp_path / "missing.json")
 
 
 def test_the_shipped_mmlu_mini_file():

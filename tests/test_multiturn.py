@@ -191,6 +191,21 @@ def test_qwen_tool_calls_are_trained_tool_results_are_not(base_dir):
     assert [t["role"] for t in row["turns"]] == ["user", "assistant", "tool", "assistant"]
 
 
+def test_a_template_that_drops_tool_calls_is_an_error_not_an_empty_trained_reply(smollm2_tokenizer):
+    # SmolLM2's template renders only `content`: the call would vanish and the model learn to answer it with <|im_end|>
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    with pytest.raises(TemplateError, match=r"^\[data\] record 0: message 1 \(assistant\): the chat template does not "
+                                            r"render its tool_calls, so the reply would be trained as '<\|im_end\|>'"):
+        tokenize_dataset(Dataset.from_list([{"messages": messages}]), smollm2_tokenizer, "chat_template", None,
+                         verbose=False)
+    row = tokenize_dataset(Dataset.from_list([{"messages": messages}]), smollm2_tokenizer, "chatml", None,
+                           verbose=False)[0]
+    assert '"name": "weather"' in trained_runs(smollm2_tokenizer, row)[0]
+
+
 def test_chatml_builtin_multi_turn(smollm2_tokenizer):
     tok = smollm2_tokenizer  # EOS is <|im_end|>: the built-in chatml is then SmolLM2's format without a system prompt
     row = tokenize_dataset(Dataset.from_list([{"messages": CONVERSATION}]), tok, "chatml", None, verbose=False)[0]

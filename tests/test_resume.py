@@ -1,6 +1,7 @@
 """A run SIGKILLed mid-epoch while writing a checkpoint resumes (`--resume_from_checkpoint true`) from the last
 complete checkpoint, never the half-written one, and ends with the same losses and weights as an uninterrupted run."""
 import json
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from sft_hf.checkpoints import (COMPLETE_MARKER, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
                                 rotate_checkpoints)
+from sft_hf.errors import RecipeError
 from tiny_setup import load_weights, run_train, tiny_recipe_args, train_losses, write_tiny_dataset, write_tiny_model
 
 # Killed inside Trainer._save_checkpoint for step 12: the weights and optimizer of checkpoint-12 are on disk, its
@@ -72,8 +74,15 @@ def test_resolve_resume_checkpoint(tmp_path):
     assert resolve_resume_checkpoint("false", str(tmp_path)) is None
     assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-5"), str(tmp_path)) == str(tmp_path / "checkpoint-5")
     assert resolve_resume_checkpoint("true", str(tmp_path / "empty")) is None  # fresh start, with a warning
-    with pytest.raises(FileNotFoundError, match="checkpoint-7"):
+    with pytest.raises(RecipeError, match="^resume_from_checkpoint: .*checkpoint-7 is not a checkpoint folder"):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-7"), str(tmp_path))
+    # a finished run without checkpoints (save_strategy "no") is never replaced by a silent fresh start
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "config.json").write_text("{}")
+    with pytest.raises(RecipeError, match=r"holds a finished model \(config.json\) and no checkpoint to resume from"):
+        resolve_resume_checkpoint("true", str(finished))
+    assert os.listdir(finished) == ["config.json"]
 
 
 # Killed in on_save, after Trainer wrote checkpoint-8 (and, before the fix, rotated checkpoint-4 away).
