@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 
-from sft_hf.templates import ChatTemplate, Template, get_template
+from sft_hf.templates import ChatMLTemplate, ChatTemplate, Template, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,21 @@ def _is_hub_id(name: str | None) -> bool:
             and not Path(name).exists() and name.count("/") <= 1)
 
 
+def base_model_license(name: str | None) -> str | None:
+    """The base model's license from its model card (a local folder's README.md, or one in the Hub cache); None when
+    unknown: no license is better than a wrong one (a Llama or Gemma base is not Apache-2.0)."""
+    card = Path(name or "", "README.md")
+    if not card.is_file() and _is_hub_id(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "README.md")
+        card = Path(cached) if isinstance(cached, str) else card
+    try:
+        return ModelCard.load(card).data.to_dict().get("license") if card.is_file() else None
+    except Exception:  # noqa: BLE001 - a card without valid metadata
+        return None
+
+
 def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args, train_args,
                      template: Template | str, metrics: dict | None = None, recipe: dict | None = None) -> ModelCard:
     """The run's one model card: output_dir/README.md (`repo_id=None`) and the card pushed to `repo_id`.
@@ -51,6 +66,8 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
     name = (repo_id or Path(output_dir).name).split("/")[-1]
     is_adapter = Path(output_dir, "adapter_config.json").is_file()
     hyperparameters = {k: getattr(train_args, k) for k in CARD_HYPERPARAMETERS if hasattr(train_args, k)}
+    if hyperparameters.get("max_steps", -1) > 0:  # max_steps overrides the epochs: listing both would mislead
+        hyperparameters.pop("num_train_epochs", None)
     if model_args.use_peft:
         hyperparameters.update({k: getattr(model_args, k) for k in LORA_HYPERPARAMETERS})
     hyperparameters = {k: v.value if isinstance(v, Enum) else v for k, v in hyperparameters.items()}  # plain YAML
@@ -68,7 +85,7 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
         model_name=name,
         base_model=model_args.model_name_or_path if _is_hub_id(model_args.model_name_or_path) else None,
         datasets=[dataset] if dataset else None,
-        license="apache-2.0",
+        license=base_model_license(model_args.model_name_or_path),
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-generation",
         tags=["sft-hf", "sft", "instruction-tuning", f"template:{template.name}"] + (["lora", "peft"] if is_adapter
@@ -90,7 +107,8 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
         "the tokenizer's own chat template (`chat_template` in the tokenizer files), every turn"
         if isinstance(template, ChatTemplate)  # rendering it needs the tokenizer
         else template.format_prompt({"instruction": "{instruction}", "input": "{input}"}) + "{output}<eos>", "```",
-        "(the `input` part only when the input is non-empty; saved as `sft_template.json`)", "",
+        "(saved as `sft_template.json`)" if isinstance(template, (ChatTemplate, ChatMLTemplate))
+        else "(the `input` part only when the input is non-empty; saved as `sft_template.json`)", "",
         "## Usage", "", "```python", *usage, "```", "",
         "## Training hyperparameters", "", "| name | value |", "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in hyperparameters.items()], "",

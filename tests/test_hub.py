@@ -39,6 +39,20 @@ def fake_output_dir(folder: Path, adapter: bool) -> Path:
     return folder
 
 
+def test_model_card_license_is_the_base_models_and_max_steps_replaces_the_epochs(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: llama3.2\n---\n# a base model\n")
+    model_args, data_args, train_args = run_args()
+    model_args.model_name_or_path, train_args.max_steps = str(base), 40
+    card = hub.build_model_card(str(fake_output_dir(tmp_path / "run", False)), None, model_args, data_args, train_args,
+                                "chatml")
+    meta = card.data.to_dict()
+    assert meta["license"] == "llama3.2"
+    assert meta["hyperparameters"]["max_steps"] == 40 and "num_train_epochs" not in meta["hyperparameters"]
+    assert "the `input` part" not in card.text and "(saved as `sft_template.json`)" in card.text
+
+
 @pytest.mark.parametrize("adapter", [False, True])
 def test_model_card_metadata_and_content(tmp_path, adapter):
     out = fake_output_dir(tmp_path / "run", adapter)
@@ -49,7 +63,7 @@ def test_model_card_metadata_and_content(tmp_path, adapter):
     loaded = ModelCard.load(tmp_path / "card.md")  # parses the YAML header the way the Hub does
     meta = loaded.data.to_dict()
     assert meta["base_model"] == "Qwen/Qwen2.5-0.5B" and meta["datasets"] == ["tatsu-lab/alpaca"]
-    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-generation"
+    assert "license" not in meta and meta["pipeline_tag"] == "text-generation"  # the base's is unknown offline
     assert meta["library_name"] == ("peft" if adapter else "transformers")
     assert {"sft-hf", "template:alpaca"} <= set(meta["tags"]) and ("lora" in meta["tags"]) == adapter
     assert meta["sft_template"] == "alpaca"
