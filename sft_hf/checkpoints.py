@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft_hf.errors import RecipeError
+from sft_hf.safety import MARKER_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
         return None
     if value is True or str(value).lower() in ("true", "yes", "latest"):
         checkpoint = latest_complete_checkpoint(output_dir)
-        finished = [n for n in ("config.json", "adapter_config.json") if Path(output_dir, n).is_file()]
+        finished = [n for n in MARKER_FILES if Path(output_dir, n).is_file()]
         if checkpoint is None and finished:  # starting from scratch would replace a finished model
             raise RecipeError(f"resume_from_checkpoint={value}: {output_dir} holds a finished model ({finished[0]}) and "
                               "no checkpoint to resume from; to train again from scratch, pass --overwrite_output_dir "

@@ -11,6 +11,7 @@ counted.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -130,9 +131,10 @@ def load_recipe_splits(data_args, template=None) -> DatasetDict:
     return raw
 
 
-def _template_fields(template: Template | None) -> set[str]:
+@functools.cache  # asked once per record by record_problem; templates are frozen (hashable)
+def _template_fields(template: Template | None) -> frozenset[str]:
     """Record fields a template reads besides instruction/input/output (e.g. `{context}` in a YAML template)."""
-    return template.fields() - {"instruction", "input", "output"} if template is not None else set()
+    return frozenset(template.fields() - {"instruction", "input", "output"}) if template is not None else frozenset()
 
 
 def _load_file(builder: str, path: str, **kwargs) -> DatasetDict:
@@ -157,7 +159,7 @@ def _bad_bytes(data: bytes, e: UnicodeDecodeError) -> str:
     return f"line {line}, byte {column}: not valid UTF-8 ({data[e.start:e.start + 4]!r}...); re-save the file as UTF-8"
 
 
-def _parse_json(path: str, problems: list[str]) -> list[tuple[object, int | None]]:
+def parse_json_records(path: str, problems: list[str]) -> list[tuple[object, int | None]]:
     """(record, line) pairs from a JSON array or JSON lines; line is None for records of an array. Lines that do
     not parse are added to `problems`."""
     data = Path(path).read_bytes()
@@ -192,7 +194,7 @@ def _parse_json(path: str, problems: list[str]) -> list[tuple[object, int | None
 
 def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -> DatasetDict:
     problems: list[str] = []  # every bad line and record, so one run reports them all
-    parsed = _parse_json(path, problems)
+    parsed = parse_json_records(path, problems)
     objects = [r for r, _ in parsed if isinstance(r, dict)]
     if not objects:
         if problems and not skip_bad_records:

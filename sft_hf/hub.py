@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 
-from sft_hf.templates import ChatMLTemplate, ChatTemplate, Template, get_template
+from sft_hf.templates import ChatTemplate, Template, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
         "the tokenizer's own chat template (`chat_template` in the tokenizer files), every turn"
         if isinstance(template, ChatTemplate)  # rendering it needs the tokenizer
         else template.format_prompt({"instruction": "{instruction}", "input": "{input}"}) + "{output}<eos>", "```",
-        "(saved as `sft_template.json`)" if isinstance(template, (ChatTemplate, ChatMLTemplate))
+        "(saved as `sft_template.json`)" if template.multi_turn  # chat templates have no Alpaca `input` part
         else "(the `input` part only when the input is non-empty; saved as `sft_template.json`)", "",
         "## Usage", "", "```python", *usage, "```", "",
         "## Training hyperparameters", "", "| name | value |", "| --- | --- |",

@@ -37,16 +37,12 @@ def read_mc_file(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise MCDataError(f"{path}: no such file")
     if path.suffix in (".json", ".jsonl"):
-        text = path.read_text()
-        lines = enumerate(text.splitlines(), start=1) if path.suffix == ".jsonl" else [(1, text)]
-        rows = []
-        for first_line, chunk in ((n, c) for n, c in lines if c.strip() or path.suffix == ".json"):
-            try:
-                rows.append(json.loads(chunk))
-            except json.JSONDecodeError as e:
-                raise MCDataError(f"{path}: line {first_line + e.lineno - 1}, column {e.colno}: malformed JSON: "
-                                  f"{e.msg}") from None
-        rows = rows[0] if path.suffix == ".json" else rows
+        from sft_hf.data import parse_json_records  # the training data's reader: bad lines named by line and column
+
+        problems = []
+        rows = [row for row, _ in parse_json_records(str(path), problems)]
+        if problems:
+            raise MCDataError(problems[0])
     elif path.suffix == ".csv":
         import csv
 
