@@ -38,10 +38,10 @@ from sft_hf.data import load_recipe_splits  # noqa: E402
 from sft_hf.generation import request_text  # noqa: E402
 from sft_hf.templates import reference_answer  # noqa: E402
 from sft_hf.config import format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
-from sft_hf.checkpoints import resolve_resume_checkpoint  # noqa: E402
+from sft_hf.checkpoints import check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint  # noqa: E402
 from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402
-from sft_hf.errors import RecipeError, install_secret_redaction, run_cli  # noqa: E402
-from sft_hf.safety import StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
+from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction, run_cli  # noqa: E402
+from sft_hf.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
 from sft_hf.threads import set_cpu_threads  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
@@ -84,6 +84,8 @@ def main(argv=None):
     check_output_dir(args, is_main=args.process_index == 0)  # before any work: a second run must not clobber the first
     # `true` / `latest` → the newest checkpoint in output_dir that was completely written
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if resume:  # with the values it was trained with, else a mix of old optimizer state and new schedule
+        check_resume_recipe(resume, recipe)
     set_seed(args.seed)
 
     # 1. Data: load, split, template, tokenize (the main process first, the others reuse its datasets cache).
@@ -113,6 +115,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=collator,
         callbacks=[StopOnNonFiniteLoss()],  # stops at a NaN/inf gradient before it is applied
+        recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
     )
     if args.eval_exact_match and args.baseline_exact_match:
         trainer.add_callback(BaselineExactMatchCallback(lambda model: measure_exact_match(
@@ -124,23 +127,16 @@ def main(argv=None):
                                                        batch_size=args.generation_batch_size))
     if push_to_hub and (reason := hub.cannot_push_reason(hub_token)):
         logger.warning("push_to_hub: %s; training anyway, the push at the end will fail", reason)
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {}
-    if (baseline := BaselineExactMatchCallback.logged(trainer.state)) is not None:
-        metrics["baseline_exact_match"] = baseline
-    metrics.update(train_result.metrics)
-    metrics["train_trained_tokens"] = trainer.trained_tokens_total
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
+        for callback in trainer.callback_handler.callbacks:  # the progress bar ends above that line, not below it
+            for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+                if bar is not None:
+                    bar.close()
+        raise Interrupted(interrupted_training_message(args.output_dir, trainer.state)) from None
 
-    # 4. Exact match after training (on every process), then save everything in standard HF format.
-    if args.eval_exact_match:
-        metrics["eval_exact_match"], responses = measure_exact_match(
-            trainer.model, tokenizer, held_out.to_list(), template, args, "After training:")
-    if args.eval_exact_match and args.process_index == 0:
-        records = [{**r, "model_response": resp} for r, resp in zip(held_out.to_list(), responses)]
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        Path(args.output_dir, "test_responses.json").write_text(json.dumps(records, indent=2) + "\n")
+    # 4. Save the model in standard HF format first: an evaluation that fails or is interrupted loses no training.
     if trainer.is_fsdp_enabled:  # sharded checkpoints while training, one full state dict `from_pretrained` reads
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     # Written beside output_dir and moved in once complete: an interrupted save never looks like a whole model.
@@ -150,6 +146,28 @@ def main(argv=None):
             tokenizer.save_pretrained(save_dir)
             save_template(template, save_dir)
             save_recipe(recipe, Path(save_dir, "recipe.yaml"))  # re-run with --config <output_dir>/recipe.yaml
+    if trainer.is_world_process_zero():  # a replaced run's card and metrics described its model, not this one
+        for name in RUN_RESULTS:
+            Path(args.output_dir, name).unlink(missing_ok=True)
+
+    # 5. Validation loss and exact match after training (on every process), then metrics, loss curve and card.
+    metrics = {}
+    if (baseline := BaselineExactMatchCallback.logged(trainer.state)) is not None:
+        metrics["baseline_exact_match"] = baseline
+    metrics.update(train_result.metrics)
+    metrics["train_trained_tokens"] = trainer.trained_tokens_total
+    try:
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        if args.eval_exact_match:
+            metrics["eval_exact_match"], responses = measure_exact_match(
+                trainer.model, tokenizer, held_out.to_list(), template, args, "After training:")
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after training: the trained model is saved in {args.output_dir}, without "
+                          "this run's evaluation, metrics and model card") from None
+    if args.eval_exact_match and args.process_index == 0:
+        records = [{**r, "model_response": resp} for r, resp in zip(held_out.to_list(), responses)]
+        Path(args.output_dir, "test_responses.json").write_text(json.dumps(records, indent=2) + "\n")
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         trainer.save_state()

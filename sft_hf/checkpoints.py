@@ -7,6 +7,10 @@ anything could mark the new one complete. `InstructionTrainer._save_checkpoint` 
 folder it writes again, marks the folder complete once all processes are done with it, and only then rotates
 (`rotate_checkpoints`, which never deletes the newest complete checkpoint); `resolve_resume_checkpoint` resumes
 from the newest checkpoint that has the marker.
+
+Each checkpoint also holds the run's recipe.yaml. Trainer resumes the optimizer and scheduler state whatever the new
+arguments say: a resume with another learning rate keeps the old one in the optimizer but the new schedule, a longer
+max_steps re-stretches the decay mid-run. `check_resume_recipe` refuses such a mix before any work.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import re
 import shutil
 from pathlib import Path
 
+import yaml
+
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft_hf.errors import RecipeError
@@ -24,6 +30,17 @@ from sft_hf.safety import MARKER_FILES
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete"
+RECIPE_FILE = "recipe.yaml"
+# Recipe keys a resumed run may change: they decide what is logged, evaluated, saved or where, not which updates
+# the model gets (nor the order of its batches). Every other change is refused at resume.
+RESUME_MAY_CHANGE = frozenset({
+    "resume_from_checkpoint", "output_dir", "overwrite_output_dir", "logging_steps", "logging_strategy",
+    "logging_first_step", "logging_dir", "log_level", "report_to", "run_name", "disable_tqdm", "save_strategy",
+    "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "per_device_eval_batch_size", "max_eval_samples",
+    "eval_exact_match", "baseline_exact_match", "max_new_tokens", "generation_batch_size", "eval_generation_samples",
+    "num_sample_generations", "push_to_hub", "hub_model_id", "hub_private_repo", "cpu_threads",
+    "dataloader_num_workers", "dataset_num_proc", "onednn_linear",
+})
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -80,6 +97,41 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
         logger.warning("ignoring %s: it was not finished (no %s; the run probably died while saving it)",
                        checkpoint, COMPLETE_MARKER)
     return None
+
+
+def check_resume_recipe(checkpoint: str | Path, recipe: dict) -> None:
+    """Refuses to resume `checkpoint` with training values other than those it was trained with (its recipe.yaml;
+    a key missing from either side has its default value). Checkpoints without a recipe.yaml are not checked."""
+    saved_file = Path(checkpoint, RECIPE_FILE)
+    if not saved_file.is_file():
+        logger.warning("%s has no %s: cannot check that this run's recipe matches the one it was trained with",
+                       checkpoint, RECIPE_FILE)
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    changed = [key for key in dict.fromkeys([*saved, *recipe])
+               if key not in RESUME_MAY_CHANGE and saved.get(key) != recipe.get(key)]
+    if not changed:
+        return
+
+    def shown(values, key):
+        return repr(values[key]) if key in values else "default"
+
+    differences = ", ".join(f"{key} {shown(saved, key)} → {shown(recipe, key)}" for key in changed)
+    raise RecipeError(
+        f"resume_from_checkpoint: {checkpoint} was trained with other values ({differences}); resuming would mix "
+        f"the two (the optimizer and scheduler state are the checkpoint's). Resume it as it was trained (--config "
+        f"{saved_file} --resume_from_checkpoint {checkpoint}), or fine-tune its weights in a new run "
+        f"(--model_name_or_path {checkpoint} --output_dir <a new folder>)")
+
+
+def interrupted_training_message(output_dir: str | Path, state) -> str:
+    """What Ctrl-C during training leaves, and how to go on from it (`state`: Trainer's TrainerState)."""
+    where = f"interrupted at step {state.global_step} of {state.max_steps}"
+    checkpoint = latest_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return f"{where}; no checkpoint was saved (save_strategy: steps keeps them), so nothing of this run is kept"
+    return (f"{where}; {checkpoint} is the newest complete checkpoint: run the same command with "
+            "--resume_from_checkpoint true to go on from it")
 
 
 def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:

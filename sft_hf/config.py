@@ -5,6 +5,7 @@ the same, so a TRL or alignment-handbook recipe reads the same here.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ logger = logging.getLogger("sft_hf")
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"  # a heading in --help
     model_name_or_path: str = field(
         default="builtin:tiny-llama", metadata={"help": "Hub id, local dir, or builtin:tiny-llama (built offline)."}
     )
@@ -41,19 +43,20 @@ class ModelArguments:
         metadata={"help": "A GGUF file inside model_name_or_path (a folder, or package:<python package>); converted "
                   "once to safetensors. model_name_or_path may also be a path to a .gguf file."},
     )
-    model_revision: str = "main"
+    model_revision: str = field(default="main", metadata={"help": "Hub branch, tag or commit of the model."})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16 for the weights."})
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repository's own Python code."})
     attn_implementation: str | None = field(
         default=None,
         metadata={"help": "sdpa, eager, flash_attention_2, sdpa_varlen... Default: sdpa_varlen (SDPA that attends "
                   "per example in padding-free rows) on full-attention models, else transformers' choice."},
     )
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of every weight."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling: the update is multiplied by alpha / r."})
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = None
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt; default: the attention and MLP projections."})
     load_in_4bit: bool = field(
         default=False, metadata={"help": "QLoRA: load the base model in 4 bits (CUDA + bitsandbytes); needs use_peft."}
     )
@@ -70,21 +73,31 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
     dataset_name: str = field(
         default="builtin:toy-tasks",
         metadata={"help": "Hub dataset name, local file (.json/.jsonl/.csv/.parquet) or folder, or builtin:toy-tasks."},
     )
-    dataset_config: str | None = None
+    dataset_config: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration (subset) name."})
     column_mapping: str | None = field(  # a JSON object; HfArgumentParser cannot parse a `dict` type
         default=None, metadata={"help": 'Rename fields, e.g. \'{"question": "instruction", "answer": "output"}\'.'}
     )
     template: str = field(default="alpaca", metadata={"help": "alpaca, phi3, chatml, chat_template, raw, or a YAML."})
-    train_split_ratio: float = 0.85
-    test_split_ratio: float = 0.10
-    shuffle_seed: int | None = None
-    dataset_num_proc: int | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    train_split_ratio: float = field(
+        default=0.85, metadata={"help": "Share of the records trained on when the data has a single split; test "
+                                "takes test_split_ratio, validation the rest (chapter 7: 0.85 / 0.10 / 0.05)."})
+    test_split_ratio: float = field(
+        default=0.10, metadata={"help": "Share held out for exact match after training (see train_split_ratio)."})
+    shuffle_seed: int | None = field(
+        default=None, metadata={"help": "Shuffle the records with this seed before splitting; default: the file's "
+                                "order (chapter 7's split)."})
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for templating and tokenizing (datasets' num_proc)."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N training records (a quick run)."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N records of the validation split and of the test split "
+                                "(the exact-match prompts), each."})
     skip_bad_records: bool = field(
         default=False, metadata={"help": "Drop malformed/incomplete records (counted and logged) instead of failing."}
     )
@@ -99,6 +112,7 @@ class DataArguments:
 
 @dataclass
 class SFTArguments(TrainingArguments):
+    _argument_group_name = "training"
     max_length: int | None = field(default=1024, metadata={"help": "Truncate examples to this many tokens."})
     completion_only_loss: bool = field(
         default=False,
@@ -131,7 +145,8 @@ class SFTArguments(TrainingArguments):
         metadata={"help": "In training, project onto the vocabulary (and take the cross-entropy) only at positions "
                   "whose next token is trained; the loss and its gradient are unchanged."},
     )
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch (or padding-free row) to a multiple of this many tokens."})
     precision: str = field(
         default="auto",
         metadata={"help": "auto: bf16 autocast where the hardware multiplies bf16 natively (Ampere+ GPUs, CPUs with "
@@ -140,7 +155,7 @@ class SFTArguments(TrainingArguments):
     eval_exact_match: bool = field(
         default=False, metadata={"help": "Greedy-generate the test split before and after training; exact match."}
     )
-    max_new_tokens: int = 256
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest generated response (exact match, samples)."})
     generation_batch_size: int | None = field(
         default=None,
         metadata={"help": "Rows generated at once (exact match, samples). Default: as many as the KV cache fits in a "
@@ -151,7 +166,8 @@ class SFTArguments(TrainingArguments):
         metadata={"help": "At each evaluation, greedily generate for this many validation prompts and log them "
                   "(with exact match when eval_exact_match); 0 = off."},
     )
-    num_sample_generations: int = 3
+    num_sample_generations: int = field(
+        default=3, metadata={"help": "Generated responses printed beside their expected answers after exact match."})
     baseline_exact_match: bool = field(
         default=True, metadata={"help": "With eval_exact_match, also generate the test split before training (the "
                                 "baseline); false saves that time and keeps the after-training figure."},
@@ -233,6 +249,34 @@ def _to_argv(recipe: dict) -> list[str]:
     return argv
 
 
+# The TrainingArguments `--help` lists beside sft-hf's own; `--help_all` lists all of them (about 150).
+COMMON_TRAINING_ARGS = (
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "activation_checkpointing", "logging_steps",
+    "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit", "report_to", "use_cpu",
+    "torch_compile", "push_to_hub", "hub_model_id", "hub_private_repo",
+)
+HELP_USAGE = "train.py [recipe.yaml | --config recipe.yaml] [--<argument> <value> ...]"
+HELP_TEXT = (
+    "Every argument is a recipe key: set it in the YAML recipe or override it with --<key> <value>. Without a "
+    "recipe, recipes/default.yaml applies, unless the command line names a model or a dataset; then the defaults "
+    "shown here do. Each run saves its effective recipe as <output_dir>/recipe.yaml."
+)
+
+
+def print_help(parser: HfArgumentParser, show_all: bool) -> None:
+    """sft-hf's own arguments and the common TrainingArguments; `show_all`: every argument."""
+    own = {f.name for cls in ARG_CLASSES for f in fields(cls)} - {f.name for f in fields(TrainingArguments)}
+    if not show_all:
+        for action in parser._actions:  # argparse hides an argument whose help is SUPPRESS
+            if action.dest not in own | set(COMMON_TRAINING_ARGS) | {"help"}:
+                action.help = argparse.SUPPRESS
+    parser.usage, parser.description = HELP_USAGE, HELP_TEXT
+    parser.epilog = None if show_all else "--help_all lists every TrainingArguments argument too."
+    parser.print_help()
+
+
 def _check_names(names: list[str], where: str) -> None:
     known = _known_names() | {"help"}
     for name in names:
@@ -254,6 +298,9 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
     argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
         argv.insert(0, "--config")  # `train.py recipe.yaml --flag value`, as alignment-handbook's scripts take it
+    if {"-h", "--help", "--help_all"} & set(argv):
+        print_help(HfArgumentParser(ARG_CLASSES), show_all="--help_all" in argv)
+        raise SystemExit(0)
     cli_names = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
     config = default_recipe
     if "--config" in argv:

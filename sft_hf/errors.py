@@ -26,6 +26,10 @@ class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; raised before the bad update is applied or saved."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with what was kept and how to go on: one line on stderr, exit code 130 (the shell's for SIGINT)."""
+
+
 def did_you_mean(name: str, names) -> str:
     """The hint for a mistyped name: "did you mean 'x'?" with the closest of `names`, or "" when none is close."""
     close = difflib.get_close_matches(name, list(names), n=1)
@@ -80,7 +84,7 @@ def install_secret_redaction() -> None:
 
 
 def run_cli(main, argv=None) -> int:
-    """Runs `main(argv)`; bad input or a non-finite loss becomes one error on stderr and a non-zero exit code.
+    """Runs `main(argv)`; bad input, a non-finite loss or Ctrl-C becomes one error on stderr and a non-zero exit code.
 
     Under `accelerate launch` every process meets the same error (the same input; the non-finite flag is agreed),
     so only the first process prints it."""
@@ -92,9 +96,15 @@ def run_cli(main, argv=None) -> int:
     except NonFiniteLossError as e:
         _print_error(e)
         return 3
+    except Interrupted as e:
+        _print_error(e, prefix="\n")
+        return 130
+    except KeyboardInterrupt:
+        _print_error("interrupted", prefix="\n")
+        return 130
     return code if isinstance(code, int) else 0  # a main that returns its exit code (sft-hf commands) keeps it
 
 
-def _print_error(error: Exception) -> None:
+def _print_error(error: Exception | str, prefix: str = "") -> None:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {redact(str(error))}", file=sys.stderr)
+        print(f"{prefix}error: {redact(str(error))}", file=sys.stderr)

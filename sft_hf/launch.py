@@ -5,17 +5,21 @@
 `accelerate launch` answers a script's non-zero exit with a traceback of its own (`CalledProcessError` for one
 process, torchrun's `ChildFailedError` report for several) after the script's one-line error, and exits 1. Here the
 same launch runs in-process: the script's error line stays the last thing printed, and its exit code (2 for bad
-input, 3 for a non-finite loss) is the launcher's. Every `accelerate launch` option works the same.
+input, 3 for a non-finite loss) is the launcher's. Ctrl-C reaches the launcher and the script alike: the launcher
+waits for the script's line (what was kept, how to resume) and exits 130, where `accelerate launch` prints its own
+KeyboardInterrupt traceback. Every `accelerate launch` option works the same.
 """
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
 
 def main(argv=None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -28,7 +32,20 @@ def main(argv=None) -> int:
     except ChildFailedError as e:  # several: the exit code of the process that failed first
         _, failure = e.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 1
+    except (KeyboardInterrupt, SignalException):  # Ctrl-C (torchrun's agent raises SignalException for it)
+        wait_for_children()  # they got the Ctrl-C too; the script's own line is the last thing printed
+        return 130
     return 0
+
+
+def wait_for_children() -> None:
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:  # none left
+            return
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+            return
 
 
 if __name__ == "__main__":

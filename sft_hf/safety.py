@@ -157,6 +157,10 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 
 RUN_LOGS = ("eval_generations.jsonl", "test_responses.json")
+# What a finished run writes beside its model: removed when a new model replaces it, so that an evaluation
+# interrupted after that never leaves the old run's card and metrics describing the new model.
+RUN_RESULTS = ("README.md", "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+               "loss_curve.png")
 DATA_LOOKS = ("inspect.html", "data_report")  # sft-hf inspect / report's default outputs
 
 

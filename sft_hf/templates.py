@@ -106,11 +106,11 @@ class ChatTemplate(Template):
     def segments(self, record: dict, tokenizer=None, trained_turns: str = "all") -> list[Segment]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise TemplateError("template 'chat_template' needs a tokenizer that has a chat template")
-        return chat_template_segments(tokenizer, record_messages(record), record.get("tools"), trained_turns)
+        return chat_template_segments(tokenizer, record_messages(record), record_tools(record), trained_turns)
 
     def format_prompt(self, record: dict, tokenizer=None) -> str:
         messages = record_messages(record, generation=True)
-        return tokenizer.apply_chat_template(messages, tools=record.get("tools"), tokenize=False,
+        return tokenizer.apply_chat_template(messages, tools=record_tools(record), tokenize=False,
                                              add_generation_prompt=True)
 
 
@@ -131,16 +131,23 @@ class ChatMLTemplate(Template):
         messages = record_messages(record)
         if not messages or messages[-1]["role"] != "assistant":
             raise TemplateError("the last message must come from the assistant: it is the response to train on")
-        return self._segments(messages, getattr(tokenizer, "eos_token", None) or "<|im_end|>")[:-1]  # no final "\n"
+        end = getattr(tokenizer, "eos_token", None) or "<|im_end|>"
+        return self._segments(messages, end, record_tools(record))[:-1]  # no final "\n"
 
     def format_prompt(self, record: dict, tokenizer=None) -> str:
         end = getattr(tokenizer, "eos_token", None) or "<|im_end|>"
-        segments = self._segments(record_messages(record, generation=True), end)
+        segments = self._segments(record_messages(record, generation=True), end, record_tools(record))
         return "".join(s.text for s in segments) + "<|im_start|>assistant\n"
 
     @staticmethod
-    def _segments(messages: list[dict], assistant_end: str) -> list[Segment]:
+    def _segments(messages: list[dict], assistant_end: str, tools: list[dict] | None = None) -> list[Segment]:
         out = []
+        if tools:  # the definitions go into the system turn, as Qwen 2.5's ChatML template writes them (Hermes)
+            block = CHATML_TOOLS.format(tools="".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools))
+            if messages and messages[0]["role"] == "system":
+                messages = [{**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{block}"}, *messages[1:]]
+            else:  # the template's own text: part of the first message, never trained
+                out.append(Segment(f"<|im_start|>system\n{block}<|im_end|>\n", messages[0]["role"], 0))
         for i, m in enumerate(messages):
             role, content = m["role"], m.get("content") or ""
             calls = [call.get("function", call) for call in m.get("tool_calls") or []]
@@ -155,6 +162,13 @@ class ChatMLTemplate(Template):
                 out.append(Segment(f"<|im_start|>{role}\n{content}<|im_end|>\n", role, i))
         return out
 
+
+CHATML_TOOLS = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function "
+    "signatures within <tools></tools> XML tags:\n<tools>{tools}\n</tools>\n\nFor each function call, return a json "
+    "object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -254,6 +268,22 @@ def record_messages(record: dict, generation: bool = False) -> list[dict]:
     if generation and messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return messages
+
+
+def record_tools(record: dict) -> list[dict] | None:
+    """The record's tool definitions (OpenAI `tools`: a list, or that list as a JSON string, as some datasets store
+    it), without the keys datasets filled with None where other records' tools have them."""
+    tools = record.get("tools")
+    if tools is None or len(tools) == 0:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise TemplateError(f"field 'tools' is not valid JSON ({e}): {record['tools']!r:.60}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise TemplateError(f"field 'tools': expected a list of tool definitions, got {tools!r:.60}")
+    return [_without_none(t) for t in tools]
 
 
 def _without_none(value):

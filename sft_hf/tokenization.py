@@ -262,15 +262,15 @@ def tokenize_dataset(
                        split=split),
         desc=f"Tokenizing {split} with template {template.name!r}",
     )
-    stats = compute_stats(tokenized, split, n_in)
-    tokenized.info.description = str(stats)
-    if verbose:
-        print(stats)
-    if len(tokenized) == 0:
+    if len(tokenized) == 0:  # (checked first: a map that keeps no row has none of the new columns either)
         raise TemplateError(
             f"[{split}] no example is left after truncation to max_length={max_length}: every response + EOS is "
             f"longer (the shortest has {min_response_length(dataset, tokenizer, template)} tokens)"
         )
+    stats = compute_stats(tokenized, split, n_in)
+    tokenized.info.description = str(stats)
+    if verbose:
+        print(stats)
     return tokenized
 
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft_hf.checkpoints import mark_complete, rotate_checkpoints, unmark
+from sft_hf.checkpoints import RECIPE_FILE, mark_complete, rotate_checkpoints, unmark
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, has_varlen_attention, resolve_pad_token_id
+from sft_hf.config import save_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,14 @@ def accepts_logits_mask(model) -> bool:
 
 
 class InstructionTrainer(Trainer):
-    def __init__(self, *args, completion_only_loss: bool = False, **kwargs):
+    def __init__(self, *args, completion_only_loss: bool = False, recipe: dict | None = None, **kwargs):
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = InstructionDataCollator(
                 pad_token_id=resolve_pad_token_id(kwargs["processing_class"]),
                 completion_only_loss=completion_only_loss,
             )
         super().__init__(*args, **kwargs)
+        self.recipe = recipe  # saved in every checkpoint: a resume with other values is refused (checkpoints.py)
         self.args.train_sampling_strategy = resolve_sampling_strategy(self.args, self.data_collator)  # `auto` decided
         logger.info("Batching: %s", describe_batching(self.args, self.data_collator, self.model))
         if getattr(self.args, "onednn_linear", False) and self.args.device.type == "cpu" and not self.args.torch_compile:
@@ -142,10 +144,19 @@ class InstructionTrainer(Trainer):
             if self._last_log_time is not None:
                 self._paused_seconds += time.perf_counter() - max(start, self._last_log_time)
 
+    def _run_epoch(self, *args, **kwargs):
+        # transformers 5.24 compares global_step with max_steps only after a step: resuming a checkpoint saved at
+        # max_steps (a run interrupted in its final evaluation or save) would train one step past the schedule.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, crash-safe: a folder written again loses its completion marker first, gets it back
-        once every process is done, and only then are old checkpoints rotated out (Trainer rotates before that, so
-        a crash in between could leave only an unmarked checkpoint, and a resume would start from scratch)."""
+        once every process is done (with the run's recipe.yaml, which a resume compares), and only then are old
+        checkpoints rotated out (Trainer rotates before that, so a crash in between could leave only an unmarked
+        checkpoint, and a resume would start from scratch)."""
         folder = Path(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             unmark(folder)
@@ -157,5 +168,7 @@ class InstructionTrainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # other processes may still be writing their optimizer / RNG shards
         if self.args.should_save and folder.is_dir():
+            if self.recipe is not None:
+                save_recipe(self.recipe, folder / RECIPE_FILE)
             mark_complete(folder, self.state.global_step)
             rotate_checkpoints(folder.parent, limit, keep=[folder, self.state.best_model_checkpoint])

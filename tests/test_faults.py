@@ -4,8 +4,10 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,9 +221,13 @@ def test_second_run_into_a_non_empty_output_dir(tiny, tmp_path, capsys):
     assert not staging_dir(out).exists()
     assert sorted(p.name for p in out.iterdir()) == first and (out / "model.safetensors").read_bytes() == weights
 
-    # Resuming is allowed: it continues from checkpoint-3 to step 4.
-    train_recipe.main(train_argv(tiny, out, "--max_steps", "4", "--resume_from_checkpoint", "true"))
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    # Resuming is allowed, with the values checkpoint-3 was trained with (a longer max_steps would re-stretch its
+    # learning-rate schedule mid-run: refused, output_dir untouched)
+    with pytest.raises(RecipeError, match=r"checkpoint-3 was trained with other values \(max_steps 3 → 4\)"):
+        train_recipe.main(train_argv(tiny, out, "--max_steps", "4", "--resume_from_checkpoint", "true"))
+    assert sorted(p.name for p in out.iterdir()) == first and (out / "model.safetensors").read_bytes() == weights
+    train_recipe.main(train_argv(tiny, out, "--max_steps", "3", "--resume_from_checkpoint", "true"))
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3  # transformers alone trains a 4th
 
     # Overwriting is allowed when asked: the old run's checkpoints go, a new model replaces the old one, and the old
     # run's logs that this run (no exact match, no samples) would not rewrite go too, not left beside the new model.
@@ -233,6 +239,62 @@ def test_second_run_into_a_non_empty_output_dir(tiny, tmp_path, capsys):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert (out / "model.safetensors").read_bytes() != weights
     assert not staging_dir(out).exists()
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_says_in_one_line_what_is_kept_and_how_to_go_on(tiny, tmp_path, capsys, monkeypatch):
+    from transformers.trainer_callback import CallbackHandler
+
+    on_step_end = CallbackHandler.on_step_end
+
+    def ctrl_c_at_step_3(self, args, state, control):  # Ctrl-C during training, after checkpoint-2 was saved
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+        return on_step_end(self, args, state, control)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(CallbackHandler, "on_step_end", ctrl_c_at_step_3)
+    assert run_cli(train_recipe.main, train_argv(tiny, out, "--max_steps", "5")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: interrupted at step 3 of 5; {out / 'checkpoint-2'} is the newest complete checkpoint: run the same "
+        "command with --resume_from_checkpoint true to go on from it")
+    assert not (out / "config.json").exists() and not staging_dir(out).exists()  # no final model: training stopped
+
+    # Ctrl-C during the evaluation after training: the trained model was saved before it, and says what it lacks
+    monkeypatch.setattr(CallbackHandler, "on_step_end", on_step_end)
+    monkeypatch.setattr(InstructionTrainer, "evaluate", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = train_argv(tiny, out, "--max_steps", "5", "--resume_from_checkpoint", "true")
+    (out / "README.md").write_text("a card of an earlier model\n")  # must not be left describing the new one
+    assert run_cli(train_recipe.main, argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: interrupted after training: the trained model is saved in {out}, without this run's evaluation, "
+        "metrics and model card")
+    assert json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())["global_step"] == 5
+    AutoModelForCausalLM.from_pretrained(out)  # loads
+    assert not (out / "README.md").exists() and not (out / "all_results.json").exists()
+
+
+def test_ctrl_c_under_sft_hf_launch_ends_with_the_scripts_line_not_a_launcher_traceback(tmp_path):
+    ready = tmp_path / "ready"
+    # a shell's background job ignores SIGINT, and so would its children: restore the default, as in a terminal
+    restore_sigint = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    process = subprocess.Popen(
+        [sys.executable, "-c", restore_sigint + "import sys; from sft_hf.cli import main; sys.exit(main())", "launch",
+         "--num_processes", "1", "--cpu", str(Path(__file__).parent / "scripts" / "wait_for_ctrl_c.py"), str(ready)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.count("error:") == 1  # the launcher adds nothing
+    assert err.strip().splitlines()[-1] == ("error: interrupted at step 3 of 5; run the same command with "
+                                            "--resume_from_checkpoint true")
 
 
 # --- security --------------------------------------------------------------------------------------------------

@@ -206,6 +206,51 @@ def test_a_template_that_drops_tool_calls_is_an_error_not_an_empty_trained_reply
     assert '"name": "weather"' in trained_runs(smollm2_tokenizer, row)[0]
 
 
+def test_chatml_writes_the_tool_definitions_into_the_system_turn_untrained(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    weather = {"type": "function", "function": {"name": "weather", "description": "Weather now",
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    quote = {"type": "function", "function": {"name": "quote", "parameters": {
+        "type": "object", "properties": {"ticker": {"type": "string", "enum": ["ACME"]}}}}}
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    records = [  # as datasets stores them: each record's tools get the keys of the other's, filled with None
+        {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                      {"role": "assistant", "content": None, "tool_calls": [call]}], "tools": [weather]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ACME?"},
+                      {"role": "assistant", "content": "Let me look."}], "tools": [quote]},
+    ]
+    rows = tokenize_dataset(Dataset.from_list(records), tok, "chatml", None, verbose=False)
+    tools_block = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+                   "with function signatures within <tools></tools> XML tags:\n<tools>\n{}\n</tools>\n\nFor each "
+                   "function call, return a json object with function name and arguments within <tool_call></tool_call> "
+                   'XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
+    assert tok.decode(rows[0]["input_ids"]) == (
+        f"<|im_start|>system\n{tools_block.format(json.dumps(weather))}<|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>')
+    assert tok.decode(rows[1]["input_ids"]).startswith(
+        f"<|im_start|>system\nBe brief.\n\n{tools_block.format(json.dumps(quote))}<|im_end|>\n<|im_start|>user\nACME?")
+    assert trained_runs(tok, rows[0]) == ['<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n'
+                                          '</tool_call><|im_end|>']
+    assert trained_runs(tok, rows[1]) == ["Let me look.<|im_end|>"]
+    as_json = tokenize_dataset(Dataset.from_list([{**records[1], "tools": json.dumps([quote])}]), tok, "chatml", None,
+                               verbose=False)  # tools stored as a JSON string, as some datasets do
+    assert as_json[0]["input_ids"] == rows[1]["input_ids"]
+    with pytest.raises(TemplateError, match=r"record 0: field 'tools' is not valid JSON"):
+        tokenize_dataset(Dataset.from_list([{**records[1], "tools": "[{"}]), tok, "chatml", None, verbose=False)
+
+
+def test_every_conversation_too_long_for_max_length_is_one_clear_error(smollm2_tokenizer):
+    from sft_hf.tokenization import template_overhead
+
+    long_reply = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": " ".join(["one"] * 40)}]
+    max_length = template_overhead(get_template("chatml"), smollm2_tokenizer) + 3
+    with pytest.raises(TemplateError, match=rf"^\[data\] no example is left after truncation to max_length="
+                                            rf"{max_length}: every response \+ EOS is longer \(the shortest has 4"):
+        tokenize_dataset(Dataset.from_list([{"messages": long_reply}] * 2), smollm2_tokenizer, "chatml", max_length,
+                         verbose=False)
+
+
 def test_chatml_builtin_multi_turn(smollm2_tokenizer):
     tok = smollm2_tokenizer  # EOS is <|im_end|>: the built-in chatml is then SmolLM2's format without a system prompt
     row = tokenize_dataset(Dataset.from_list([{"messages": CONVERSATION}]), tok, "chatml", None, verbose=False)[0]

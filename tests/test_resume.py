@@ -5,9 +5,10 @@ import os
 
 import pytest
 import torch
+import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
-from sft_hf.checkpoints import (COMPLETE_MARKER, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
+from sft_hf.checkpoints import (COMPLETE_MARKER, check_resume_recipe, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
                                 rotate_checkpoints)
 from sft_hf.errors import RecipeError
 from tiny_setup import load_weights, run_train, tiny_recipe_args, train_losses, write_tiny_dataset, write_tiny_model
@@ -85,6 +86,16 @@ def test_resolve_resume_checkpoint(tmp_path):
     assert os.listdir(finished) == ["config.json"]
 
 
+def test_check_resume_recipe_names_every_training_value_that_changed(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("learning_rate: 0.001\nlora_r: 8\nlogging_steps: 10\n")
+    check_resume_recipe(tmp_path, {"learning_rate": 0.001, "lora_r": 8, "logging_steps": 50, "eval_steps": 5})
+    with pytest.raises(RecipeError) as error:
+        check_resume_recipe(tmp_path, {"learning_rate": 0.002, "logging_steps": 10, "template": "chatml"})
+    assert str(error.value).startswith(f"resume_from_checkpoint: {tmp_path} was trained with other values "
+                                       "(learning_rate 0.001 → 0.002, lora_r 8 → default, template default → 'chatml')")
+    check_resume_recipe(tmp_path / "old-checkpoint", {"learning_rate": 1.0})  # no recipe.yaml: not checked
+
+
 # Killed in on_save, after Trainer wrote checkpoint-8 (and, before the fix, rotated checkpoint-4 away).
 CRASH_IN_ON_SAVE_STEP_8 = """
 import os, signal
@@ -109,8 +120,22 @@ def test_rotation_keeps_a_complete_checkpoint_through_a_crash_then_resumes(tmp_p
     # checkpoint-8 was complete before anything else ran; only then was checkpoint-4 rotated out
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
     assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()
+    saved_recipe = yaml.safe_load((out / "checkpoint-8" / "recipe.yaml").read_text())
+    assert saved_recipe["save_total_limit"] == 1 and saved_recipe["learning_rate"] == 1e-2
 
-    result = run_train(tiny_recipe_args(model, data, out, resume_from_checkpoint="true", **recipe))
+    # Other training values would mix with the checkpoint's optimizer and scheduler state: refused before any work
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    changed = run_train(tiny_recipe_args(model, data, out, resume_from_checkpoint="true",
+                                         **{**recipe, "learning_rate": 5e-3, "max_steps": 20}), check=False)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    error = changed.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: resume_from_checkpoint: {out / 'checkpoint-8'} was trained with other values "
+                            "(learning_rate 0.01 → 0.005, max_steps default → 20); resuming would mix the two"), error
+    assert f"--config {out / 'checkpoint-8' / 'recipe.yaml'}" in error
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+
+    # values that only change how the run is logged, evaluated or saved may change (cpu_threads here)
+    result = run_train(tiny_recipe_args(model, data, out, resume_from_checkpoint="true", cpu_threads=1, **recipe))
     assert f"resuming from {out / 'checkpoint-8'}" in result.stderr
     assert "starting from scratch" not in result.stderr
     state = json.loads((out / "trainer_state.json").read_text())
