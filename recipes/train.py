@@ -39,7 +39,7 @@ from sft_hf.generation import request_text  # noqa: E402
 from sft_hf.templates import reference_answer  # noqa: E402
 from sft_hf.config import format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
 from sft_hf.checkpoints import check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint  # noqa: E402
-from sft_hf.outputs import plot_loss_curve, save_template  # noqa: E402
+from sft_hf.outputs import logged_train_loss, plot_loss_curve, save_template  # noqa: E402
 from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction, run_cli  # noqa: E402
 from sft_hf.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
 from sft_hf.threads import set_cpu_threads  # noqa: E402
@@ -155,6 +155,8 @@ def main(argv=None):
     if (baseline := BaselineExactMatchCallback.logged(trainer.state)) is not None:
         metrics["baseline_exact_match"] = baseline
     metrics.update(train_result.metrics)
+    if resume:  # Trainer's train_loss covers only the steps after the resume (0.0 when none were left)
+        metrics["train_loss"] = logged_train_loss(trainer.state.log_history)
     metrics["train_trained_tokens"] = trainer.trained_tokens_total
     try:
         if trainer.eval_dataset is not None:

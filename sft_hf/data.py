@@ -59,6 +59,7 @@ def load_instruction_dataset(
     source = dataset_name
     template = get_template(template) if template is not None else None
     skipped: list[str] = []
+    record_lines: dict[str, list[int]] = {}  # split → the file line each record starts on, where known (CSV)
     if dataset_name.startswith(BUILTIN_PREFIX):
         from sft_hf import chat_data, toy
 
@@ -72,7 +73,9 @@ def load_instruction_dataset(
         if builder == "json":  # parsed here first: errors can then name the line, and bad lines can be skipped
             raw = _load_json_file(dataset_name, column_mapping, template, skip_bad_records, skipped)
         elif builder == "csv":  # every cell as text: pandas would read the answer "3" as an int, "2.50" as 2.5
-            header = next(csv.reader(io.StringIO(_read_text(dataset_name))), [])  # bad bytes → the line number
+            reader = csv.reader(io.StringIO(_read_text(dataset_name)))  # bad bytes → the line number
+            header = next(reader, [])
+            record_lines["train"] = csv_record_lines(reader)
             features = datasets.Features({column: datasets.Value("string") for column in header})
             raw = _load_file(builder, dataset_name, features=features)
         else:
@@ -89,7 +92,8 @@ def load_instruction_dataset(
 
     raw = DatasetDict(
         {
-            split: normalize_columns(ds, column_mapping, source, skip_bad_records, template, skipped)
+            split: normalize_columns(ds, column_mapping, source, skip_bad_records, template, skipped,
+                                     record_lines.get(split))
             for split, ds in raw.items()
         }
     )
@@ -211,7 +215,8 @@ def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -
         if problem is None:
             kept.append(record)
             continue
-        problems.append(f"{path}: record {i}" + (f" (line {line})" if line else "") + f", {problem}")
+        problems.append(f"{path}: record {i}" + (f" (line {line})" if line else "") +
+                        f", {as_named_in_file(problem, mapping)}")
     if problems and not skip_bad_records:
         raise bad_records_error(path, problems)
     skipped.extend(problems)
@@ -234,6 +239,24 @@ def bad_records_error(source: str, problems: list[str]) -> DataError:
     more = len(problems) - len(shown)
     return DataError(f"{source}: {len(problems)} bad records (fix them, or pass --skip_bad_records true to drop them):"
                      + "".join(f"\n  {p}" for p in shown) + (f"\n  and {more} more" if more else ""))
+
+
+def as_named_in_file(problem: str, mapping: dict[str, str] | None) -> str:
+    """A problem with a renamed field, named as the file names it: "field 'answer' (column_mapping → 'output'): ..."."""
+    for original, renamed in (mapping or {}).items():
+        if problem.startswith(prefix := f"field {renamed!r}"):
+            return f"field {original!r} (column_mapping → {renamed!r})" + problem[len(prefix):]
+    return problem
+
+
+def csv_record_lines(reader) -> list[int]:
+    """The line each record of a csv.reader (past its header) starts on: a quoted cell may span several lines."""
+    starts, end = [], reader.line_num
+    for row in reader:
+        if row:  # a blank line is no record (datasets skips it too)
+            starts.append(end + 1)
+        end = reader.line_num
+    return starts
 
 
 def _resolve_mapping(columns: list[str], column_mapping: dict[str, str] | None, source: str) -> dict[str, str]:
@@ -369,6 +392,7 @@ def normalize_columns(
     skip_bad_records: bool = False,
     template: Template | None = None,
     skipped: list[str] | None = None,
+    lines: list[int] | None = None,
 ) -> Dataset:
     """Rename columns onto instruction/input/output (or messages) and check every record has what it needs."""
     mapping = _resolve_mapping(ds.column_names, column_mapping, source)
@@ -376,22 +400,25 @@ def normalize_columns(
     schema = _check_schema(ds.column_names, source, template)
     if schema == "alpaca" and "input" not in ds.column_names:
         ds = ds.add_column("input", [""] * len(ds))
-    ds = check_records(ds, source, schema, skip_bad_records, template, skipped)
+    ds = check_records(ds, source, schema, skip_bad_records, template, skipped, mapping, lines)
     if schema == "conversations":  # ShareGPT → OpenAI messages: one shape for the templates
         ds = ds.map(lambda r: {"messages": sharegpt_to_messages(r["conversations"])},
                     remove_columns=["conversations"], desc="ShareGPT conversations → messages")
     return ds
 
 
-def check_records(ds, source, schema="alpaca", skip_bad_records=False, template=None, skipped=None):
-    """Fail early, naming file, record and field, instead of deep inside a map worker; or drop bad records."""
+def check_records(ds, source, schema="alpaca", skip_bad_records=False, template=None, skipped=None, mapping=None,
+                  lines=None):
+    """Fail early, naming file, record (and its line, when `lines` knows it) and field as the file names it (before
+    `mapping`), instead of deep inside a map worker; or drop bad records."""
     bad, problems = set(), []
     for start, batch in zip(range(0, len(ds), 1000), ds.iter(batch_size=1000)):
         for i, values in enumerate(zip(*batch.values()), start=start):
             problem = record_problem(dict(zip(batch, values)), schema, template)
             if problem is not None:
                 bad.add(i)
-                problems.append(f"{source}: record {i}, {problem}")
+                line = f" (line {lines[i]})" if lines and i < len(lines) else ""
+                problems.append(f"{source}: record {i}{line}, {as_named_in_file(problem, mapping)}")
     if problems and not skip_bad_records:
         raise bad_records_error(source, problems)
     if skipped is not None:

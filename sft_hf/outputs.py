@@ -13,6 +13,17 @@ def save_template(template: Template, output_dir: str) -> None:
     Path(output_dir, TEMPLATE_FILE).write_text(json.dumps(template.to_dict(), indent=2) + "\n")
 
 
+def logged_train_loss(log_history: list[dict]) -> float | None:
+    """The run's mean training loss from its logged windows (each the mean over the steps since the previous log),
+    weighted by their steps: for a resumed run, whose Trainer figure covers only the steps after the resume."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / previous if previous else None
+
+
 def plot_loss_curve(log_history: list[dict], path: str) -> str | None:
     import matplotlib
 

@@ -259,10 +259,13 @@ def messages_to_alpaca(messages: list[dict], template_name: str) -> dict:
 
 def record_messages(record: dict, generation: bool = False) -> list[dict]:
     """The record as chat messages (Alpaca records become one user and one assistant turn). Keys holding None are
-    dropped, as `apply_chat_template` does: datasets fills the keys other messages have (`tool_calls`, ...) with None.
+    dropped, as `apply_chat_template` does: datasets fills the keys other messages have (`tool_calls`, ...) with None;
+    a missing or null `content` (an OpenAI tool-call turn) becomes "".
     `generation=True`: without the final assistant reply, the conversation a model answers."""
     if record.get("messages") is not None:
         messages = [_without_none(m) for m in record["messages"]]
+        for m in messages:  # OpenAI's tool-call turns have content null; chat templates read it as text
+            m.setdefault("content", "")
     else:
         messages = alpaca_to_messages({**record, "output": record.get("output") or ""})
     if generation and messages and messages[-1]["role"] == "assistant":

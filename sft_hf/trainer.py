@@ -144,6 +144,14 @@ class InstructionTrainer(Trainer):
             if self._last_log_time is not None:
                 self._paused_seconds += time.perf_counter() - max(start, self._last_log_time)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied output head (SmolLM2's lm_head.weight is embed_tokens.weight) is saved once; transformers 5.24 then
+        # warns at every resume that it is missing, although loading the embedding loaded it.
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        loaded = {p.data_ptr() for name, p in params.items() if name not in load_result.missing_keys}
+        missing = [k for k in load_result.missing_keys if k not in params or params[k].data_ptr() not in loaded]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _run_epoch(self, *args, **kwargs):
         # transformers 5.24 compares global_step with max_steps only after a step: resuming a checkpoint saved at
         # max_steps (a run interrupted in its final evaluation or save) would train one step past the schedule.

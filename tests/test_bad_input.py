@@ -76,7 +76,7 @@ def test_every_bad_record_of_a_file_in_one_error(tmp_path):
         load_instruction_dataset(str(csv_path))
     reported = str(error.value).splitlines()
     assert reported[0] == f"{csv_path}: 25 bad records (fix them, or pass --skip_bad_records true to drop them):"
-    assert reported[1:21] == [f"  record {i}, field 'output': missing" for i in range(20)]
+    assert reported[1:21] == [f"  record {i} (line {i + 2}), field 'output': missing" for i in range(20)]
     assert reported[21:] == ["  and 5 more"]
 
 
@@ -117,8 +117,24 @@ def test_undecodable_csv_names_the_line(tmp_path):
 def test_csv_empty_output_cell_names_record_and_field(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("instruction,input,output\nAdd one.,2,3\nSay hi,,\n")
-    with pytest.raises(DataError, match=rf"^{path}: record 1, field 'output': missing"):
+    with pytest.raises(DataError, match=rf"^{path}: record 1 \(line 3\), field 'output': missing"):
         load_instruction_dataset(str(path))
+    # a quoted cell over several lines and a blank line: the record still named by the line it starts on
+    path.write_text('instruction,input,output\n"Write\ntwo lines.",,"a\nb"\n\nSay hi,,\n')
+    with pytest.raises(DataError, match=rf"^{path}: record 1 \(line 6\), field 'output': missing"):
+        load_instruction_dataset(str(path))
+
+
+def test_bad_records_name_the_field_as_the_file_does_before_column_mapping(tmp_path):
+    csv_path = tmp_path / "qa.csv"
+    csv_path.write_text("question,answer\nAdd one.,3\nSay hi,\n")
+    with pytest.raises(DataError, match=rf"^{csv_path}: record 1 \(line 3\), field 'answer' \(column_mapping → "
+                                        r"'output'\): missing"):
+        load_instruction_dataset(str(csv_path), column_mapping={"question": "instruction", "answer": "output"})
+    jsonl = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}, {"question": "q", "answer": 4}])
+    with pytest.raises(DataError, match=r"record 1 \(line 2\), field 'answer' \(column_mapping → 'output'\): "
+                                        r"expected text, got int 4"):
+        load_instruction_dataset(jsonl, column_mapping={"question": "instruction", "answer": "output"})
 
 
 def test_field_no_record_has_suggests_column_mapping(tmp_path):
@@ -161,7 +177,7 @@ def test_skip_bad_records_on_a_non_json_source(tmp_path):
     path.write_text("instruction,input,output\nAdd one.,2,3\nSay hi,,\nAdd two.,2,4\n")
     ds = load_instruction_dataset(str(path), skip_bad_records=True, train_split_ratio=1.0, test_split_ratio=0.0)
     assert ds["train"]["output"] == ["3", "4"]
-    assert ds.skipped_records == [f"{path}: record 1, field 'output': missing"]
+    assert ds.skipped_records == [f"{path}: record 1 (line 3), field 'output': missing"]
 
 
 def test_dataset_empty_after_filtering(tmp_path):

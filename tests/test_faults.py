@@ -223,11 +223,21 @@ def test_second_run_into_a_non_empty_output_dir(tiny, tmp_path, capsys):
 
     # Resuming is allowed, with the values checkpoint-3 was trained with (a longer max_steps would re-stretch its
     # learning-rate schedule mid-run: refused, output_dir untouched)
-    with pytest.raises(RecipeError, match=r"checkpoint-3 was trained with other values \(max_steps 3 → 4\)"):
-        train_recipe.main(train_argv(tiny, out, "--max_steps", "4", "--resume_from_checkpoint", "true"))
-    assert sorted(p.name for p in out.iterdir()) == first and (out / "model.safetensors").read_bytes() == weights
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert run_cli(train_recipe.main, train_argv(tiny, out, "--max_steps", "4", "--learning_rate", "5e-3",
+                                                 "--resume_from_checkpoint", "true")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: resume_from_checkpoint: {out / 'checkpoint-3'} was trained with other values "
+                            "(max_steps 3 → 4, learning_rate 0.001 → 0.005); resuming would mix the two"), error
+    assert f"--config {out / 'checkpoint-3' / 'recipe.yaml'}" in error
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
     train_recipe.main(train_argv(tiny, out, "--max_steps", "3", "--resume_from_checkpoint", "true"))
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3  # transformers alone trains a 4th
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3  # transformers alone trains a 4th
+    # the card's train_loss is the whole run's (Trainer's own covers the steps after the resume: none, 0.0)
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 3 and json.loads((out / "all_results.json").read_text())["train_loss"] == pytest.approx(
+        sum(losses) / 3)
 
     # Overwriting is allowed when asked: the old run's checkpoints go, a new model replaces the old one, and the old
     # run's logs that this run (no exact match, no samples) would not rewrite go too, not left beside the new model.
@@ -239,6 +249,20 @@ def test_second_run_into_a_non_empty_output_dir(tiny, tmp_path, capsys):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert (out / "model.safetensors").read_bytes() != weights
     assert not staging_dir(out).exists()
+
+
+def test_a_tied_output_head_is_not_reported_missing_at_resume(tmp_path, caplog):
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)  # lm_head tied
+    trainer = InstructionTrainer(model=transformers.GPT2LMHeadModel(config),
+                                 args=SFTArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+                                 data_collator=InstructionDataCollator(pad_token_id=0))
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))  # saved once, as the embedding
+        assert "missing keys" not in caplog.text
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "transformer.ln_f.weight"], []))
+    assert "There were missing keys in the checkpoint model loaded: ['transformer.ln_f.weight']" in caplog.text
 
 
 # --- Ctrl-C ------------------------------------------------------------------------------------------------------

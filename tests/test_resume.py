@@ -123,17 +123,7 @@ def test_rotation_keeps_a_complete_checkpoint_through_a_crash_then_resumes(tmp_p
     saved_recipe = yaml.safe_load((out / "checkpoint-8" / "recipe.yaml").read_text())
     assert saved_recipe["save_total_limit"] == 1 and saved_recipe["learning_rate"] == 1e-2
 
-    # Other training values would mix with the checkpoint's optimizer and scheduler state: refused before any work
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    changed = run_train(tiny_recipe_args(model, data, out, resume_from_checkpoint="true",
-                                         **{**recipe, "learning_rate": 5e-3, "max_steps": 20}), check=False)
-    assert changed.returncode == 2, changed.stderr[-3000:]
-    error = changed.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"error: resume_from_checkpoint: {out / 'checkpoint-8'} was trained with other values "
-                            "(learning_rate 0.01 → 0.005, max_steps default → 20); resuming would mix the two"), error
-    assert f"--config {out / 'checkpoint-8' / 'recipe.yaml'}" in error
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
-
+    # (a resume with other training values is refused: tests/test_faults.py::test_second_run_into_a_non_empty_output_dir)
     # values that only change how the run is logged, evaluated or saved may change (cpu_threads here)
     result = run_train(tiny_recipe_args(model, data, out, resume_from_checkpoint="true", cpu_threads=1, **recipe))
     assert f"resuming from {out / 'checkpoint-8'}" in result.stderr
