@@ -344,6 +344,13 @@ def chat_template_segments(tokenizer, messages: list[dict], tools=None, trained_
             if header is not None and end is not None and full.startswith(header) and len(header) <= end:
                 replies[i] = (len(header), len(header) + len(full[len(header) : end].rstrip()))
                 continue
+            if i in required and all(m["role"] == "system" for m in messages[:i]):  # e.g. a greeting
+                raise TemplateError(
+                    f"message {i} (assistant): the conversation opens with an assistant turn, which the chat template "
+                    "renders as no reply to anything (there is no generation prompt to answer); start it with a user "
+                    "turn, set trained_turns: last to train only the final reply, or use template chatml, which "
+                    "trains every assistant turn"
+                )
             if i in required:
                 raise TemplateError(
                     f"message {i} (assistant): the chat template is not prefix-stable, so its reply cannot be located: "

@@ -254,6 +254,20 @@ def test_every_conversation_too_long_for_max_length_is_one_clear_error(smollm2_t
                          verbose=False)
 
 
+def test_a_conversation_opening_with_an_assistant_greeting(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    greeting = [{"role": "assistant", "content": "Hi! How can I help?"}, {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Red."}]
+    data = Dataset.from_list([{"messages": greeting}])
+    with pytest.raises(TemplateError, match=r"^\[data\] record 0: message 0 \(assistant\): the conversation opens "
+                                            r"with an assistant turn, .* set trained_turns: last"):
+        tokenize_dataset(data, tok, "chat_template", None, verbose=False)
+    last = tokenize_dataset(data, tok, "chat_template", None, verbose=False, trained_turns="last")[0]
+    assert trained_runs(tok, last) == ["Red.<|im_end|>"]
+    chatml = tokenize_dataset(data, tok, "chatml", None, verbose=False)[0]
+    assert trained_runs(tok, chatml) == ["Hi! How can I help?<|im_end|>", "Red.<|im_end|>"]
+
+
 def test_chatml_builtin_multi_turn(smollm2_tokenizer):
     tok = smollm2_tokenizer  # EOS is <|im_end|>: the built-in chatml is then SmolLM2's format without a system prompt
     row = tokenize_dataset(Dataset.from_list([{"messages": CONVERSATION}]), tok, "chatml", None, verbose=False)[0]
