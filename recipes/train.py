@@ -38,7 +38,8 @@ from sft_hf.data import load_recipe_splits  # noqa: E402
 from sft_hf.generation import request_text  # noqa: E402
 from sft_hf.templates import reference_answer  # noqa: E402
 from sft_hf.config import format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
-from sft_hf.checkpoints import check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint  # noqa: E402
+from sft_hf.checkpoints import (  # noqa: E402
+    RECIPE_FILE, check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint)
 from sft_hf.outputs import logged_train_loss, plot_loss_curve, save_template  # noqa: E402
 from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction, run_cli  # noqa: E402
 from sft_hf.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
@@ -145,7 +146,7 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(save_dir)
             save_template(template, save_dir)
-            save_recipe(recipe, Path(save_dir, "recipe.yaml"))  # re-run with --config <output_dir>/recipe.yaml
+            save_recipe(recipe, Path(save_dir, RECIPE_FILE))  # re-run with --config <output_dir>/recipe.yaml
     if trainer.is_world_process_zero():  # a replaced run's card and metrics described its model, not this one
         for name in RUN_RESULTS:
             Path(args.output_dir, name).unlink(missing_ok=True)

@@ -215,8 +215,7 @@ def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -
         if problem is None:
             kept.append(record)
             continue
-        problems.append(f"{path}: record {i}" + (f" (line {line})" if line else "") +
-                        f", {as_named_in_file(problem, mapping)}")
+        problems.append(located_problem(path, i, line, problem, mapping))
     if problems and not skip_bad_records:
         raise bad_records_error(path, problems)
     skipped.extend(problems)
@@ -241,12 +240,14 @@ def bad_records_error(source: str, problems: list[str]) -> DataError:
                      + "".join(f"\n  {p}" for p in shown) + (f"\n  and {more} more" if more else ""))
 
 
-def as_named_in_file(problem: str, mapping: dict[str, str] | None) -> str:
-    """A problem with a renamed field, named as the file names it: "field 'answer' (column_mapping → 'output'): ..."."""
+def located_problem(source: str, index: int, line: int | None, problem: str, mapping: dict[str, str] | None) -> str:
+    """"<file>: record 3 (line 5), field ...": a renamed field named as the file names it, e.g. "field 'answer'
+    (column_mapping → 'output')"."""
     for original, renamed in (mapping or {}).items():
         if problem.startswith(prefix := f"field {renamed!r}"):
-            return f"field {original!r} (column_mapping → {renamed!r})" + problem[len(prefix):]
-    return problem
+            problem = f"field {original!r} (column_mapping → {renamed!r})" + problem[len(prefix):]
+            break
+    return f"{source}: record {index}" + (f" (line {line})" if line else "") + f", {problem}"
 
 
 def csv_record_lines(reader) -> list[int]:
@@ -417,8 +418,8 @@ def check_records(ds, source, schema="alpaca", skip_bad_records=False, template=
             problem = record_problem(dict(zip(batch, values)), schema, template)
             if problem is not None:
                 bad.add(i)
-                line = f" (line {lines[i]})" if lines and i < len(lines) else ""
-                problems.append(f"{source}: record {i}{line}, {as_named_in_file(problem, mapping)}")
+                line = lines[i] if lines and i < len(lines) else None
+                problems.append(located_problem(source, i, line, problem, mapping))
     if problems and not skip_bad_records:
         raise bad_records_error(source, problems)
     if skipped is not None:
