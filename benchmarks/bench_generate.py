@@ -47,7 +47,7 @@ def _load_hf(threads: int | None):
     import torch
 
     from sft_hf.modeling import load_model, load_tokenizer
-    from sft_hf.config import ModelArguments
+    from sft_hf.run.config import ModelArguments
 
     if threads:
         torch.set_num_threads(threads)
@@ -57,7 +57,7 @@ def _load_hf(threads: int | None):
 
 
 def run_padded(model, tokenizer, records, max_new_tokens, batch_size):
-    from sft_hf import generation
+    from sft_hf.evaluation import generation
     from sft_hf.templates import get_template
 
     alpaca = get_template("alpaca")
@@ -68,7 +68,7 @@ def run_padded(model, tokenizer, records, max_new_tokens, batch_size):
 
 
 def run_ours(model, tokenizer, records, max_new_tokens, batch_size=None):
-    from sft_hf import generation
+    from sft_hf.evaluation import generation
     from sft_hf.templates import get_template
 
     alpaca = get_template("alpaca")

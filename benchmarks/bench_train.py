@@ -35,7 +35,7 @@ BATCH_SIZE, LEARNING_RATE, SEED, MAX_LENGTH = 8, 5e-5, 0, 1024
 
 # sft-hf's default configuration for this workload: only the workload's own settings (batch, lr, epochs, seed) are
 # passed; everything that makes it fast is the library's default (length-grouped sampling, oneDNN linears where they
-# pay: sft_hf/onednn_linear.py).
+# pay: sft_hf/speed/onednn_linear.py).
 OURS_WORKLOAD_FLAGS = [
     "--per_device_train_batch_size", str(BATCH_SIZE), "--learning_rate", str(LEARNING_RATE),
     "--num_train_epochs", "1", "--seed", str(SEED), "--max_length", str(MAX_LENGTH), "--logging_steps", "10",
@@ -160,7 +160,7 @@ def _recipe_callbacks(wanted: bool) -> list:
     if not wanted:
         return []
     try:
-        from sft_hf.safety import StopOnNonFiniteLoss
+        from sft_hf.run.safety import StopOnNonFiniteLoss
     except ImportError:
         return []
     return [StopOnNonFiniteLoss()]
@@ -282,13 +282,13 @@ def matmul_flops(seconds: float = 1.5, n: int = 1024) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     kernels = {"torch.matmul": lambda: a @ b}
-    from sft_hf.config import cpu_has_native_bf16, gpu_has_native_bf16
+    from sft_hf.run.config import cpu_has_native_bf16, gpu_has_native_bf16
 
     if (device == "cpu" and cpu_has_native_bf16()) or (device == "cuda" and gpu_has_native_bf16()):
         a16, b16 = a.bfloat16(), b.bfloat16()
         kernels["bf16 torch.matmul"] = lambda: a16 @ b16
     if device == "cpu":
-        from sft_hf.onednn_linear import _mm_t, onednn_pays
+        from sft_hf.speed.onednn_linear import _mm_t, onednn_pays
 
         if onednn_pays():
             kernels["oneDNN"] = lambda: _mm_t(a, b)
@@ -501,7 +501,7 @@ def main(argv=None):
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.child and ALL_CONTENDERS[opts.child]["kind"] == "ours" and not ALL_CONTENDERS[opts.child].get("system_malloc"):
-        from sft_hf import allocator
+        from sft_hf.speed import allocator
 
         allocator.use_fast_allocator()  # as recipes/train.py does: re-runs this child once on tcmalloc
     from benchmarks.workloads import WORKLOADS, build_workload, train_records  # noqa: F811
@@ -515,7 +515,7 @@ def main(argv=None):
         opts.repeats, opts.fraction, opts.slow_fraction = 1, 0.25, min(opts.slow_fraction, 0.1)
     import torch
 
-    from sft_hf.config import cpu_has_native_bf16, gpu_has_native_bf16
+    from sft_hf.run.config import cpu_has_native_bf16, gpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
     if opts.device == "cuda" and not cuda:

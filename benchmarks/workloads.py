@@ -14,7 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from sft_hf import toy
+from sft_hf.builtin import toy
+from sft_hf.run.cache import CACHE, atomic_write_dir
 from sft_hf.templates import get_template
 
 DATA_FILE = Path(os.environ.get("SFT_HF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -57,7 +58,7 @@ def build_workload(name: str) -> str:
     if name == "W3":
         return resolve_model_path(SMOLLM2)
     if name == "W4":
-        return str(toy._atomic_write_dir(toy.CACHE / f"bench-W4-{ASSETS_VERSION}", _write_w4))
+        return str(atomic_write_dir(CACHE / f"bench-W4-{ASSETS_VERSION}", _write_w4))
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown workload {name!r}: choose from {sorted(MODEL_CONFIGS)}")
 
@@ -74,7 +75,7 @@ def build_workload(name: str) -> str:
         LlamaForCausalLM(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return str(toy._atomic_write_dir(toy.CACHE / f"bench-{name}-{ASSETS_VERSION}", write))
+    return str(atomic_write_dir(CACHE / f"bench-{name}-{ASSETS_VERSION}", write))
 
 
 def _write_w4(folder: Path):

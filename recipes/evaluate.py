@@ -79,7 +79,7 @@ def load_template(args: EvalArguments):
     if args.template:
         return get_template(args.template)
     saved = Path(args.model or "", "sft_template.json")
-    if args.model and saved.is_file():  # the template the model was trained with (sft_hf/outputs.py)
+    if args.model and saved.is_file():  # the template the model was trained with (sft_hf/run/outputs.py)
         spec = json.loads(saved.read_text())
         builtin = TEMPLATES.get(spec.get("name"))
         return builtin if builtin is not None and builtin.to_dict() == spec else get_template(spec)
@@ -134,7 +134,7 @@ def generate_split(args: EvalArguments, template) -> list[dict]:
     from accelerate import PartialState
 
     from sft_hf.data import load_instruction_dataset
-    from sft_hf.generation import distributed_on_cpu, generate_responses
+    from sft_hf.evaluation.generation import distributed_on_cpu, generate_responses
 
     PartialState(cpu=distributed_on_cpu())  # first use decides: under torchrun without GPUs, one gloo group
 
@@ -162,7 +162,7 @@ def parse_args(argv=None) -> EvalArguments:
         hint = did_you_mean(unknown[0].split("=")[0], flags) or "see python recipes/evaluate.py --help"
         raise RecipeError(f"unknown argument(s) {' '.join(unknown)}; {hint}")
     if args.judge_backend is not None:  # checked before generating, which can take minutes
-        from sft_hf.judge import check_judge_settings
+        from sft_hf.evaluation.judge import check_judge_settings
 
         try:
             check_judge_settings(args.judge_backend, args.judge_model)
@@ -175,7 +175,7 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.model or args.judge_backend == "hf":  # a model runs here (else torch is not even imported)
-        from sft_hf.threads import set_cpu_threads
+        from sft_hf.speed.threads import set_cpu_threads
 
         set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
     if not args.model and not args.responses:
@@ -209,7 +209,7 @@ def main(argv=None):
 
     # 2. Reference metrics.
     if records and args.metrics:
-        from sft_hf.metrics import evaluate_responses
+        from sft_hf.evaluation.metrics import evaluate_responses
 
         report["metrics"] = {key: evaluate_responses(records, key) for key in args.response_keys}
         for key, values in report["metrics"].items():
@@ -218,7 +218,7 @@ def main(argv=None):
 
     # 3. LLM judge.
     if records and args.judge_backend:
-        from sft_hf.judge import JUDGE_PROMPT, JudgeUnavailableError, make_judge, run_judge
+        from sft_hf.evaluation.judge import JUDGE_PROMPT, JudgeUnavailableError, make_judge, run_judge
 
         prompt = args.judge_prompt or JUDGE_PROMPT
         if args.judge_prompt and Path(args.judge_prompt).is_file():
@@ -239,7 +239,7 @@ def main(argv=None):
 
     # 4. Multiple-choice benchmarks (lm-evaluation-harness).
     if args.model and (args.mc_task_file or args.mc_tasks):
-        from sft_hf.mc_eval import format_mc_comparison, format_mc_results, run_benchmarks, run_local_mc
+        from sft_hf.evaluation.multiple_choice import format_mc_comparison, format_mc_results, run_benchmarks, run_local_mc
         from sft_hf.modeling import resolve_model_path
 
         model_path = resolve_model_path(args.model)

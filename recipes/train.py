@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from sft_hf import allocator  # noqa: E402
+from sft_hf.speed import allocator  # noqa: E402
 
 if __name__ == "__main__":  # before torch allocates anything: re-runs this command once on tcmalloc (Linux)
     allocator.use_fast_allocator()
@@ -31,19 +31,19 @@ from sft_hf import (  # noqa: E402
     load_tokenizer,
     tokenize_dataset,
 )
-from sft_hf import hub  # noqa: E402
+from sft_hf.run import hub  # noqa: E402
 from sft_hf.callbacks import BaselineExactMatchCallback, GenerationSamplesCallback  # noqa: E402
 from sft_hf.collator import recipe_collator  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
-from sft_hf.generation import request_text  # noqa: E402
+from sft_hf.evaluation.generation import request_text  # noqa: E402
 from sft_hf.templates import reference_answer  # noqa: E402
-from sft_hf.config import format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
-from sft_hf.checkpoints import (  # noqa: E402
+from sft_hf.run.config import format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
+from sft_hf.run.checkpoints import (  # noqa: E402
     RECIPE_FILE, check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint)
-from sft_hf.outputs import logged_train_loss, plot_loss_curve, save_template  # noqa: E402
+from sft_hf.run.outputs import logged_train_loss, plot_loss_curve, save_template  # noqa: E402
 from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction, run_cli  # noqa: E402
-from sft_hf.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
-from sft_hf.threads import set_cpu_threads  # noqa: E402
+from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
+from sft_hf.speed.threads import set_cpu_threads  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
 
@@ -67,7 +67,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     model_args, data_args, args, recipe = parse_recipe_and_values(argv)
-    # The Hub push runs once at the end (sft_hf/hub.py), not from Trainer at start-up and at every checkpoint; the
+    # The Hub push runs once at the end (sft_hf/run/hub.py), not from Trainer at start-up and at every checkpoint; the
     # token is kept out of `args`, which Trainer pickles into training_args.bin.
     push_to_hub, hub_token = args.push_to_hub, args.hub_token
     args.push_to_hub, args.hub_token = False, None
@@ -78,7 +78,7 @@ def main(argv=None):
     install_secret_redaction()  # tokens / API keys from the environment never reach a log line
     set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
     if args.process_index == 0:
-        logger.info("malloc: %s (SFT_HF_ALLOCATOR=system keeps glibc's; sft_hf/allocator.py says why)",
+        logger.info("malloc: %s (SFT_HF_ALLOCATOR=system keeps glibc's; sft_hf/speed/allocator.py says why)",
                     allocator.active_allocator())
     if args.process_index == 0:
         logger.info("recipe: %s", format_recipe(recipe))

@@ -1,14 +1,14 @@
 """sft-hf: supervised instruction fine-tuning on the Hugging Face stack.
 
-The names below load on first use (PEP 562), so `import sft_hf.allocator` runs before torch is imported.
+The names below load on first use (PEP 562), so `import sft_hf.speed.allocator` runs before torch is imported.
 """
 import importlib
 
 _EXPORTS = {
     "sft_hf.collator": ["IGNORE_INDEX", "InstructionDataCollator", "resolve_pad_token_id"],
-    "sft_hf.config": ["DataArguments", "ModelArguments", "SFTArguments", "parse_recipe"],
+    "sft_hf.run.config": ["DataArguments", "ModelArguments", "SFTArguments", "parse_recipe"],
     "sft_hf.data": ["DataError", "load_instruction_dataset", "split_dataset"],
-    "sft_hf.generation": ["exact_match", "generate_responses"],
+    "sft_hf.evaluation.generation": ["exact_match", "generate_responses"],
     "sft_hf.modeling": ["load_model", "load_tokenizer"],
     "sft_hf.templates": ["TEMPLATES", "Template", "TemplateError", "get_template"],
     "sft_hf.tokenization": ["tokenize_dataset"],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sft_hf.generation import exact_match, generate_responses, request_text
+from sft_hf.evaluation.generation import exact_match, generate_responses, request_text
 from sft_hf.templates import reference_answer
 
 logger = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "inspect": ("sft_hf.inspect", "show the first N examples token by token, as the collator feeds them"),
-    "report": ("sft_hf.report", "dataset report: lengths, truncation, padding, trained tokens, duplicates"),
+    "inspect": ("sft_hf.inspection.inspect", "show the first N examples token by token, as the collator feeds them"),
+    "report": ("sft_hf.inspection.report", "dataset report: lengths, truncation, padding, trained tokens, duplicates"),
     "merge-lora": ("sft_hf.lora", "fold a LoRA adapter into its base model and save a full model"),
-    "launch": ("sft_hf.launch", "accelerate launch, ending a failed run with the script's error and exit code"),
+    "launch": ("sft_hf.run.launch", "accelerate launch, ending a failed run with the script's error and exit code"),
 }
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sft_hf.varlen_attention import NAME as VARLEN_ATTENTION
+from sft_hf.speed.varlen_attention import NAME as VARLEN_ATTENTION
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and every HF loss) skips
 
@@ -97,7 +97,7 @@ def resolve_pad_token_id(tokenizer) -> int:
 
 def has_varlen_attention(model) -> bool:
     """True when the model's attention runs each example of a padding-free row alone: flash-attention's
-    variable-length kernel or `sdpa_varlen` (sft_hf/varlen_attention.py). Plain sdpa/eager attend over the whole
+    variable-length kernel or `sdpa_varlen` (sft_hf/speed/varlen_attention.py). Plain sdpa/eager attend over the whole
     concatenated row (a block-diagonal mask), which makes padding-free rows slower than padded batches."""
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
     return "flash" in implementation or implementation == VARLEN_ATTENTION

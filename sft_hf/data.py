@@ -21,17 +21,13 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
-from sft_hf.errors import UserError
+from sft_hf.errors import DataError
 from sft_hf.templates import Template, TemplateError, get_template, messages_to_alpaca
 
 logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_PREFIX = "builtin:"
-
-
-class DataError(UserError):
-    """Bad input data; the message names the file, the record and the field."""
 
 
 def load_instruction_dataset(
@@ -61,10 +57,10 @@ def load_instruction_dataset(
     skipped: list[str] = []
     record_lines: dict[str, list[int]] = {}  # split → the file line each record starts on, where known (CSV)
     if dataset_name.startswith(BUILTIN_PREFIX):
-        from sft_hf import chat_data, toy
+        from sft_hf.builtin import chapter7_chat, toy
 
         name = dataset_name[len(BUILTIN_PREFIX) :]
-        files = chat_data.write_chapter7_chat() if name == "chapter7-chat" else toy.write_builtin_dataset(name)
+        files = chapter7_chat.write_chapter7_chat() if name == "chapter7-chat" else toy.write_builtin_dataset(name)
         raw = datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()})
     elif Path(dataset_name).is_file():
         builder = FILE_BUILDERS.get(Path(dataset_name).suffix.lower())

@@ -15,11 +15,15 @@ import sys
 
 class UserError(ValueError):
     """Bad input the user can fix (recipe, data, template, model file): one line naming what to fix, exit code 2,
-    raised before any training. DataError, TemplateError and GGUFError are its kinds in their own modules."""
+    raised before any training. RecipeError, DataError, TemplateError and GGUFError are its kinds."""
 
 
 class RecipeError(UserError):
     """A recipe or command-line value that cannot work."""
+
+
+class DataError(UserError):
+    """Bad input data; the message names the file, the record and the field."""
 
 
 class NonFiniteLossError(RuntimeError):

@@ -99,7 +99,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     from transformers import AutoTokenizer
 
     from sft_hf.errors import RecipeError
-    from sft_hf.safety import atomic_save
+    from sft_hf.run.safety import atomic_save
 
     if not Path(adapter_dir, "adapter_config.json").is_file():
         raise RecipeError(f"{adapter_dir}: no adapter_config.json; is this a LoRA output_dir?")

@@ -8,7 +8,10 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_hf import gguf, lora, toy, varlen_attention
+from sft_hf.run import gguf
+from sft_hf.builtin import toy
+from sft_hf.speed import varlen_attention
+from sft_hf import lora
 from sft_hf.errors import RecipeError
 from sft_hf.templates import TemplateError
 

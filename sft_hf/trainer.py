@@ -5,7 +5,7 @@ gradient-accumulation micro-batches, counted after the causal shift, summed over
 `average_tokens_across_devices`) to the model's loss, so the loss is a mean over trained tokens, not a mean of
 per-batch means. `tests/test_trainer.py` checks that equality holds; this class adds what Trainer lacks:
 trained tokens per second (of training time only) and the padding fraction in the logs, crash-safe checkpoints
-(sft_hf/checkpoints.py), and a collator by default.
+(sft_hf/run/checkpoints.py), and a collator by default.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft_hf.checkpoints import RECIPE_FILE, mark_complete, rotate_checkpoints, unmark
+from sft_hf.run.checkpoints import RECIPE_FILE, mark_complete, rotate_checkpoints, unmark
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, has_varlen_attention, resolve_pad_token_id
-from sft_hf.config import save_recipe
+from sft_hf.run.config import save_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class InstructionTrainer(Trainer):
         self.args.train_sampling_strategy = resolve_sampling_strategy(self.args, self.data_collator)  # `auto` decided
         logger.info("Batching: %s", describe_batching(self.args, self.data_collator, self.model))
         if getattr(self.args, "onednn_linear", False) and self.args.device.type == "cpu" and not self.args.torch_compile:
-            from sft_hf.onednn_linear import onednn_pays, use_onednn_linear
+            from sft_hf.speed.onednn_linear import onednn_pays, use_onednn_linear
 
             if onednn_pays() and (swapped := use_onednn_linear(self.model)):
                 logger.info("Matmuls: %d fp32 linear layers on oneDNN (MKL takes its AVX2 path on this CPU)", swapped)

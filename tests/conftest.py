@@ -22,7 +22,7 @@ def instruction_records():
 def bpe_tokenizer(instruction_records):
     """Byte-level BPE trained on chapter 7's data, `<|endoftext|>` as eos = pad (like GPT-2)."""
     from sft_hf.templates import get_template
-    from sft_hf.toy import train_bpe_tokenizer
+    from sft_hf.builtin.toy import train_bpe_tokenizer
 
     alpaca = get_template("alpaca")
     texts = [alpaca.format_prompt(r) + r["output"] for r in instruction_records]

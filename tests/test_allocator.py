@@ -1,4 +1,4 @@
-"""recipes/train.py re-runs itself once on tcmalloc (sft_hf/allocator.py): same PID, command line and exit code; the
+"""recipes/train.py re-runs itself once on tcmalloc (sft_hf/speed/allocator.py): same PID, command line and exit code; the
 opt-out and a chosen library are honoured; a missing library is a clear error."""
 import ctypes.util
 import os
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from sft_hf import allocator
+from sft_hf.speed import allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import os, sys
-from sft_hf import allocator
+from sft_hf.speed import allocator
 print("before", os.getpid(), flush=True)
 allocator.use_fast_allocator()
 print("after", os.getpid(), allocator.active_allocator(), sys.argv[1:], flush=True)

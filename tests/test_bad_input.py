@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from sft_hf.config import RecipeError, parse_recipe
+from sft_hf.run.config import RecipeError, parse_recipe
 from sft_hf.data import DataError, load_instruction_dataset
 from sft_hf.templates import TemplateError, get_template
 from sft_hf.tokenization import tokenize_dataset
-from sft_hf.toy import make_toy_records, train_bpe_tokenizer
+from sft_hf.builtin.toy import make_toy_records, train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"instruction": "Add one.", "input": "2", "output": "3"}
@@ -256,7 +256,7 @@ def test_max_length_too_small_for_the_template_itself(tokenizer):
 
 
 def test_tokenizer_with_neither_pad_nor_eos(tmp_path, tokenizer):
-    from sft_hf.config import ModelArguments
+    from sft_hf.run.config import ModelArguments
     from sft_hf.modeling import load_tokenizer
 
     bare = train_bpe_tokenizer(["hello world"] * 10, 280)
@@ -443,7 +443,7 @@ def test_a_template_without_an_input_part_refuses_records_with_input():
 def test_inspect_outputs_do_not_make_the_output_dir_a_run(tmp_path):
     from types import SimpleNamespace
 
-    from sft_hf.safety import check_output_dir
+    from sft_hf.run.safety import check_output_dir
 
     out = tmp_path / "run"
     (out / "data_report").mkdir(parents=True)

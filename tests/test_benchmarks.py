@@ -121,7 +121,7 @@ def test_benchmark_data_prep_matches_trl_tokens(tmp_path, monkeypatch):
 
 
 def test_onednn_linear_matches_nn_linear(tiny_model_dir):
-    from sft_hf import onednn_linear
+    from sft_hf.speed import onednn_linear
 
     if onednn_linear._linear is None or not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN linear op")

@@ -2,8 +2,8 @@
 import json
 
 from sft_hf.callbacks import GenerationSamplesCallback
-from sft_hf.generation import exact_match, generate_responses
-from sft_hf.toy import make_toy_records
+from sft_hf.evaluation.generation import exact_match, generate_responses
+from sft_hf.builtin.toy import make_toy_records
 
 from eval_helpers import _chatty_model_dir  # noqa: F401  (fixture chatty_model_dir: a model whose answers differ)
 

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from sft_hf.generation import extract_response, generate_responses
-from sft_hf.judge import make_judge_prompt
+from sft_hf.evaluation.generation import extract_response, generate_responses
+from sft_hf.evaluation.judge import make_judge_prompt
 from sft_hf.templates import get_template
-from sft_hf.metrics import reference_metrics
-from sft_hf.toy import make_toy_records
+from sft_hf.evaluation.metrics import reference_metrics
+from sft_hf.builtin.toy import make_toy_records
 
 from conftest import ROOT, SHARED_DATA
 from eval_helpers import FakeJudgeServer, _chatty_model_dir  # noqa: F401  (fixture chatty_model_dir)
@@ -157,7 +157,7 @@ def test_accelerate_launch_two_processes_gives_the_same_responses(tmp_path, data
 
 
 def test_template_comes_from_the_model_folder(tmp_path):
-    from sft_hf.outputs import save_template
+    from sft_hf.run.outputs import save_template
 
     for name in ("chatml", "phi3"):
         save_template(get_template(name), str(tmp_path))
@@ -172,7 +172,7 @@ def test_template_comes_from_the_model_folder(tmp_path):
 
 def test_multiple_choice_from_the_recipe_before_and_after(tmp_path, chatty_model_dir, tiny_model_dir, capsys):
     pytest.importorskip("lm_eval")
-    from sft_hf.mc_eval import run_local_mc
+    from sft_hf.evaluation.multiple_choice import run_local_mc
 
     rows = [{"subject": "math", "question": f"What is {i} + 1?", "choices": [str(i + 1), str(i), str(i + 2), "0"],
              "answer": 0} for i in range(3)]

@@ -16,15 +16,15 @@ import transformers
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from sft_hf import safety
+from sft_hf.run import safety
 from sft_hf.collator import InstructionDataCollator
-from sft_hf.config import ModelArguments, RecipeError, SFTArguments
+from sft_hf.run.config import ModelArguments, RecipeError, SFTArguments
 from sft_hf.modeling import load_model, load_tokenizer
 from sft_hf.errors import NonFiniteLossError, redact, run_cli
-from sft_hf.safety import StopOnNonFiniteLoss, atomic_save, staging_dir
+from sft_hf.run.safety import StopOnNonFiniteLoss, atomic_save, staging_dir
 from sft_hf.templates import get_template
 from sft_hf.tokenization import tokenize_dataset
-from sft_hf.toy import make_toy_records, train_bpe_tokenizer
+from sft_hf.builtin.toy import make_toy_records, train_bpe_tokenizer
 from sft_hf.trainer import InstructionTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def test_save_that_raises_leaves_nothing(tiny, tmp_path):
 KILLED_DURING_SAVE = """
 import os, sys
 from transformers import AutoModelForCausalLM
-from sft_hf.safety import atomic_save
+from sft_hf.run.safety import atomic_save
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 with atomic_save(sys.argv[2]) as folder:
     model.save_pretrained(folder)
@@ -334,7 +334,7 @@ def test_no_token_or_api_key_in_logs_cards_or_saved_files(tiny, tmp_path, monkey
     with caplog.at_level(logging.INFO):
         train_recipe.main(train_argv(tiny, out, "--hub_token", CLI_TOKEN))
         # anything that logs a key (a judge client, a failed request) is redacted by the handlers main() set up
-        logging.getLogger("sft_hf.judge").warning("POST with Authorization: Bearer %s", SECRETS["JUDGE_API_KEY"])
+        logging.getLogger("sft_hf.evaluation.judge").warning("POST with Authorization: Bearer %s", SECRETS["JUDGE_API_KEY"])
     printed = capsys.readouterr()
     logs = caplog.text + printed.out + printed.err
     assert "Bearer <redacted>" in logs

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, resolve_pad_token_id
 from sft_hf.templates import ChatTemplate, TemplateError, get_template
 from sft_hf.tokenization import encode_records, tokenize_dataset
-from sft_hf.toy import make_toy_records, train_bpe_tokenizer
+from sft_hf.builtin.toy import make_toy_records, train_bpe_tokenizer
 
 CHATML_JINJA = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_hf import generation
+from sft_hf.evaluation import generation
 from sft_hf.templates import get_template
-from sft_hf import varlen_attention
-from sft_hf.varlen_attention import NAME as VARLEN, paged_sdpa_attention
+from sft_hf.speed import varlen_attention
+from sft_hf.speed.varlen_attention import NAME as VARLEN, paged_sdpa_attention
 
 
 def _plain_greedy(model, tokenizer, prompts, max_new_tokens):
@@ -55,7 +55,7 @@ def test_tiny_llama_continuous_batching_is_plain_greedy(tiny_model_dir, instruct
     monkeypatch.setattr(varlen_attention, "paged_sdpa_attention", counted)
     # 10 prompts of different lengths through 3 slots: slots are refilled while others still generate
     expected = _check_same_tokens(model, tokenizer, instruction_records[:10], 12, 3)
-    assert calls and all(calls)  # each request attended alone (sft_hf.varlen_attention), not through the block mask
+    assert calls and all(calls)  # each request attended alone (sft_hf.speed.varlen_attention), not through the block mask
     assert len({len(r) for r in expected}) > 1 or all(len(r) == 12 for r in expected)
 
 

@@ -9,10 +9,10 @@ from datasets import Dataset
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from sft_hf.generation import encode_prompts, generate_responses
+from sft_hf.evaluation.generation import encode_prompts, generate_responses
 from sft_hf.templates import TEMPLATES, get_template
 from sft_hf.tokenization import tokenize_dataset
-from sft_hf.toy import make_toy_records, train_bpe_tokenizer
+from sft_hf.builtin.toy import make_toy_records, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_generation_fits_prompts_into_the_model_context(bos_tokenizer, caplog):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=128,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     records = [RECORD, {**RECORD, "input": "9 " * 40}, {**RECORD, "input": "8 " * 50}]
-    with caplog.at_level(logging.WARNING, logger="sft_hf.generation"):
+    with caplog.at_level(logging.WARNING, logger="sft_hf.evaluation.generation"):
         responses = generate_responses(model, tok, records, "alpaca", max_new_tokens=8, batch_size=3,
                                        show_progress=False)
     assert len(responses) == 3
@@ -82,7 +82,7 @@ def test_generation_fits_prompts_into_the_model_context(bos_tokenizer, caplog):
 def test_onednn_linear_takes_zero_rows_like_nn_linear(tiny_model_dir):
     """An MoE expert that routed no tokens calls its linears on an empty [0, hidden] input: forward and backward must
     give empty / zero results as nn.Linear does (oneDNN cannot build the weight-gradient product for them)."""
-    from sft_hf import onednn_linear
+    from sft_hf.speed import onednn_linear
 
     if onednn_linear._linear is None or not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN linear op")
@@ -104,7 +104,7 @@ def test_onednn_linear_takes_zero_rows_like_nn_linear(tiny_model_dir):
 
 def test_held_out_answers_of_alpaca_records_and_conversations():
     """Exact match during and after training reads the expected answer of either record shape."""
-    from sft_hf.generation import request_text
+    from sft_hf.evaluation.generation import request_text
     from sft_hf.templates import reference_answer
 
     alpaca = {"instruction": "Add.", "input": "2 3", "output": "5"}

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from sft_hf import hub
+from sft_hf.run import hub
 from tiny_setup import run_train, tiny_recipe_args, write_tiny_dataset, write_tiny_model
 
 TOKEN = "hf_TESTsecretTOKEN0123456789"

@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 
 from sft_hf.cli import main as cli_main
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator
-from sft_hf.inspect import build_views, render_html, render_terminal
+from sft_hf.inspection.inspect import build_views, render_html, render_terminal
 from sft_hf.templates import get_template
-from sft_hf.toy import train_bpe_tokenizer
+from sft_hf.builtin.toy import train_bpe_tokenizer
 
 RECORDS = [
     {"instruction": "Reverse the words.", "input": "red green blue", "output": "blue green red"},

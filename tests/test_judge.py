@@ -7,7 +7,7 @@ import time
 import pytest
 from torch import no_grad as torch_no_grad
 
-from sft_hf.judge import (
+from sft_hf.evaluation.judge import (
     JUDGE_PROMPT,
     JudgeUnavailableError,
     OllamaJudge,
@@ -249,7 +249,7 @@ def test_chapter_7_reference_averages_side_by_side(tmp_path, judge_name, average
 def test_local_transformers_judge(chatty_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft_hf.judge import HFJudge
+    from sft_hf.evaluation.judge import HFJudge
 
     records, _ = records_with_replies(["", "", ""])
     judge = HFJudge(chatty_model_dir, max_new_tokens=5)
@@ -272,7 +272,7 @@ def test_local_transformers_judge_structured_takes_the_likeliest_integer(chatty_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft_hf.judge import HFJudge
+    from sft_hf.evaluation.judge import HFJudge
 
     records, _ = records_with_replies(["", "", "", ""])
     judge = HFJudge(chatty_model_dir)

@@ -16,7 +16,7 @@ pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not 
 from conftest import ROOT, SHARED_DATA  # noqa: E402
 from llama_server import MODEL_ALIAS, CountingProxy, LlamaServer  # noqa: E402
 
-from sft_hf.judge import (  # noqa: E402
+from sft_hf.evaluation.judge import (  # noqa: E402
     JudgeUnavailableError,
     OpenAIJudge,
     judge_responses,

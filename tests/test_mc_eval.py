@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from sft_hf.mc_eval import (  # noqa: E402
+from sft_hf.evaluation.multiple_choice import (  # noqa: E402
     MCDataError,
     format_mc_comparison,
     format_mc_results,

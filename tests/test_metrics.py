@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sft_hf.metrics import evaluate_responses, load_metric, reference_metrics
+from sft_hf.evaluation.metrics import evaluate_responses, load_metric, reference_metrics
 
 from conftest import SHARED_DATA
 
@@ -63,7 +63,7 @@ def test_errors_name_the_problem():
 def test_loads_offline_with_an_empty_cache(tmp_path):
     """A fresh machine: no Hub, nothing in the modules cache; the shipped modules still load."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
-    code = ("from sft_hf.metrics import reference_metrics; "
+    code = ("from sft_hf.evaluation.metrics import reference_metrics; "
             "print(reference_metrics(['a b c'], ['a b d'])['rougeL'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

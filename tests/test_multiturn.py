@@ -397,7 +397,7 @@ def test_bad_conversations_name_file_record_and_field(tmp_path, record, message)
 
 
 def test_report_counts_turns_and_trained_tokens_per_role(smollm2_tokenizer):
-    from sft_hf.report import tokens_by_role
+    from sft_hf.inspection.report import tokens_by_role
 
     tok = smollm2_tokenizer
     messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION]

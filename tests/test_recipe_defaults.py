@@ -11,7 +11,7 @@ import psutil
 import pytest
 import yaml
 
-from sft_hf.config import DEFAULT_RECIPE, parse_recipe, parse_recipe_and_values
+from sft_hf.run.config import DEFAULT_RECIPE, parse_recipe, parse_recipe_and_values
 from tiny_setup import ROOT, TRAIN, write_tiny_dataset, write_tiny_model
 
 SECRET = "hf_NotARealTokenButSecret123"

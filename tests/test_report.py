@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 
 from sft_hf.cli import main as cli_main
 from sft_hf.collator import InstructionDataCollator
-from sft_hf.report import batch_stats, check_limits, near_duplicate_pairs, parse_fail_on
+from sft_hf.inspection.report import batch_stats, check_limits, near_duplicate_pairs, parse_fail_on
 from sft_hf.templates import get_template
-from sft_hf.toy import train_bpe_tokenizer
+from sft_hf.builtin.toy import train_bpe_tokenizer
 
 CHAPTER7 = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction-data.json"  # ../shared beside the repo
 ALPACA = get_template("alpaca")

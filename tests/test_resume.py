@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
-from sft_hf.checkpoints import (COMPLETE_MARKER, check_resume_recipe, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
+from sft_hf.run.checkpoints import (COMPLETE_MARKER, check_resume_recipe, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
                                 rotate_checkpoints)
 from sft_hf.errors import RecipeError
 from tiny_setup import load_weights, run_train, tiny_recipe_args, train_losses, write_tiny_dataset, write_tiny_model

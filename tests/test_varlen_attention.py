@@ -6,10 +6,10 @@ import torch
 import transformers
 
 from sft_hf.collator import InstructionDataCollator, recipe_collator
-from sft_hf.config import ModelArguments, SFTArguments
+from sft_hf.run.config import ModelArguments, SFTArguments
 from sft_hf.modeling import load_model, load_tokenizer
 from sft_hf.trainer import describe_batching, resolve_sampling_strategy
-from sft_hf.varlen_attention import NAME, supports_varlen
+from sft_hf.speed.varlen_attention import NAME, supports_varlen
 
 LENGTHS = (5, 17, 9, 1, 12)
 
@@ -117,7 +117,7 @@ def test_continuous_batching_attention_is_the_block_masked_product():
     prompt's second chunk. Each request alone equals transformers' block-diagonal masked SDPA, token for token."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from sft_hf.varlen_attention import paged_sdpa_attention
+    from sft_hf.speed.varlen_attention import paged_sdpa_attention
 
     q_lens, k_lens = [1, 5, 1, 4], [7, 5, 3, 9]  # a chunk of 4 queries whose request has 5 keys already
     cu_q = torch.tensor([0, 1, 6, 7, 11], dtype=torch.int32)

@@ -17,7 +17,7 @@ def write_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, dropout: 
     import transformers
 
     from sft_hf.templates import get_template
-    from sft_hf.toy import make_toy_records, train_bpe_tokenizer
+    from sft_hf.builtin.toy import make_toy_records, train_bpe_tokenizer
 
     template = get_template("alpaca")
     texts = [template.format_prompt(r) + r["output"] for r in make_toy_records(300, seed=7)]
@@ -40,7 +40,7 @@ def write_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, dropout: 
 
 
 def write_tiny_dataset(path: Path, n: int = 80, seed: int = 3) -> str:
-    from sft_hf.toy import make_toy_records
+    from sft_hf.builtin.toy import make_toy_records
 
     path.write_text("".join(json.dumps(r) + "\n" for r in make_toy_records(n, seed=seed)))
     return str(path)

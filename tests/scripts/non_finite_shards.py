@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from transformers import TrainerControl, TrainerState
 
 from sft_hf.errors import NonFiniteLossError
-from sft_hf.safety import StopOnNonFiniteLoss
+from sft_hf.run.safety import StopOnNonFiniteLoss
 
 
 def run(rank: int, out_dir: str) -> None:

@@ -258,7 +258,7 @@ def render_html(views: list[ExampleView], meta: dict[str, object] | None = None,
 
 def load_recipe_data(recipe_argv: list[str]):
     """The recipe's arguments, tokenizer, template and raw splits, loaded the way recipes/train.py loads them."""
-    from sft_hf.config import parse_recipe
+    from sft_hf.run.config import parse_recipe
     from sft_hf.data import load_recipe_splits
     from sft_hf.modeling import load_tokenizer
     from sft_hf.templates import get_template

@@ -152,7 +152,7 @@ def default_batch_size(model, tokens_per_row: int, most: int = 64) -> int:
 def continuous_batching_supported(model) -> bool:
     """transformers' continuous batching (`generate_batch`) runs models on its attention interface, SDPA or eager,
     without adapters; anything else gets padded batches."""
-    from sft_hf.varlen_attention import NAME as VARLEN
+    from sft_hf.speed.varlen_attention import NAME as VARLEN
 
     return (os.environ.get("SFT_HF_CONTINUOUS_BATCHING", "1") != "0" and hasattr(model, "generate_batch")
             and getattr(model, "_supports_attention_backend", False) and not hasattr(model, "peft_config")
@@ -165,7 +165,7 @@ def _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, 
     (tests/test_generation.py). Returns None when it fails; the caller then uses padded batches."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from sft_hf.varlen_attention import NAME as VARLEN, per_request_attention, supports_varlen
+    from sft_hf.speed.varlen_attention import NAME as VARLEN, per_request_attention, supports_varlen
 
     longest = max(map(len, prompts)) + max_new_tokens
     page = 256
@@ -179,7 +179,7 @@ def _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, 
     attn = model.config._attn_implementation
     if attn == VARLEN:  # the same SDPA for unpadded batches; continuous batching accepts it only by its own name
         model.set_attn_implementation("sdpa")
-    # Each request's attention on its own keys (sft_hf/varlen_attention.py) where every layer attends in full. On
+    # Each request's attention on its own keys (sft_hf/speed/varlen_attention.py) where every layer attends in full. On
     # CPU only: it reads the request lengths on the host, which CUDA graph capture forbids, and it is measured on CPU.
     own = supports_varlen(model.config) and model.device.type == "cpu"
     own_attention = per_request_attention() if own else contextlib.nullcontext()

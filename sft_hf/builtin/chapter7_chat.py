@@ -13,7 +13,8 @@ import os
 import random
 from pathlib import Path
 
-from sft_hf.toy import CACHE, _atomic_write_dir
+from sft_hf.errors import DataError
+from sft_hf.run.cache import CACHE, atomic_write_dir
 
 VERSION = "v1"
 SYSTEM_PROMPT = "You are a helpful assistant. Answer each request directly."
@@ -27,8 +28,6 @@ def chapter7_source() -> Path:
     for path in filter(None, candidates):
         if Path(path).is_file():
             return Path(path)
-    from sft_hf.data import DataError
-
     raise DataError("builtin:chapter7-chat needs chapter 7's instruction-data.json: set SFT_HF_CHAPTER7_DATA to its "
                     f"path (looked in {[str(c) for c in candidates if c]})")
 
@@ -59,5 +58,5 @@ def write_chapter7_chat() -> dict[str, Path]:
             with open(folder / f"{split}.jsonl", "w") as f:
                 f.writelines(json.dumps(c) + "\n" for c in chain_into_conversations(records[a:b]))
 
-    folder = _atomic_write_dir(CACHE / f"chapter7-chat-{VERSION}-{hashlib.sha256(data).hexdigest()[:12]}", write)
+    folder = atomic_write_dir(CACHE / f"chapter7-chat-{VERSION}-{hashlib.sha256(data).hexdigest()[:12]}", write)
     return {split: folder / f"{split}.jsonl" for split in SPLITS}

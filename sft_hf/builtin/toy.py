@@ -5,14 +5,12 @@ written to a cache folder, then loaded through the normal `load_dataset` / `from
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
+from sft_hf.run.cache import CACHE, atomic_write_dir
+
 TOY_VERSION = "v3"
-CACHE = Path(os.environ.get("SFT_HF_CACHE", Path.home() / ".cache" / "sft_hf"))
 EOS = "<|endoftext|>"
 
 
@@ -41,23 +39,6 @@ def make_toy_records(n: int, seed: int) -> list[dict]:
     return records
 
 
-def _atomic_write_dir(target: Path, write) -> Path:
-    """Build into a temp dir beside `target`, then rename: a crash never leaves a half-written cache entry."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def write_builtin_dataset(name: str) -> dict[str, Path]:
     if name != "toy-tasks":
         raise ValueError(f"unknown built-in dataset {name!r}: the built-in one is 'toy-tasks'")
@@ -75,7 +56,7 @@ def write_builtin_dataset(name: str) -> dict[str, Path]:
             with open(folder / f"{split}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
 
-    folder = _atomic_write_dir(CACHE / f"toy-tasks-{TOY_VERSION}", write)
+    folder = atomic_write_dir(CACHE / f"toy-tasks-{TOY_VERSION}", write)
     return {split: folder / f"{split}.jsonl" for split in sizes}
 
 
@@ -133,4 +114,4 @@ def build_builtin_model(name: str) -> str:
         LlamaForCausalLM(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return str(_atomic_write_dir(CACHE / f"tiny-llama-{TOY_VERSION}", write))
+    return str(atomic_write_dir(CACHE / f"tiny-llama-{TOY_VERSION}", write))

@@ -25,7 +25,7 @@ import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft_hf.errors import RecipeError
-from sft_hf.safety import MARKER_FILES
+from sft_hf.run.safety import MARKER_FILES
 
 logger = logging.getLogger(__name__)
 

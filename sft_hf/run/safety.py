@@ -167,7 +167,7 @@ DATA_LOOKS = ("inspect.html", "data_report")  # sft-hf inspect / report's defaul
 def check_output_dir(args, is_main: bool = True) -> None:
     """A second run into a non-empty output_dir must say what to do instead of overwriting or crashing later.
 
-    Resuming (`resume_from_checkpoint` true or a path, resolved by sft_hf.checkpoints) and `overwrite_output_dir`
+    Resuming (`resume_from_checkpoint` true or a path, resolved by sft_hf.run.checkpoints) and `overwrite_output_dir`
     are the two ways in. With overwrite, the old run's checkpoints and RUN_LOGS are removed now (they would mix with
     this run's, and checkpoints be resumed from) and its final model stays until the new one replaces it atomically.
     """

@@ -1,4 +1,4 @@
-"""What a run leaves behind besides the weights: the template and a loss-curve PNG (the model card: sft_hf/hub.py)."""
+"""What a run leaves behind besides the weights: the template and a loss-curve PNG (the model card: sft_hf/run/hub.py)."""
 from __future__ import annotations
 
 import json

@@ -317,7 +317,7 @@ def main(argv: list[str]) -> int:
         parser.error(str(e))
 
     from sft_hf.collator import recipe_collator
-    from sft_hf.inspect import load_recipe_data
+    from sft_hf.inspection.inspect import load_recipe_data
 
     model_args, data_args, args, tokenizer, template, raw = load_recipe_data(recipe_argv)
     out_dir = Path(own.out_dir or Path(args.output_dir) / "data_report")

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from sft_hf.errors import UserError
-from sft_hf.toy import CACHE, _atomic_write_dir
+from sft_hf.run.cache import CACHE, atomic_write_dir
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def converted_folder(gguf_path: Path) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _atomic_write_dir(target, write)
+    return atomic_write_dir(target, write)
 
 
 def resolve_gguf(model_name_or_path: str, gguf_file: str | None) -> str:
