@@ -7,11 +7,15 @@
         --judge_url http://localhost:8000/v1 --judge_model my-judge
     # two response columns side by side; MMLU-format multiple choice from a local file
     python recipes/evaluate.py --responses eval.json --response_keys "model 1 response" "model 2 response" ...
+    # pairwise: is the fine-tune better than the base model? Each pair judged in both orders, win rates
+    python recipes/evaluate.py --responses run/test_responses.json --compare_with base/test_responses.json ...
+    python recipes/evaluate.py --responses eval.json --pairwise_keys "model 1 response" "model 2 response" ...
     python recipes/evaluate.py --model outputs/run --mc_task_file mmlu-mini.jsonl
 
 Generation runs on every process under `accelerate launch` (the test split is sharded); everything after it runs
 on the main process. Writes into --output_dir: test_responses.json (chapter 7's shape: each record plus
-`model_response`), metrics.json, judge_scores_*.json, judge_histogram.png, judge_summary.json, mc_results.json.
+`model_response`), metrics.json, judge_scores_*.json, judge_histogram.png, judge_summary.json, mc_results.json;
+pairwise: pairwise_verdicts.json, pairwise_summary.json, pairwise_win_rate.png (and pairwise_cache.jsonl).
 """
 import json
 import logging
@@ -25,7 +29,7 @@ from transformers import HfArgumentParser
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from sft_hf.errors import RecipeError, did_you_mean  # noqa: E402
-from sft_hf.templates import TEMPLATES, get_template  # noqa: E402
+from sft_hf.run.outputs import load_template  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
 
@@ -48,6 +52,16 @@ class EvalArguments:
     responses: str | None = field(default=None, metadata={"help": "A JSON list of records with response fields."})
     response_keys: list[str] = field(default_factory=lambda: ["model_response"],
                                      metadata={"help": "Response fields to score; two or more are compared."})
+    compare_with: str | None = field(default=None, metadata={
+        "help": "Pairwise: a second responses file (e.g. the base model's test_responses.json) judged against "
+                "--responses (or the generated responses), pair by pair, joined by instruction + input."})
+    compare_key: str | None = field(default=None, metadata={
+        "help": "Pairwise: the response field of --compare_with (default: the one of --response_keys)."})
+    pairwise_keys: list[str] | None = field(default=None, metadata={
+        "help": "Pairwise: two response fields of --responses, e.g. 'model 1 response' 'model 2 response'."})
+    pairwise_names: list[str] | None = field(default=None, metadata={
+        "help": "Pairwise: names of the two sides in the report (default: the files' or the fields' names)."})
+    pairwise_bootstrap: int = field(default=1000, metadata={"help": "Pairwise: bootstrap resamples, 95 % intervals."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: <model>/evaluation, outputs/evaluation."})
     metrics: bool = field(default=True, metadata={"help": "Exact match and ROUGE against `output`."})
     judge_backend: str | None = field(default=None, metadata={"help": "ollama, openai or hf (default: no judge)."})
@@ -55,12 +69,14 @@ class EvalArguments:
     judge_model: str | None = field(default=None, metadata={"help": "Ollama default llama3; a model folder for hf."})
     judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Env var holding the API key."})
     judge_prompt: str | None = field(default=None, metadata={
-        "help": "Prompt template (text or a file) with {input}, {output}, {response}; default chapter 7's."})
+        "help": "Prompt template (text or a file) with {input}, {output}, {response}; default chapter 7's. "
+                "Pairwise: {question}, {reference}, {answer_a}, {answer_b}; default MT-bench's."})
     judge_stream: bool | None = field(default=None, metadata={
         "help": "Stream the reply (default: Ollama yes, NDJSON; OpenAI-compatible no)."})
     judge_format: str = field(default="auto", metadata={
         "choices": ["auto", "json", "text"],
-        "help": "auto: JSON {score: int} where the server supports it, else chapter 7's text; json; text."})
+        "help": "auto: JSON ({score: int}; pairwise {winner: A|B|tie}) where the server supports it, else the "
+                "text prompt's answer; json; text."})
     judge_max_tokens: int | None = field(default=None, metadata={"help": "OpenAI-compatible: cap on reply tokens."})
     judge_concurrency: int = 4
     judge_retries: int = 4
@@ -73,17 +89,6 @@ class EvalArguments:
     mc_limit: int | None = field(default=None, metadata={"help": "At most this many questions per subject."})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "Torch CPU threads. Default: OMP_NUM_THREADS when the user set it, else all cores / local processes."})
-
-
-def load_template(args: EvalArguments):
-    if args.template:
-        return get_template(args.template)
-    saved = Path(args.model or "", "sft_template.json")
-    if args.model and saved.is_file():  # the template the model was trained with (sft_hf/run/outputs.py)
-        spec = json.loads(saved.read_text())
-        builtin = TEMPLATES.get(spec.get("name"))
-        return builtin if builtin is not None and builtin.to_dict() == spec else get_template(spec)
-    return get_template("alpaca")
 
 
 def load_model_and_tokenizer(name_or_path: str):
@@ -109,9 +114,9 @@ def load_model_and_tokenizer(name_or_path: str):
     return model, tokenizer
 
 
-def read_responses(path: str, keys: list[str]) -> list[dict]:
+def read_responses(path: str, keys: list[str], flag: str = "--responses") -> list[dict]:
     if not Path(path).is_file():
-        raise RecipeError(f"--responses {path}: no such file")
+        raise RecipeError(f"{flag} {path}: no such file")
     text = Path(path).read_text()
     try:
         records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
@@ -161,14 +166,71 @@ def parse_args(argv=None) -> EvalArguments:
         flags = [f"--{f.name}" for f in fields(EvalArguments)]
         hint = did_you_mean(unknown[0].split("=")[0], flags) or "see python recipes/evaluate.py --help"
         raise RecipeError(f"unknown argument(s) {' '.join(unknown)}; {hint}")
+    check_pairwise_args(args)
     if args.judge_backend is not None:  # checked before generating, which can take minutes
-        from sft_hf.evaluation.judge import check_judge_settings
+        from sft_hf.evaluation.judge import JUDGE_PROMPT_FIELDS, PAIRWISE_PROMPT_FIELDS, check_judge_settings, \
+            check_prompt_fields
 
         try:
             check_judge_settings(args.judge_backend, args.judge_model)
         except ValueError as e:
             raise RecipeError(str(e)) from None
+        if args.judge_prompt and Path(args.judge_prompt).is_file():
+            args.judge_prompt = Path(args.judge_prompt).read_text()
+        if args.judge_prompt:
+            pairwise = bool(args.compare_with or args.pairwise_keys)
+            check_prompt_fields(args.judge_prompt, PAIRWISE_PROMPT_FIELDS if pairwise else JUDGE_PROMPT_FIELDS)
     return args
+
+
+def check_pairwise_args(args: EvalArguments) -> None:
+    """The pairwise flags fit together (checked before generating, too)."""
+    for flag in ("pairwise_keys", "pairwise_names"):
+        if getattr(args, flag) is not None and len(getattr(args, flag)) != 2:
+            raise RecipeError(f"--{flag} takes two values (the model's, then the baseline's), got "
+                              f"{len(getattr(args, flag))}: {getattr(args, flag)}")
+    if not (args.compare_with or args.pairwise_keys):
+        if args.pairwise_names or args.compare_key:
+            raise RecipeError("--pairwise_names and --compare_key go with --compare_with or --pairwise_keys")
+        return
+    if args.compare_with and args.pairwise_keys:
+        raise RecipeError("pass --compare_with (two files) or --pairwise_keys (two fields of one file), not both")
+    if args.pairwise_keys and not args.responses:
+        raise RecipeError("--pairwise_keys names two fields of --responses: pass --responses file.json")
+    if not args.judge_backend:
+        raise RecipeError("a pairwise comparison needs a judge: add --judge_backend (ollama, openai or hf)")
+    if args.compare_with and len(args.response_keys) != 1:
+        raise RecipeError(f"--compare_with compares one response field, --response_keys has {len(args.response_keys)}")
+    if args.compare_with and not Path(args.compare_with).is_file():
+        raise RecipeError(f"--compare_with {args.compare_with}: no such file")
+    if args.pairwise_names and args.pairwise_names[0] == args.pairwise_names[1]:
+        raise RecipeError(f"--pairwise_names: the two sides need different names, got {args.pairwise_names[0]!r} twice")
+    if args.pairwise_bootstrap < 0:
+        raise RecipeError(f"--pairwise_bootstrap {args.pairwise_bootstrap}: use 0 (no intervals) or more")
+
+
+def side_names(args: EvalArguments, model_file: str) -> list[str]:
+    """The two sides' names: --pairwise_names, else the fields, else the files' names (their paths if the same)."""
+    if args.pairwise_names:
+        return args.pairwise_names
+    if args.pairwise_keys:
+        return args.pairwise_keys
+    names = [Path(args.model).name if not args.responses else Path(model_file).stem, Path(args.compare_with).stem]
+    return names if names[0] != names[1] else [model_file, args.compare_with]
+
+
+def make_pairs(args: EvalArguments, records: list[dict], model_file: str) -> tuple[list, list[str]]:
+    """The pairs to judge, at most --max_samples of them, and the names of the two sides."""
+    from sft_hf.evaluation.judge import join_responses, pairs_from_columns
+
+    if args.pairwise_keys:
+        pairs = pairs_from_columns(records, *args.pairwise_keys)
+    else:
+        model_key = args.response_keys[0]
+        baseline_key = args.compare_key or model_key
+        baseline = read_responses(args.compare_with, [baseline_key], flag="--compare_with")
+        pairs = join_responses(records, baseline, model_key, baseline_key, model_file, args.compare_with)
+    return pairs[: args.max_samples], side_names(args, model_file)
 
 
 def main(argv=None):
@@ -182,10 +244,12 @@ def main(argv=None):
         raise RecipeError("pass --model (with --dataset_name) to generate responses, or --responses file.json")
     output_dir = Path(args.output_dir or (Path(args.model, "evaluation") if args.model and Path(args.model).is_dir()
                                           else "outputs/evaluation"))
-    template = load_template(args)
+    template = load_template(args.model, args.template)
     report = {}
 
     # 1. Responses: read them, or generate them (on every process under accelerate launch).
+    if args.pairwise_keys:
+        args.response_keys = args.pairwise_keys  # the two fields are the ones to read and to score
     if args.responses:
         records = read_responses(args.responses, args.response_keys)
     elif args.dataset_name:
@@ -205,37 +269,53 @@ def main(argv=None):
     else:
         records = []
     output_dir.mkdir(parents=True, exist_ok=True)
+    pairs = names = None
+    if records and (args.compare_with or args.pairwise_keys):  # joined before --max_samples: the files' orders may differ
+        pairs, names = make_pairs(args, records, args.responses or str(output_dir / "test_responses.json"))
     records = records[: args.max_samples]
 
     # 2. Reference metrics.
     if records and args.metrics:
-        from sft_hf.evaluation.metrics import evaluate_responses
+        from sft_hf.evaluation.metrics import evaluate_responses, reference_metrics
 
-        report["metrics"] = {key: evaluate_responses(records, key) for key in args.response_keys}
+        if pairs is not None:  # both sides of every pair against the model side's reference
+            from sft_hf.evaluation.judge.pairwise import reference_of
+
+            references = [reference_of(p.record) for p in pairs]
+            report["metrics"] = {names[0]: reference_metrics([p.model_response for p in pairs], references),
+                                 names[1]: reference_metrics([p.baseline_response for p in pairs], references)}
+        else:
+            report["metrics"] = {key: evaluate_responses(records, key) for key in args.response_keys}
         for key, values in report["metrics"].items():
             print(f"{key}: " + ", ".join(f"{name} {value:.4f}" for name, value in values.items()))
         (output_dir / "metrics.json").write_text(json.dumps(report["metrics"], indent=2) + "\n")
 
-    # 3. LLM judge.
+    # 3. LLM judge: a 0-100 score per response, or, with two sides, a verdict per pair in both orders.
     if records and args.judge_backend:
-        from sft_hf.evaluation.judge import JUDGE_PROMPT, JudgeUnavailableError, make_judge, run_judge
+        from sft_hf.evaluation.judge import JUDGE_PROMPT, JudgeUnavailableError, make_judge, run_judge, run_pairwise
 
-        prompt = args.judge_prompt or JUDGE_PROMPT
-        if args.judge_prompt and Path(args.judge_prompt).is_file():
-            prompt = Path(args.judge_prompt).read_text()
+        prompt = args.judge_prompt  # a file's text by now (parse_args)
         judge = make_judge(args.judge_backend, args.judge_model, args.judge_url, args.judge_api_key_env,
                            args.judge_stream, args.judge_max_tokens)
         try:
-            summaries = run_judge(records, judge, args.response_keys, output_dir, prompt, args.judge_concurrency,
-                                  args.judge_retries, args.judge_backoff, judge_format=args.judge_format)
+            if pairs is not None:
+                summary = run_pairwise(pairs, judge, output_dir, names[0], names[1], args.judge_format,
+                                       args.judge_concurrency, args.judge_retries, args.judge_backoff,
+                                       bootstrap_samples=args.pairwise_bootstrap, prompt_template=prompt)
+                report["pairwise"] = {k: v for k, v in summary.items() if k != "undecided"}
+            else:
+                summaries = run_judge(records, judge, args.response_keys, output_dir, prompt or JUDGE_PROMPT,
+                                      args.judge_concurrency, args.judge_retries, args.judge_backoff,
+                                      judge_format=args.judge_format)
+                report["judge"] = {k: {n: v for n, v in s.items() if n != "unscored"} for k, s in summaries.items()}
         except JudgeUnavailableError as e:  # a clear one-line error, not a traceback; the cache is kept
             raise SystemExit(f"error: {e}") from None
         except KeyboardInterrupt:
-            caches = ", ".join(str(p) for p in sorted(output_dir.glob("judge_cache_*.jsonl"))) or "no cache yet"
+            caches = ", ".join(str(p) for p in sorted([*output_dir.glob("judge_cache_*.jsonl"),
+                                                       *output_dir.glob("pairwise_cache.jsonl")])) or "no cache yet"
             print(f"\ninterrupted: the judge's answers so far are kept in {caches}; run the same command again to "
                   "resume", file=sys.stderr)
             raise SystemExit(130) from None
-        report["judge"] = {k: {n: v for n, v in s.items() if n != "unscored"} for k, s in summaries.items()}
 
     # 4. Multiple-choice benchmarks (lm-evaluation-harness).
     if args.model and (args.mc_task_file or args.mc_tasks):

@@ -1,5 +1,6 @@
 """Test helpers for the evaluation tests: a fake LLM judge server on loopback, and a tiny chatty model."""
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,6 +88,15 @@ class FakeJudgeServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+_PAIR_ANSWER = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.S)
+
+
+def pair_answers(prompt: str) -> tuple[str, str]:
+    """The answers shown as assistant A and assistant B in a pairwise judge prompt: what a fake judge compares."""
+    answers = dict(_PAIR_ANSWER.findall(prompt))
+    return answers["A"], answers["B"]
 
 
 @pytest.fixture(scope="session", name="chatty_model_dir")

@@ -157,17 +157,16 @@ def test_accelerate_launch_two_processes_gives_the_same_responses(tmp_path, data
 
 
 def test_template_comes_from_the_model_folder(tmp_path):
-    from sft_hf.run.outputs import save_template
+    from sft_hf.run.outputs import load_template, save_template
 
     for name in ("chatml", "phi3"):
         save_template(get_template(name), str(tmp_path))
-        args = evaluate_recipe.EvalArguments(model=str(tmp_path))
-        assert evaluate_recipe.load_template(args) is get_template(name)  # the built-in, with its own class
+        assert load_template(str(tmp_path)) is get_template(name)  # the built-in, with its own class
+    assert load_template(str(tmp_path), "alpaca") is get_template("alpaca")  # --template wins
     custom = {"name": "mine", "prompt": "Q: {instruction}", "input": " ({input})", "response": "\nA: "}
     (tmp_path / "sft_template.json").write_text(json.dumps(custom))
-    loaded = evaluate_recipe.load_template(evaluate_recipe.EvalArguments(model=str(tmp_path)))
-    assert loaded.format_prompt({"instruction": "hi", "input": "x"}) == "Q: hi (x)\nA: "
-    assert evaluate_recipe.load_template(evaluate_recipe.EvalArguments(model=str(tmp_path / "none"))).name == "alpaca"
+    assert load_template(str(tmp_path)).format_prompt({"instruction": "hi", "input": "x"}) == "Q: hi (x)\nA: "
+    assert load_template(str(tmp_path / "none")).name == "alpaca"
 
 
 def test_multiple_choice_from_the_recipe_before_and_after(tmp_path, chatty_model_dir, tiny_model_dir, capsys):

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed: pip install -e '.[test]'")
 
 from conftest import ROOT, SHARED_DATA  # noqa: E402
-from llama_server import MODEL_ALIAS, CountingProxy, LlamaServer  # noqa: E402
+from llama_server import MODEL_ALIAS, CountingProxy, LlamaServer, serve  # noqa: E402
 
 from sft_hf.evaluation.judge import (  # noqa: E402
     JudgeUnavailableError,
@@ -30,10 +30,8 @@ MAX_TOKENS = 16  # {"score": 85} is about 7 tokens; a judge that rambles is cut 
 
 
 @pytest.fixture(scope="session")
-def llama_server(tmp_path_factory):
-    server = LlamaServer(tmp_path_factory.mktemp("llama-server") / "server.log").start()
-    yield server
-    server.stop()
+def llama_server(request, tmp_path_factory):
+    yield from serve(request, tmp_path_factory.mktemp("llama-server"))  # a failing test says if the server died
 
 
 @pytest.fixture(scope="session")

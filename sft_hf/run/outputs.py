@@ -4,13 +4,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sft_hf.templates import Template
+from sft_hf.templates import TEMPLATES, Template, get_template
 
 TEMPLATE_FILE = "sft_template.json"
 
 
 def save_template(template: Template, output_dir: str) -> None:
     Path(output_dir, TEMPLATE_FILE).write_text(json.dumps(template.to_dict(), indent=2) + "\n")
+
+
+def load_template(model_dir: str | None, name: str | None = None) -> Template:
+    """The template to prompt a model with: `name` if given, else the one it was trained with (its
+    sft_template.json, a built-in one by name when it is unchanged), else alpaca."""
+    if name:
+        return get_template(name)
+    saved = Path(model_dir or "", TEMPLATE_FILE)
+    if model_dir and saved.is_file():
+        spec = json.loads(saved.read_text())
+        builtin = TEMPLATES.get(spec.get("name"))
+        return builtin if builtin is not None and builtin.to_dict() == spec else get_template(spec)
+    return get_template("alpaca")
 
 
 def logged_train_loss(log_history: list[dict]) -> float | None:
