@@ -10,6 +10,7 @@ COMMANDS = {
     "inspect": ("sft_hf.inspection.inspect", "show the first N examples token by token, as the collator feeds them"),
     "report": ("sft_hf.inspection.report", "dataset report: lengths, truncation, padding, trained tokens, duplicates"),
     "merge-lora": ("sft_hf.lora", "fold a LoRA adapter into its base model and save a full model"),
+    "arena": ("sft_hf.evaluation.arena.cli", "blind votes between two answers in the browser, Bradley-Terry ratings"),
     "launch": ("sft_hf.run.launch", "accelerate launch, ending a failed run with the script's error and exit code"),
 }
 

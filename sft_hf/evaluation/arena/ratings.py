@@ -1,0 +1,222 @@
+"""Bradley-Terry ratings from arena votes, computed as Chatbot Arena's leaderboard notebook does (`compute_mle_elo`),
+with bootstrap intervals, vote counts and the win-rate matrix.
+
+The model: P(i beats j) = 1 / (1 + 10 ** ((R_j - R_i) / 400)), so 400 points are odds of 10 to 1. The fit is the
+notebook's: a logistic regression without intercept or penalty on one row per pair of models that met, +ln 10 in
+one model's column and -ln 10 in the other's; a decisive vote weighs 2 for its winner, a tie 1 for each side (half
+a win each); "tie (bothbad)" counts as a tie, as Chatbot Arena counts it. Ratings are 400 · coefficient, shifted
+to a mean of 1000 (the notebook adds 1000 to a fit that lands on mean zero; here the shift is explicit).
+95 % intervals: the 2.5th and 97.5th percentiles over `rounds` refits on the votes resampled with replacement
+(seeded), as the notebook's `get_bootstrap_result`; the rating shown is the fit on all votes.
+
+No gradio here: `sft-hf arena --leaderboard` starts fast and the maths is testable alone.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+SCALE, BASE, MEAN_RATING = 400, 10, 1000  # Chatbot Arena's scale: 400 points per factor of 10 in the odds
+
+
+@dataclass
+class Standing:
+    model: str
+    rating: float
+    lower: float  # 95 % bootstrap interval
+    upper: float
+    votes: int
+    wins: int
+    losses: int
+    ties: int  # "tie" votes
+    bothbad: int  # "tie (bothbad)" votes, counted as ties in the rating
+
+
+@dataclass
+class Leaderboard:
+    standings: list[Standing]  # best first
+    num_votes: int
+    rounds: int
+    seed: int
+    warning: str | None = None  # why the ratings are not determined by the votes (see finite_ratings_problem)
+
+
+class Battles:
+    """The votes as counts: how often each (model_a, model_b, outcome) occurred (outcome 2: A won, 1: tie, 0: B
+    won)."""
+
+    def __init__(self, battles: list[dict]):
+        self.models = sorted({b[key] for b in battles for key in ("model_a", "model_b")})
+        index = {m: i for i, m in enumerate(self.models)}
+        outcome = {"model_a": 2, "model_b": 0, "tie": 1, "tie (bothbad)": 1}
+        rows = np.array([(index[b["model_a"]], index[b["model_b"]], outcome[b["winner"]]) for b in battles],
+                        dtype=np.int64).reshape(-1, 3)
+        self.cells, self.counts = np.unique(rows, axis=0, return_counts=True)
+        self.num_votes = len(battles)
+        self.pairs = sorted({tuple(sorted(c[:2])) for c in self.cells.tolist()})  # pairs of models that met
+
+    def win_weights(self, counts: np.ndarray) -> np.ndarray:
+        """W[i, j] = 2 · (votes i won against j) + (ties between i and j), whichever side each model was on."""
+        n = len(self.models)
+        weights = np.zeros((n, n))
+        a, b, outcome = self.cells.T
+        np.add.at(weights, (a, b), counts * outcome)  # A won: 2 for A, a tie: 1
+        np.add.at(weights, (b, a), counts * (2 - outcome))  # B won: 2 for B, a tie: 1
+        return weights
+
+
+def fit_bradley_terry(battles: Battles, counts: np.ndarray | None = None) -> np.ndarray:
+    """Ratings (mean 1000) of battles.models from the votes, or from `counts` votes per cell (a bootstrap sample)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    weights = battles.win_weights(battles.counts if counts is None else counts)
+    n = len(battles.models)
+    design, labels, sample_weight = [], [], []
+    for i, j in battles.pairs:
+        row = np.zeros(n)
+        row[i], row[j] = math.log(BASE), -math.log(BASE)
+        design += [row, row]
+        labels += [1, 0]  # i beat j, j beat i
+        sample_weight += [weights[i, j], weights[j, i]]
+    if not any(sample_weight):
+        return np.full(n, float(MEAN_RATING))
+    with warnings.catch_warnings():  # votes that fix no finite rating: finite_ratings_problem says so instead
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = LogisticRegression(fit_intercept=False, C=np.inf, tol=1e-6).fit(
+            np.array(design), np.array(labels), sample_weight=np.array(sample_weight))
+    ratings = SCALE * fit.coef_[0]
+    return ratings - ratings.mean() + MEAN_RATING
+
+
+def bootstrap_ratings(battles: Battles, rounds: int = 1000, seed: int = 0) -> tuple[np.ndarray, float]:
+    """(rounds, models) ratings refitted on the votes resampled with replacement (drawing num_votes votes from the
+    observed ones is drawing each cell's count from a multinomial), and the fraction of resamples whose ratings
+    the votes do not determine (see finite_ratings_problem)."""
+    rng = np.random.default_rng(seed)
+    samples = rng.multinomial(battles.num_votes, battles.counts / battles.counts.sum(), size=rounds)
+    ratings = np.array([fit_bradley_terry(battles, counts) for counts in samples]).reshape(rounds, len(battles.models))
+    undetermined = np.mean([not strongly_connected(battles.win_weights(counts)) for counts in samples])
+    return ratings, float(undetermined)
+
+
+def strongly_connected(beat: np.ndarray) -> bool:
+    """Whether every model reaches every other along "won or tied against" edges (beat[i, j] > 0)."""
+    def reaches_all(adjacency) -> bool:
+        seen, todo = {0}, [0]
+        while todo:
+            for j in np.flatnonzero(adjacency[todo.pop()]).tolist():
+                if j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+        return len(seen) == len(adjacency)
+
+    return reaches_all(beat > 0) and reaches_all(beat.T > 0)
+
+
+def finite_ratings_problem(battles: Battles) -> str | None:
+    """Why maximum likelihood gives no finite ratings, or None. They are finite exactly when every split of the
+    models into two groups has each group winning or tying against the other at least once (the graph "i won or
+    tied against j" is strongly connected); otherwise the fit stops at arbitrary, far-apart numbers."""
+    weights = battles.win_weights(battles.counts)
+    if strongly_connected(weights):
+        return None
+    won_all = [m for k, m in enumerate(battles.models) if not weights[:, k].any()]  # no loss, no tie
+    lost_all = [m for k, m in enumerate(battles.models) if not weights[k].any()]
+    details = "; ".join([f"won every vote: {', '.join(won_all)}"] * bool(won_all)
+                        + [f"lost every vote: {', '.join(lost_all)}"] * bool(lost_all)
+                        ) or "a group of models never won or tied against the others"
+    return f"ratings not determined by these votes ({details}): the fit stops at arbitrary, far-apart numbers; " \
+           "collect more votes"
+
+
+def compute_leaderboard(battles: list[dict], rounds: int = 1000, seed: int = 0) -> Leaderboard:
+    if not battles:
+        return Leaderboard([], 0, rounds, seed)
+    table = Battles(battles)
+    ratings = fit_bradley_terry(table)
+    samples, undetermined = bootstrap_ratings(table, rounds, seed) if rounds else (ratings[None, :], 0.0)
+    lower, upper = np.percentile(samples, [2.5, 97.5], axis=0)
+    standings = []
+    for k, model in enumerate(table.models):
+        mine = [b for b in battles if model in (b["model_a"], b["model_b"])]
+        wins = sum(b.get(b["winner"]) == model for b in mine)  # winner "model_a": b["model_a"] won
+        ties = sum(b["winner"] == "tie" for b in mine)
+        bothbad = sum(b["winner"] == "tie (bothbad)" for b in mine)
+        standings.append(Standing(model, float(ratings[k]), float(lower[k]), float(upper[k]), len(mine), wins,
+                                  len(mine) - wins - ties - bothbad, ties, bothbad))
+    standings.sort(key=lambda s: (-s.rating, s.model))
+    warning = finite_ratings_problem(table)
+    if warning is None and undetermined > 0.025:  # more than the 2.5 % each end of the interval leaves out
+        warning = (f"in {undetermined:.0%} of the bootstrap resamples a model (or a group of models) won or lost every "
+                   "vote it had, so those refits have no finite ratings: the far ends of the 95% intervals are "
+                   "arbitrary; collect more votes")
+    return Leaderboard(standings, len(battles), rounds, seed, warning)
+
+
+def win_rate_matrix(battles: list[dict], models: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction, decisive): fraction[i, j] of the decisive votes between models i and j that i won, decisive[i, j]
+    how many there were. Ties are left out, as in Chatbot Arena's win-fraction plot ("non-tied battles"); NaN
+    where two models never had a decisive vote."""
+    index = {m: i for i, m in enumerate(models)}
+    wins = np.zeros((len(models),) * 2, dtype=int)
+    for b in battles:
+        if b["winner"] in ("model_a", "model_b"):
+            loser = "model_b" if b["winner"] == "model_a" else "model_a"
+            wins[index[b[b["winner"]]], index[b[loser]]] += 1
+    decisive = wins + wins.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(decisive > 0, wins / decisive, np.nan), decisive
+
+
+def plot_win_rates(battles: list[dict], models: list[str], path) -> str:
+    """The win-rate matrix as a PNG (a path or a binary file): the row model's share of the decisive votes against
+    the column model.
+    matplotlib's Figure, not pyplot: no global state, so the page's handler threads cannot mix two plots."""
+    from matplotlib.figure import Figure
+
+    fraction, decisive = win_rate_matrix(battles, models)
+    size = 2.5 + 0.9 * len(models)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
+    image = ax.imshow(fraction, cmap="RdBu", vmin=0, vmax=1)
+    for i in range(len(models)):
+        for j in range(len(models)):
+            if decisive[i, j]:
+                wins = round(fraction[i, j] * decisive[i, j])
+                ax.text(j, i, f"{fraction[i, j]:.2f}\n{wins} of {decisive[i, j]}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(fraction[i, j] - 0.5) > 0.3 else "black")
+    ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("against (column)")
+    ax.set_ylabel("model (row)")
+    ax.set_title("Row model's wins among decisive votes (ties left out)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return str(path)
+
+
+def format_leaderboard(board: Leaderboard, source: str = "") -> str:
+    """The leaderboard as text for the terminal (`sft-hf arena --leaderboard`)."""
+    if not board.standings:
+        return f"No votes yet{f' in {source}' if source else ''}."
+    ties = sum(s.ties for s in board.standings) // 2
+    bothbad = sum(s.bothbad for s in board.standings) // 2
+    lines = [f"Arena leaderboard: {board.num_votes} votes{f' from {source}' if source else ''} "
+             f"({ties} ties, {bothbad} both bad)",
+             f"Bradley-Terry ratings (400 points = 10:1 odds, mean 1000), 95% intervals from {board.rounds} "
+             f"bootstrap resamples (seed {board.seed})"]
+    width = max(5, *(len(s.model) for s in board.standings))
+    lines.append(f"{'rank':>4}  {'model':<{width}}  {'rating':>6}  {'95% interval':>13}  {'votes':>5}  {'wins':>4}  "
+                 f"{'losses':>6}  {'ties':>4}  {'both bad':>8}")
+    for rank, s in enumerate(board.standings, 1):
+        interval = f"{s.lower:.0f} to {s.upper:.0f}"
+        lines.append(f"{rank:>4}  {s.model:<{width}}  {s.rating:>6.0f}  {interval:>13}  {s.votes:>5}  {s.wins:>4}  "
+                     f"{s.losses:>6}  {s.ties:>4}  {s.bothbad:>8}")
+    if board.warning:
+        lines.append(f"warning: {board.warning}")
+    return "\n".join(lines)

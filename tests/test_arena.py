@@ -1,0 +1,483 @@
+"""`sft-hf arena` without a browser: Bradley-Terry ratings and their intervals, the SQLite vote store under
+concurrency, replays and SIGKILL, the JSONL export, the command line, joining response files, battles, and live
+battles (a fake OpenAI-compatible server, tiny local models) through the page's own event handlers."""
+import json
+import math
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from arena_helpers import EVAL_EXAMPLE_DATA, ROOT, write_response_files
+from eval_helpers import FakeJudgeServer, _chatty_model_dir
+from sft_hf.errors import DataError, RecipeError
+from sft_hf.evaluation.arena.battles import BattleDeck, ResponseColumn, load_response_columns
+from sft_hf.evaluation.arena.ratings import Battles, compute_leaderboard, fit_bradley_terry, win_rate_matrix
+from sft_hf.evaluation.arena.votes import WINNERS, Vote, VoteStore, export_jsonl, read_battles
+
+SHARED_FIXTURES = (_chatty_model_dir,)  # registers the fixture chatty_model_dir (a tiny model that answers variously)
+
+
+def battle(a, b, winner):
+    return {"model_a": a, "model_b": b, "winner": winner}
+
+
+def simulate(true: dict[str, float], n: int, rng: random.Random) -> list[dict]:
+    """Decisive votes between random pairs, drawn from the Bradley-Terry model with ratings `true`."""
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(list(true), 2)
+        p_a = 1 / (1 + 10 ** ((true[b] - true[a]) / 400))
+        out.append(battle(a, b, "model_a" if rng.random() < p_a else "model_b"))
+    return out
+
+
+def ratings_of(battles) -> dict[str, float]:
+    table = Battles(battles)
+    return dict(zip(table.models, fit_bradley_terry(table)))
+
+
+# ---------------------------------------------------------------------------------------------- ratings
+
+def test_bradley_terry_recovers_known_strengths():
+    true = {"a": 1200.0, "b": 1100.0, "c": 1000.0, "d": 900.0, "e": 800.0}  # mean 1000, as the fit is anchored
+    fitted = ratings_of(simulate(true, 6000, random.Random(0)))
+    assert sorted(fitted, key=fitted.get, reverse=True) == list(true)
+    assert abs(np.mean(list(fitted.values())) - 1000) < 1e-6
+    for model in true:
+        assert abs(fitted[model] - true[model]) < 20, (model, fitted[model])
+    assert abs((fitted["a"] - fitted["e"]) - 400) < 25
+
+
+def test_scale_ten_to_one_is_400_points_and_ties_are_half_wins():
+    ten_to_one = [battle("x", "y", "model_a")] * 6 + [battle("y", "x", "model_b")] * 4 + [battle("y", "x", "model_a")]
+    r = ratings_of(ten_to_one)
+    assert r["x"] == pytest.approx(1200, abs=0.5) and r["y"] == pytest.approx(800, abs=0.5)
+    # one win and two ties weigh as two wins and one loss: 2:1 odds, 400·log10(2) = 120.4 points
+    with_ties = ratings_of([battle("x", "y", "model_a"), battle("x", "y", "tie"), battle("x", "y", "tie (bothbad)")])
+    two_to_one = ratings_of([battle("x", "y", "model_a")] * 2 + [battle("x", "y", "model_b")])
+    assert with_ties["x"] - with_ties["y"] == pytest.approx(400 * math.log10(2), abs=0.5)
+    assert with_ties == pytest.approx(two_to_one, abs=0.5)
+
+
+def test_matches_an_independent_bradley_terry_fit():
+    """Zermelo's iteration (Hunter 2004's MM algorithm), ties as half a win, against the logistic regression."""
+    rng = random.Random(1)
+    battles = simulate({"a": 1150, "b": 1050, "c": 1000, "d": 800}, 800, rng)
+    battles += [battle(*rng.sample("abcd", 2), rng.choice(["tie", "tie (bothbad)"])) for _ in range(150)]
+    models = sorted("abcd")
+    wins = {m: 0.0 for m in models}
+    games = {(i, j): 0 for i in models for j in models}
+    for b in battles:
+        games[b["model_a"], b["model_b"]] += 1
+        games[b["model_b"], b["model_a"]] += 1
+        if b["winner"] in ("tie", "tie (bothbad)"):
+            wins[b["model_a"]] += 0.5
+            wins[b["model_b"]] += 0.5
+        else:
+            wins[b[b["winner"]]] += 1
+    strength = {m: 1.0 for m in models}
+    for _ in range(2000):
+        strength = {i: wins[i] / sum(games[i, j] / (strength[i] + strength[j]) for j in models if j != i)
+                    for i in models}
+    logs = {m: 400 * math.log10(s) for m, s in strength.items()}
+    mm = {m: v - np.mean(list(logs.values())) + 1000 for m, v in logs.items()}
+    assert ratings_of(battles) == pytest.approx(mm, abs=0.5)
+
+
+def test_bootstrap_intervals_cover_the_truth_and_match_the_standard_error():
+    """Over 12 simulated arenas the 95 % intervals hold the true rating about 95 % of the time (36 intervals: 8 or
+    more misses has a chance below 0.2 %), and are as wide as the asymptotic standard error (Fisher information of
+    the Bradley-Terry likelihood) says."""
+    true = {"a": 1100.0, "b": 1000.0, "c": 900.0}
+    covered, width_ratios = [], []
+    for seed in range(12):
+        battles = simulate(true, 300, random.Random(100 + seed))
+        board = compute_leaderboard(battles, rounds=100, seed=seed)
+        table = Battles(battles)
+        # covariance of the mean-zero ratings: pseudo-inverse of the Fisher information, in rating points
+        index = {m: k for k, m in enumerate(table.models)}
+        info = np.zeros((3, 3))
+        c = math.log(10) / 400
+        for b in battles:
+            d = np.zeros(3)
+            d[index[b["model_a"]]], d[index[b["model_b"]]] = c, -c
+            p = 1 / (1 + 10 ** ((true[b["model_b"]] - true[b["model_a"]]) / 400))
+            info += p * (1 - p) * np.outer(d, d)
+        se = np.sqrt(np.diag(np.linalg.pinv(info)))
+        for s in board.standings:
+            covered.append(s.lower <= true[s.model] <= s.upper)
+            width_ratios.append((s.upper - s.lower) / (2 * 1.96 * se[index[s.model]]))
+        assert board.warning is None
+    assert sum(covered) >= 29, sum(covered)
+    assert 0.75 < np.mean(width_ratios) < 1.25, np.mean(width_ratios)
+
+
+def test_bootstrap_is_seeded():
+    battles = simulate({"a": 1050, "b": 950}, 100, random.Random(3))
+    first, again = compute_leaderboard(battles, 50, seed=7), compute_leaderboard(battles, 50, seed=7)
+    other = compute_leaderboard(battles, 50, seed=8)
+    assert [(s.lower, s.upper) for s in first.standings] == [(s.lower, s.upper) for s in again.standings]
+    assert [(s.lower, s.upper) for s in first.standings] != [(s.lower, s.upper) for s in other.standings]
+
+
+def test_undetermined_ratings_are_flagged():
+    board = compute_leaderboard([battle("x", "y", "model_a")] * 3 + [battle("y", "z", "tie")], rounds=20)
+    assert board.warning and "won every vote: x" in board.warning and "lost every vote" not in board.warning
+    few = compute_leaderboard([battle("x", "y", "model_a")] * 4 + [battle("x", "y", "model_b")], rounds=100)
+    assert few.warning and "bootstrap resamples" in few.warning  # the fit exists; a third of the resamples not
+    fine = compute_leaderboard([battle("x", "y", "model_a")] * 30 + [battle("x", "y", "model_b")] * 20, rounds=100)
+    assert fine.warning is None
+
+
+def test_counts_and_win_rate_matrix():
+    battles = [battle("x", "y", "model_a"), battle("y", "x", "model_a"), battle("x", "y", "tie"),
+               battle("x", "z", "tie (bothbad)"), battle("z", "y", "model_b")]
+    board = {s.model: s for s in compute_leaderboard(battles, rounds=10).standings}
+    x = board["x"]
+    assert (x.votes, x.wins, x.losses, x.ties, x.bothbad) == (4, 1, 1, 1, 1)
+    assert (board["y"].votes, board["y"].wins, board["y"].losses) == (4, 2, 1)
+    fraction, decisive = win_rate_matrix(battles, ["x", "y", "z"])
+    assert decisive.tolist() == [[0, 2, 0], [2, 0, 1], [0, 1, 0]]  # ties left out, as Chatbot Arena's plot
+    assert fraction[0, 1] == 0.5 and fraction[1, 0] == 0.5
+    assert fraction[1, 2] == 1.0 and fraction[2, 1] == 0.0 and math.isnan(fraction[0, 2]) and math.isnan(fraction[0, 0])
+
+
+# ---------------------------------------------------------------------------------------------- votes
+
+def make_vote(battle_id, winner="model_a", a="x", b="y"):
+    return Vote(battle_id, a, b, winner, "Sort 3 1 2", "1 2 3", "3 2 1")
+
+
+def test_twenty_voters_at_once_are_all_counted(tmp_path):
+    store = VoteStore(tmp_path / "votes.sqlite")
+    start = threading.Barrier(20)
+    results, errors = [], []
+
+    def voter(k):
+        try:
+            start.wait()
+            results.append(VoteStore(store.path).add(make_vote(f"battle-{k}", WINNERS[k % 4])))
+        except Exception as e:  # noqa: BLE001 - counted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=voter, args=(k,)) for k in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and all(inserted for inserted, _ in results)
+    assert store.count() == 20
+    assert sorted(v.battle_id for v in store.votes()) == sorted(f"battle-{k}" for k in range(20))
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_replayed_vote_counts_once(tmp_path):
+    store = VoteStore(tmp_path / "votes.sqlite")
+    assert store.add(make_vote("b1", "model_b")) == (True, "model_b")
+    assert store.add(make_vote("b1", "model_b")) == (False, "model_b")  # the same request again
+    assert store.add(make_vote("b1", "tie")) == (False, "model_b")  # a second click on another button
+    start = threading.Barrier(20)
+    results = []
+
+    def replay(k):
+        start.wait()
+        results.append(store.add(make_vote("b2", WINNERS[k % 4])))
+
+    threads = [threading.Thread(target=replay, args=(k,)) for k in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(inserted for inserted, _ in results) == 1 and len({winner for _, winner in results}) == 1
+    assert store.count() == 2
+
+
+VOTER_SCRIPT = """
+import sys
+from sft_hf.evaluation.arena.votes import Vote, VoteStore
+store = VoteStore(sys.argv[1])
+for k in range(1_000_000):
+    store.add(Vote(f"battle-{k}", "x", "y", "model_a", "q" * 500, "a" * 2000, "b" * 2000))
+    print(f"battle-{k}", flush=True)  # acknowledged: the voter would now see the names
+"""
+
+
+def test_sigkill_while_voting_loses_no_acknowledged_vote(tmp_path):
+    path = tmp_path / "votes.sqlite"
+    for trial in range(3):
+        voter = subprocess.Popen([sys.executable, "-c", VOTER_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True,
+                                 cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        acknowledged = []
+        for line in voter.stdout:
+            acknowledged.append(line.strip())
+            if len(acknowledged) >= 40 + 7 * trial:  # killed at a different point of the loop each time
+                break
+        os.kill(voter.pid, signal.SIGKILL)
+        voter.wait()
+        voter.stdout.close()
+        assert voter.returncode == -signal.SIGKILL
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {v.battle_id for v in VoteStore(path).votes()}
+        assert set(acknowledged) <= stored  # every vote the voter was told about, after each kill
+    assert len(stored) >= 40  # ids restart at battle-0: the replays of later runs were ignored, not added
+
+
+def test_export_jsonl_in_chatbot_arena_form(tmp_path):
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add(Vote("b1", "base", "tuned", "model_b", "Sort", "3 1 2", "3 1 2", input="3 1 2", voter="alice"))
+    store.add(Vote("b2", "tuned", "base", "tie (bothbad)", "Name a color", "blue", "sky", source="live"))
+    assert export_jsonl(store, tmp_path / "votes.jsonl") == 2
+    lines = [json.loads(line) for line in (tmp_path / "votes.jsonl").read_text().splitlines()]
+    first = lines[0]
+    assert {k: first[k] for k in ("question_id", "model_a", "model_b", "winner", "judge", "turn", "anony")} == \
+        {"question_id": "b1", "model_a": "base", "model_b": "tuned", "winner": "model_b", "judge": "alice", "turn": 1,
+         "anony": True}
+    assert first["conversation_a"] == [{"role": "user", "content": "Sort\n\n3 1 2"},
+                                       {"role": "assistant", "content": "3 1 2"}]
+    assert first["conversation_b"][1] == {"role": "assistant", "content": "3 1 2"}
+    assert isinstance(first["tstamp"], float) and first["tstamp"] > 1.7e9
+    assert lines[1]["winner"] == "tie (bothbad)" and lines[1]["judge"] == "anonymous" and lines[1]["source"] == "live"
+    assert read_battles(tmp_path / "votes.jsonl") == lines == read_battles(store.path)
+
+
+def test_bad_votes_files_are_one_line_errors(tmp_path):
+    with pytest.raises(RecipeError, match="no such votes file"):
+        read_battles(tmp_path / "missing.sqlite")
+    (tmp_path / "junk.sqlite").write_text("not a database, just text " * 100)
+    with pytest.raises(DataError, match="not a votes database"):
+        read_battles(tmp_path / "junk.sqlite")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(battle("x", "y", "model_a")) + "\n"
+                                        + json.dumps(battle("x", "y", "left")) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2, field 'winner': 'left'"):
+        read_battles(tmp_path / "bad.jsonl")
+    (tmp_path / "battles.json").write_text(json.dumps([battle("x", "y", "tie"), {"model_a": "x", "winner": "tie"}]))
+    with pytest.raises(DataError, match=r"battles.json: record 1, field 'model_b': missing or not text"):
+        read_battles(tmp_path / "battles.json")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def test_cli_leaderboard_and_export(tmp_path, capsys):
+    from sft_hf.cli import main
+
+    store = VoteStore(tmp_path / "votes.sqlite")
+    votes = simulate({"tuned": 1100, "base": 950, "other": 950}, 120, random.Random(5))
+    for k, b in enumerate(votes):
+        store.add(Vote(f"b{k}", b["model_a"], b["model_b"], b["winner"], "q", "a", "b"))
+    store.add(Vote("tie-1", "base", "tuned", "tie", "q", "a", "b"))
+    assert main(["arena", "--leaderboard", str(store.path), "--bootstrap_rounds", "100",
+                 "--plot", str(tmp_path / "w.png")]) == 0
+    out = capsys.readouterr().out
+    board = compute_leaderboard(read_battles(store.path), 100, 0)
+    assert out.splitlines()[0] == f"Arena leaderboard: 121 votes from {store.path} (1 ties, 0 both bad)"
+    assert "400 points = 10:1 odds, mean 1000" in out and "100 bootstrap resamples (seed 0)" in out
+    for rank, s in enumerate(board.standings, 1):
+        row = f"{rank:>4}  {s.model:<5}  {s.rating:>6.0f}  {f'{s.lower:.0f} to {s.upper:.0f}':>13}  {s.votes:>5}  " \
+              f"{s.wins:>4}  {s.losses:>6}  {s.ties:>4}  {s.bothbad:>8}"
+        assert row in out.splitlines(), (row, out)
+    assert board.standings[0].model == "tuned"
+    assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["arena", "--votes", str(store.path), "--export", str(tmp_path / "v.jsonl")]) == 0
+    assert f"Exported 121 votes from {store.path}" in capsys.readouterr().out
+    assert main(["arena", "--leaderboard", str(tmp_path / "v.jsonl"), "--bootstrap_rounds", "100"]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == out.splitlines()[2:-1]  # the same table from the export
+
+    assert main(["arena", "--leaderboard", str(tmp_path / "none.sqlite")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'none.sqlite'}: no such votes file (written by `sft-hf arena --votes "
+        f"{tmp_path / 'none.sqlite'}`)"]
+    assert main(["arena", "--votes", str(tmp_path / "v.sqlite")]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+
+
+def test_cli_leaderboard_imports_neither_gradio_nor_torch(tmp_path):
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add(make_vote("b1"))
+    code = ("import sys; from sft_hf.cli import main; "
+            "code = main(['arena', '--leaderboard', sys.argv[1], '--bootstrap_rounds', '5']); "
+            "assert not {'gradio', 'torch'} & set(sys.modules), 'gradio or torch imported'; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, str(store.path)], capture_output=True, text=True,
+                          cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Arena leaderboard: 1 votes" in done.stdout and "won every vote: x" in done.stdout
+
+
+def test_login_comes_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    from sft_hf.evaluation.arena.cli import parse_args, read_auth
+
+    defaults = parse_args(["--responses", "a=x.json", "b=y.json"])
+    assert (defaults.host, defaults.share, read_auth(defaults)) == ("127.0.0.1", False, None)
+    monkeypatch.setenv("ARENA_LOGIN", "alice:s3cret:with:colons")
+    assert read_auth(parse_args(["--auth_env", "ARENA_LOGIN"])) == [("alice", "s3cret:with:colons")]
+    logins = tmp_path / "logins"
+    logins.write_text("# voters\nalice:one\nbob:two\n")
+    logins.chmod(0o644)
+    assert read_auth(parse_args(["--auth_file", str(logins)])) == [("alice", "one"), ("bob", "two")]
+    assert "readable by other users" in capsys.readouterr().err
+    logins.write_text("alice\n")
+    with pytest.raises(RecipeError, match="line 1: expected user:password"):
+        read_auth(parse_args(["--auth_file", str(logins)]))
+    with pytest.raises(RecipeError, match="not set"):
+        read_auth(parse_args(["--auth_env", "NO_SUCH_VARIABLE_HERE"]))
+
+
+# ---------------------------------------------------------------------------------------------- response files
+
+def test_join_by_instruction_and_input_and_named_columns(tmp_path):
+    specs = write_response_files(tmp_path, ("first", "second"), n=5)  # the second file in reverse order
+    prompts = load_response_columns([ResponseColumn.parse(s) for s in specs])
+    assert len(prompts) == 5
+    for p in prompts:
+        i = p.instruction.split()[2]
+        assert p.responses == {"first": f"First system's answer to prompt {i}.",
+                               "second": f"Second system's answer to prompt {i}."}
+    columns = [ResponseColumn.parse(f"{EVAL_EXAMPLE_DATA}:model 1 response"),
+               ResponseColumn.parse(f"m2={EVAL_EXAMPLE_DATA}:model 2 response")]
+    assert [c.name for c in columns] == ["model 1 response", "m2"]
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "test_responses.json").write_text("[]")
+    assert ResponseColumn.parse(str(tmp_path / "tuned" / "test_responses.json")).name == "tuned"  # evaluate.py's
+    chapter7 = load_response_columns(columns)
+    records = json.loads(EVAL_EXAMPLE_DATA.read_text())
+    assert len(chapter7) == len(records) == 100
+    assert chapter7[0].responses == {"model 1 response": records[0]["model 1 response"],
+                                     "m2": records[0]["model 2 response"]}
+
+
+def test_unmatched_records_are_named(tmp_path):
+    a, b = write_response_files(tmp_path, ("base", "tuned"), n=5)
+    path = tmp_path / "responses_1.json"
+    records = json.loads(path.read_text())
+    records[1]["input"] = "The dog chased mouse 3."  # record 1 of tuned's file: a prompt base never saw
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError) as error:
+        load_response_columns([ResponseColumn.parse(a), ResponseColumn.parse(b)])
+    message = str(error.value)
+    assert "1 record(s) of base=" in message and "record 3 (instruction 'Rewrite sentence 3 in the passive " \
+        "voice.', input 'The cat chased mouse 3.')" in message
+    assert "1 record(s) of tuned=" in message and "record 1 (instruction 'Rewrite sentence 3 in the passive " \
+        "voice.', input 'The dog chased mouse 3.')" in message
+    assert "\n" not in message
+    records[1]["model_response"] = 7
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"responses_1.json: record 1, field 'model_response': missing or not text"):
+        load_response_columns([ResponseColumn.parse(a), ResponseColumn.parse(b)])
+    with pytest.raises(RecipeError, match="no such file"):
+        ResponseColumn.parse(f"x={tmp_path}/nope.json:model_response")
+    with pytest.raises(RecipeError, match="given twice"):
+        load_response_columns([ResponseColumn.parse(a), ResponseColumn.parse(a)])
+
+
+def test_deck_covers_every_prompt_and_pair_with_random_sides(tmp_path):
+    columns = [ResponseColumn.parse(s) for s in write_response_files(tmp_path, ("p", "q"), n=6)]
+    prompts = load_response_columns(columns)
+    prompts = [type(p)(p.instruction, p.input, {**p.responses, "r": "third"}) for p in prompts]
+    deck = BattleDeck(prompts, ["p", "q", "r"], random.Random(0))
+    battles = [deck.draw() for _ in range(18)]  # 6 prompts × 3 pairs: one full pass
+    assert len({(b.instruction, frozenset((b.model_a, b.model_b))) for b in battles}) == 18
+    assert len({b.battle_id for b in battles}) == 18
+    assert all(b.response_a == next(p for p in prompts if p.instruction == b.instruction).responses[b.model_a]
+               for b in battles)
+    lefts = [b.model_a for b in battles + [deck.draw() for _ in range(180)]]
+    assert all(40 <= lefts.count(m) <= 92 for m in "pqr"), [lefts.count(m) for m in "pqr"]  # 66 expected
+    again = BattleDeck(prompts, ["p", "q", "r"], random.Random(0))
+    assert [(b.instruction, b.model_a, b.model_b) for b in battles] == \
+        [(b.instruction, b.model_a, b.model_b) for b in (again.draw() for _ in range(18))]
+
+
+# ---------------------------------------------------------------------------------------------- the page's handlers
+
+def handler(demo, name):
+    """The function an event of the page runs, by its name (as the browser would trigger it)."""
+    return next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+def visible(fn, outputs) -> str:
+    """What the browser receives from an event: every output but the server-side gr.State."""
+    import gradio as gr
+
+    return repr([value for block, value in zip(fn.outputs, outputs) if not isinstance(block, gr.State)])
+
+
+def test_live_battle_with_openai_servers_through_the_page(tmp_path):
+    pytest.importorskip("gradio")
+    from sft_hf.evaluation.arena.app import Arena, build_app
+    from sft_hf.evaluation.arena.battles import ServerModel
+
+    with FakeJudgeServer(lambda prompt: f"Answer one: {prompt[::-1]}") as one, \
+            FakeJudgeServer(lambda prompt: f"Answer two: {prompt.upper()}") as two:
+        models = [ServerModel.parse(f"falcon-x1=model-one@{one.url}/v1", max_tokens=32),
+                  ServerModel.parse(f"osprey-y2=model-two@{two.url}/v1", max_tokens=32)]
+        arena = Arena(VoteStore(tmp_path / "votes.sqlite"), live_models=models, rng=random.Random(0),
+                      bootstrap_rounds=20)
+        demo = build_app(arena)
+        assert all(d["api_visibility"] == "private" for d in demo.config["dependencies"])
+        assert demo.get_api_info()["named_endpoints"] == {}
+        ask = handler(demo, "ask_both")
+        sides = set()
+        for k in range(6):
+            outputs = ask.fn(f"Name {k} colours")
+            state, seen = outputs[0], visible(ask, outputs)
+            assert "falcon-x1" not in seen and "osprey-y2" not in seen and "model-one" not in seen
+            assert f"Name {k} colours" in seen
+            expected = {"falcon-x1": f"Answer one: {f'Name {k} colours'[::-1]}",
+                        "osprey-y2": f"Answer two: NAME {k} COLOURS"}
+            assert (state.response_a, state.response_b) == (expected[state.model_a], expected[state.model_b])
+            assert outputs[2:4] == [state.response_a, state.response_b]  # Model A's box holds model_a's answer
+            sides.add(state.model_a)
+            vote = handler(demo, "vote")  # the first vote button: A is better
+            revealed = vote.fn(state, SimpleNamespace(username="carol"))[0]
+            assert f"Model A: `{state.model_a}` · Model B: `{state.model_b}`" in revealed
+        assert sides == {"falcon-x1", "osprey-y2"}  # both sides drawn
+        assert one.requests[0]["payload"]["max_tokens"] == 32 and one.requests[0]["payload"]["temperature"] == 0
+        stored = arena.store.votes()
+        assert len(stored) == 6 and {v.source for v in stored} == {"live"} and {v.voter for v in stored} == {"carol"}
+        assert all(v.winner == "model_a" for v in stored)
+        board_text, png = handler(demo, "leaderboard").fn()
+        assert "| 1 | `" in board_text and png.size[0] > 200  # the win-rate plot, a PIL image
+
+    with FakeJudgeServer(lambda prompt: "fine", fail=lambda prompt, attempt: 500) as broken, \
+            FakeJudgeServer(lambda prompt: "fine") as working:
+        arena.live_models = [ServerModel.parse(f"falcon-x1=m@{broken.url}/v1"),
+                             ServerModel.parse(f"osprey-y2=m@{working.url}/v1")]
+        with pytest.warns(UserWarning) as warned:  # gr.Warning outside a page: a Python warning
+            outputs = handler(demo, "ask_both").fn("Hello")
+        message = str(warned[0].message)
+        assert "1 of the two models failed" in message and "falcon" not in message and broken.url not in message
+        assert all(o == {"__type__": "update"} for o in outputs)  # gr.skip(): the page keeps what it shows
+    assert arena.store.count() == 6
+
+
+def test_live_battle_with_local_models(tmp_path, tiny_model_dir, chatty_model_dir):
+    pytest.importorskip("gradio")
+    from sft_hf.evaluation.arena.app import Arena, build_app
+    from sft_hf.evaluation.arena.battles import LocalModel
+    from sft_hf.evaluation.generation import generate_responses
+    from sft_hf.templates import get_template
+
+    folders = {"lark": tiny_model_dir, "wren": chatty_model_dir}  # two tiny Llamas that answer differently
+    models = [LocalModel(name, folder, max_new_tokens=6).load() for name, folder in folders.items()]
+    arena = Arena(VoteStore(tmp_path / "votes.sqlite"), live_models=models, rng=random.Random(1))
+    demo = build_app(arena)
+    ask = handler(demo, "ask_both")
+    prompt = "What is the largest number? 3 9 4"
+    outputs = ask.fn(prompt)
+    state = outputs[0]
+    own = {m.name: generate_responses(m.model, m.tokenizer, [{"instruction": prompt, "input": ""}],
+                                      get_template("alpaca"), 6, show_progress=False)[0] for m in models}
+    assert (state.response_a, state.response_b) == (own[state.model_a], own[state.model_b])
+    assert own["lark"] != own["wren"]  # two different models, or the sides could not be checked
+    assert "lark" not in visible(ask, outputs) and "wren" not in visible(ask, outputs)
+    with pytest.warns(UserWarning, match="Type an instruction"):
+        ask.fn("   ")
