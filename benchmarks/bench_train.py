@@ -74,6 +74,10 @@ ABLATIONS = {
     "sft-hf default - logits only where trained": dict(kind="ours", flags=["--logits_where_trained", "false"]),
     "sft-hf default - tcmalloc (glibc malloc)": dict(kind="ours", flags=[], system_malloc=True),
     "sft-hf padded (eager attention)": dict(kind="ours", flags=["--attn_implementation", "eager"]),
+    # issue 25's levers, one at a time (in-process only: `patches` are applied in the child)
+    "sft-hf default - fused cross-entropy": dict(kind="ours", flags=["--fused_cross_entropy", "false"]),
+    "sft-hf default - matmul attention (SDPA flash)": dict(kind="ours", flags=[], patches=["flash_attention"]),
+    "sft-hf default - sparse embedding gradient": dict(kind="ours", flags=[], patches=["dense_embedding_gradient"]),
     # with the stock (MKL) linears: dynamo then has no custom autograd function to trace
     "sft-hf padded (length-grouped) + torch.compile": dict(kind="ours", flags=PADDED + ["--torch_compile", "true"]),
 }
@@ -81,7 +85,12 @@ ABLATIONS = {
 # --allow-emulated-bf16: 50× slower matmuls) and the GPU's best.
 BF16_CONTENDERS = {
     "sft-hf fp32": dict(kind="ours", flags=["--precision", "fp32"]),
-    "sft-hf bf16": dict(kind="ours", flags=["--precision", "bf16"], bf16=True),
+    "sft-hf bf16": dict(kind="ours", flags=["--precision", "bf16"], bf16=True),  # bf16 weights, fp32 masters on CPU
+    "sft-hf bf16 autocast": dict(kind="ours", flags=["--precision", "bf16-autocast"], bf16=True),
+    # the sft-hf default of 2026-12-01 on such a CPU: bf16 autocast, SDPA's flash kernel, the stock head and loss
+    "sft-hf bf16 autocast, no issue-25 levers": dict(
+        kind="ours", flags=["--precision", "bf16-autocast", "--fused_cross_entropy", "false"],
+        patches=["flash_attention", "dense_embedding_gradient"], bf16=True),
     "TRL bf16 autocast padding_free (no checkpointing)": dict(
         kind="trl", config=dict(bf16=True, gradient_checkpointing=False, padding_free=True, max_length=None),
         bf16=True),
@@ -95,8 +104,9 @@ ALL_CONTENDERS = {**CONTENDERS, **BF16_CONTENDERS, **ABLATIONS}
 # The default contenders of the real-model workloads: TRL's candidates for its best on a CPU (bf16 autocast without
 # checkpointing, padding_free) and on a GPU (the same with flash-attention), its defaults, sft-hf default/fp32/bf16.
 REAL_MODEL_CONTENDERS = {
-    "cpu": ["sft-hf default", "sft-hf default · accelerate launch", "sft-hf fp32", "sft-hf bf16", "TRL bf16 autocast padding_free (no checkpointing)",
-            "TRL defaults (bf16 autocast + grad checkpointing)", "TRL fp32 padding_free"],
+    "cpu": ["sft-hf default", "sft-hf default · accelerate launch", "sft-hf fp32", "sft-hf bf16 autocast",
+            "TRL bf16 autocast padding_free (no checkpointing)", "TRL defaults (bf16 autocast + grad checkpointing)",
+            "TRL fp32 padding_free"],
     "cuda": ["sft-hf default", "sft-hf flash-attention", "TRL bf16 padding_free flash-attention",
              "TRL bf16 autocast padding_free (no checkpointing)", "TRL defaults (bf16 autocast + grad checkpointing)"],
 }
@@ -227,6 +237,21 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def apply_patches(patches: list[str]) -> None:
+    """Turn a lever off inside this child process (ablations that have no recipe flag)."""
+    for patch in patches:
+        if patch == "flash_attention":  # SDPA for every example length, as before the matmul path
+            from sft_hf.speed import varlen_attention
+
+            varlen_attention.MATMUL_ATTENTION_MAX_LENGTH = 0
+        elif patch == "dense_embedding_gradient":  # the tied embedding's gradient dense, zero-filled and added
+            import sft_hf.trainer
+
+            sft_hf.trainer.sparse_tied_embedding_gradient = lambda model: False
+        else:
+            raise ValueError(f"unknown patch {patch!r}")
+
+
 def run_one(name: str, workload: str, fraction: float, threads: int | None) -> dict:
     import datasets
     import torch
@@ -240,6 +265,7 @@ def run_one(name: str, workload: str, fraction: float, threads: int | None) -> d
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_warning()
     contender = ALL_CONTENDERS[name]
+    apply_patches(contender.get("patches", []))
     model_dir = build_workload(workload)
     n_records = len(_records(fraction))
     with tempfile.TemporaryDirectory() as output_dir:

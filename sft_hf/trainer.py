@@ -22,6 +22,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from sft_hf.run.checkpoints import RECIPE_FILE, mark_complete, rotate_checkpoints, unmark
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, has_varlen_attention, resolve_pad_token_id
 from sft_hf.run.config import save_recipe
+from sft_hf.speed import master_weights
+from sft_hf.speed.linear_cross_entropy import fused_head, linear_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,34 @@ def describe_batching(args, collator, model) -> str:
     return f"padded batches in {sampling} order (train_sampling_strategy=group_by_length would cut the padding)"
 
 
+def master_weights_unsupported(model, args) -> str | None:
+    """Why bf16 weights with fp32 masters (speed/master_weights.py) cannot train this run, or None: it replaces
+    AdamW for full fine-tuning in one process or under DDP; LoRA, FSDP, DeepSpeed and other optimizers keep autocast,
+    and so does gradient accumulation (bf16 gradients would be summed in bf16)."""
+    if hasattr(model, "peft_config"):
+        return "LoRA adapters train under autocast"
+    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+        return "FSDP and DeepSpeed bring their own mixed precision"
+    if str(getattr(args.optim, "value", args.optim)) not in ("adamw_torch", "adamw_torch_fused"):
+        return f"optim {getattr(args.optim, 'value', args.optim)} is not AdamW"
+    if args.gradient_accumulation_steps > 1:
+        return "gradient accumulation would sum bf16 gradients"
+    return None
+
+
+def sparse_tied_embedding_gradient(model) -> bool:
+    """Where the input embedding is the output projection's weight (SmolLM2, Qwen2.5-0.5B), its lookup hands
+    autograd a sparse gradient (the rows of the step's tokens) instead of a dense one: the engine then adds those
+    rows into the projection's dense gradient instead of zero-filling and adding a second vocabulary-sized tensor
+    (80 ms of a 2 s SmolLM2 step on one core). The summed gradient stays dense, so the optimizer sees no change."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if type(embedding) is not torch.nn.Embedding or head is None or embedding.weight is not head.weight:
+        return False
+    embedding.sparse = embedding.weight.requires_grad
+    return embedding.sparse
+
+
 def accepts_logits_mask(model) -> bool:
     """The model (or the one PEFT wraps) takes `logits_to_keep`, which transformers' causal LMs read through
     `slice_logits_to_keep`: a boolean (batch, tokens) mask keeps those positions only. (A model that read it
@@ -61,6 +91,11 @@ def accepts_logits_mask(model) -> bool:
 
 class InstructionTrainer(Trainer):
     def __init__(self, *args, completion_only_loss: bool = False, recipe: dict | None = None, **kwargs):
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        model = kwargs.get("model", args[0] if args else None)
+        if getattr(train_args, "master_weights", False) and (why := master_weights_unsupported(model, train_args)):
+            logger.info("precision bf16: %s, so bf16 autocast (fp32 weights) instead of bf16 weights", why)
+            train_args.master_weights, train_args.bf16 = False, True
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = InstructionDataCollator(
                 pad_token_id=resolve_pad_token_id(kwargs["processing_class"]),
@@ -76,11 +111,54 @@ class InstructionTrainer(Trainer):
             if onednn_pays() and (swapped := use_onednn_linear(self.model)):
                 logger.info("Matmuls: %d fp32 linear layers on oneDNN (MKL takes its AVX2 path on this CPU)", swapped)
         self.logits_where_trained = getattr(self.args, "logits_where_trained", False) and accepts_logits_mask(self.model)
+        # the output projection and cross-entropy fused over vocabulary chunks (speed/linear_cross_entropy.py): CPU,
+        # one process (the model's forward is asked for hidden states, which DDP's wrapper must not see differ)
+        self._fused_head = None if (self.logits_where_trained and getattr(self.args, "fused_cross_entropy", False)
+                                    and self.args.device.type == "cpu" and self.args.world_size == 1) else False
+        if self.args.device.type == "cpu" and self.args.world_size == 1:
+            sparse_tied_embedding_gradient(self.model)
         # trained tokens, padding positions, all positions since the last log; summed over processes when logged
         self._token_counts = torch.zeros(3, dtype=torch.long)
         self._last_log_time: float | None = None
         self._paused_seconds = 0.0  # evaluation, saving and their callbacks since the last log: not training time
         self.trained_tokens_total = 0
+
+    # bf16 weights with fp32 master copies (speed/master_weights.py): the optimizer holds the fp32 truth, clips as it
+    # reads the gradients, and gives the masters back to the model when training ends.
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or not getattr(self.args, "master_weights", False):
+            return super().create_optimizer(model)
+        cast = master_weights.cast_to_bf16_keeping_masters(self.model)
+        decay = set(self.get_decay_parameter_names(self.model))
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        self.optimizer = master_weights.MasterWeightAdamW(
+            groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon)
+        logger.info("Precision: bf16 weights (%d tensors), fp32 master weights and AdamW state in the optimizer", cast)
+        return self.optimizer
+
+    def _master_optimizer(self):
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        return optimizer if isinstance(optimizer, master_weights.MasterWeightAdamW) else None
+
+    def _clip_grad_norm(self, model):
+        if (optimizer := self._master_optimizer()) is not None:
+            return optimizer.clip_grad_norm_(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and (optimizer := self._master_optimizer()) is not None:
+            grad_norm = optimizer.clip_grad_norm_(float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # also after Ctrl-C: what is saved or evaluated next is the fp32 model
+            if (optimizer := self._master_optimizer()) is not None:
+                master_weights.restore_master_weights(self.model, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Training needs logits only where a token is trained: prompts (completion_only_loss), the last token of each
@@ -92,8 +170,28 @@ class InstructionTrainer(Trainer):
                 and self.compute_loss_func is None):
             targets = F.pad(inputs["labels"][..., 1:], (0, 1), value=IGNORE_INDEX)
             keep = targets != IGNORE_INDEX
+            if not return_outputs and self._uses_fused_head(model, inputs):  # who asks for outputs wants logits
+                return self._fused_loss(model, inputs, keep, targets[keep], num_items_in_batch)
             inputs = {**inputs, "logits_to_keep": keep, "shift_labels": targets[keep]}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _uses_fused_head(self, model, inputs) -> bool:
+        if self._fused_head is None:  # decided on the first training batch: the logits must be lm_head(hidden)
+            self._fused_head = fused_head(self.accelerator.unwrap_model(model), inputs) or False
+            logger.info("Output projection + cross-entropy: %s", "fused over vocabulary chunks" if self._fused_head
+                        else "the model's own (its logits are not lm_head(final hidden state))")
+        return bool(self._fused_head)
+
+    def _fused_loss(self, model, inputs, keep, targets, num_items_in_batch):
+        """Trainer's loss (sum over trained tokens / num_items_in_batch), the head and cross-entropy fused."""
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        with self._fused_head.returning_hidden_states():
+            outputs = model(**features, logits_to_keep=keep)
+        hidden = outputs.logits.reshape(-1, self._fused_head.in_features)  # the kept positions' final states
+        loss = linear_cross_entropy(hidden, self._fused_head.weight, targets, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+        return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._last_log_time is None:

@@ -82,32 +82,36 @@ class WeightsAfterStep(TrainerCallback):
             self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def nan_trainer(tiny, out, callbacks):
+def nan_trainer(tiny, out, callbacks, precision="fp32"):
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
     rows = tokenize_dataset(Dataset.from_list(tiny["records"]), tokenizer, "alpaca", max_length=128, verbose=False)
     args = SFTArguments(output_dir=str(out), max_steps=6, save_strategy="steps", save_steps=2, logging_steps=1,
-                        per_device_train_batch_size=4, learning_rate=1e-3, report_to="none", seed=0)
+                        per_device_train_batch_size=4, learning_rate=1e-3, report_to="none", seed=0,
+                        precision=precision)
     return NaNLossAtStep(model=AutoModelForCausalLM.from_pretrained(tiny["model"]), args=args, train_dataset=rows,
                          processing_class=tokenizer, data_collator=InstructionDataCollator(tokenizer.pad_token_id),
                          callbacks=callbacks)
 
 
-def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: bf16 weights, fp32 masters (speed/master_weights.py)
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tiny, tmp_path, precision):
     # Without the callback the NaN step poisons the weights and a NaN checkpoint-4 is written: what we prevent.
-    unguarded = nan_trainer(tiny, tmp_path / "unguarded", [])
+    unguarded = nan_trainer(tiny, tmp_path / "unguarded", [], precision)
     unguarded.train()
     assert not all(torch.isfinite(p).all() for p in load_weights(tmp_path / "unguarded" / "checkpoint-4").values())
 
     after_step_3 = WeightsAfterStep(3)
-    trainer = nan_trainer(tiny, tmp_path / "out", [after_step_3, StopOnNonFiniteLoss()])
+    trainer = nan_trainer(tiny, tmp_path / "out", [after_step_3, StopOnNonFiniteLoss()], precision)
     with pytest.raises(NonFiniteLossError, match=(
             r"^non-finite loss at step 4: the gradient model\.\S+\.grad is NaN/inf \(before the update\)\. Training "
             rf"stopped and nothing was saved for this step; last good checkpoint: {tmp_path}/out/checkpoint-2\.")):
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2"]
-    # The bad update was never applied: the weights in memory are exactly those after step 3, all finite.
+    # The bad update was never applied: the weights in memory are exactly those after step 3, all finite (with
+    # master weights: the fp32 masters of step 3, whose bf16 roundings the model held then).
     for name, value in trainer.model.state_dict().items():
-        assert torch.equal(value, after_step_3.weights[name]), name
+        expected = after_step_3.weights[name]
+        assert torch.equal(value.to(expected.dtype), expected), name
     checkpoint = load_weights(tmp_path / "out" / "checkpoint-2")
     assert all(torch.isfinite(p).all() for p in checkpoint.values())
     assert any(not torch.equal(checkpoint[k], after_step_3.weights[k]) for k in checkpoint)  # step 3 is not in it

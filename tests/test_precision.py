@@ -17,15 +17,17 @@ def _args(*flags, output_dir="/tmp/sft_hf_precision_test"):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only decisions")
 def test_auto_follows_the_cpus_bf16_units(monkeypatch):
     monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: True)
-    args = _args()
-    assert (args.bf16, args.fp16, args.use_cpu, args.device.type) == (True, False, True, "cpu")
+    args = _args()  # bf16 weights with fp32 masters in the optimizer: no autocast
+    assert (args.master_weights, args.bf16, args.fp16, args.device.type) == (True, False, False, "cpu")
     monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: False)
     args = _args()
-    assert (args.bf16, args.fp16, args.use_cpu) == (False, False, False)
+    assert (args.master_weights, args.bf16, args.fp16, args.use_cpu) == (False, False, False, False)
     assert not _args("--precision", "fp32").bf16
-    # forced bf16 on a CPU: no "Your setup doesn't support bf16/gpu", no --use_cpu needed
-    args = _args("--precision", "bf16")
-    assert (args.bf16, args.use_cpu, args.device.type) == (True, True, "cpu")
+    assert _args("--precision", "bf16").master_weights
+    # bf16 autocast asked for on a CPU: no "Your setup doesn't support bf16/gpu", no --use_cpu needed
+    for flags in (["--precision", "bf16-autocast"], ["--bf16", "true"]):
+        args = _args(*flags)
+        assert (args.master_weights, args.bf16, args.use_cpu, args.device.type) == (False, True, True, "cpu")
 
 
 def test_a_onednn_isa_cap_below_bf16_is_not_native(monkeypatch):
@@ -60,7 +62,7 @@ def _train(model_dir, records, precision, output_dir, steps=20):
 def test_bf16_training_tracks_fp32(tiny_model_dir, instruction_records, tmp_path):
     records = instruction_records[:160]
     fp32, _ = _train(tiny_model_dir, records, "fp32", tmp_path / "fp32")
-    bf16, trainer = _train(tiny_model_dir, records, "bf16", tmp_path / "bf16")
+    bf16, trainer = _train(tiny_model_dir, records, "bf16-autocast", tmp_path / "bf16")
     assert trainer.args.bf16 and trainer.accelerator.mixed_precision == "bf16"
     # master weights and optimizer state stay fp32: only the matmuls ran in bf16
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -21,7 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from sft_hf.errors import RecipeError, did_you_mean
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
 # Flags that make a recipe's own choice meaningless: given on the command line, they drop these keys from the file.
 # (max_steps > 0 would otherwise override --num_train_epochs; precision would override --bf16.)
 SUPERSEDES = {
@@ -145,12 +145,19 @@ class SFTArguments(TrainingArguments):
         metadata={"help": "In training, project onto the vocabulary (and take the cross-entropy) only at positions "
                   "whose next token is trained; the loss and its gradient are unchanged."},
     )
+    fused_cross_entropy: bool = field(
+        default=True,
+        metadata={"help": "On a CPU, compute the output projection and the cross-entropy of the trained positions "
+                  "together over vocabulary chunks (same loss and gradient; faster GEMMs, fewer passes)."},
+    )
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad each batch (or padding-free row) to a multiple of this many tokens."})
     precision: str = field(
         default="auto",
-        metadata={"help": "auto: bf16 autocast where the hardware multiplies bf16 natively (Ampere+ GPUs, CPUs with "
-                  "AVX512-BF16/AMX), fp16 on older GPUs, else fp32; or fp32, bf16, fp16."},
+        metadata={"help": "auto: bf16 where the hardware multiplies bf16 natively (Ampere+ GPUs, CPUs with "
+                  "AVX512-BF16/AMX), fp16 on older GPUs, else fp32. bf16: on a CPU, bf16 weights with fp32 master "
+                  "weights in the optimizer (full fine-tuning with AdamW; sft_hf/speed/master_weights.py), else bf16 "
+                  "autocast; bf16-autocast: fp32 weights, bf16 autocast (Trainer's --bf16); fp32; fp16."},
     )
     eval_exact_match: bool = field(
         default=False, metadata={"help": "Greedy-generate the test split before and after training; exact match."}
@@ -212,19 +219,29 @@ def gpu_has_native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16")
+
+
 def choose_precision(args: SFTArguments) -> None:
-    """bf16 autocast (bf16 matmuls, fp32 master weights, optimizer state and reductions) only where the device
-    multiplies bf16 natively: Ampere+ GPUs, CPUs with AVX512-BF16/AMX. Emulated bf16 makes training many times
-    slower (TRL's default there: 15×), so elsewhere fp32, or fp16 on older GPUs."""
+    """bf16 (bf16 matmuls, fp32 master weights, optimizer state and reductions) only where the device multiplies
+    bf16 natively: Ampere+ GPUs, CPUs with AVX512-BF16/AMX. Emulated bf16 makes training many times slower (TRL's
+    default there: 15x), so elsewhere fp32, or fp16 on older GPUs. On a CPU, bf16 keeps the weights themselves in
+    bf16 and fp32 masters in the optimizer (`args.master_weights`): autocast's casts of every weight at every step
+    cost more there than the AMX matmuls save. InstructionTrainer falls back to autocast where that cannot work."""
     on_gpu = torch.cuda.is_available() and not args.use_cpu
-    if args.precision == "auto":
-        native = gpu_has_native_bf16() if on_gpu else cpu_has_native_bf16()
-        args.bf16 = args.bf16 or (native and not args.fp16)
-        args.fp16 = args.fp16 or (on_gpu and not args.bf16)
-    elif args.precision in ("bf16", "fp16", "fp32"):
-        args.bf16, args.fp16 = args.precision == "bf16", args.precision == "fp16"
-    else:
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {args.precision!r}")
+    precision = args.precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        if args.bf16 or args.fp16:  # Trainer's own flags ask for autocast
+            precision = "bf16-autocast" if args.bf16 else "fp16"
+        elif gpu_has_native_bf16() if on_gpu else cpu_has_native_bf16():
+            precision = "bf16"
+        else:
+            precision = "fp16" if on_gpu else "fp32"
+    args.master_weights = precision == "bf16" and not on_gpu
+    args.bf16 = precision in ("bf16", "bf16-autocast") and not args.master_weights
+    args.fp16 = precision == "fp16"
     if args.bf16 and not torch.cuda.is_available():
         # Trainer refuses bf16 without a bf16 GPU unless told the run is on the CPU ("Your setup doesn't support
         # bf16/gpu"): there is no other device, so say so (the same as ACCELERATE_USE_CPU, which train.py sets).

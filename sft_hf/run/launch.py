@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,6 +26,10 @@ def main(argv=None) -> int:
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
     # torchrun's agent logs one line per failed or stopped process before raising: the script has said why
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # Ctrl-C in a terminal reaches the whole foreground group, the script included. accelerate >= 1.16 answers it
+    # in the launcher by terminating the script at once, before the script can say what it kept: so the launcher
+    # lets the first Ctrl-C pass (the script answers it and exits 130) and stops only at a second one.
+    previous = signal.signal(signal.SIGINT, _second_ctrl_c_interrupts)
     try:
         launch_command(args)
     except subprocess.CalledProcessError as e:  # one process
@@ -35,7 +40,19 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, SignalException):  # Ctrl-C (torchrun's agent raises SignalException for it)
         wait_for_children()  # they got the Ctrl-C too; the script's own line is the last thing printed
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0
+
+
+_ctrl_c_seen = False
+
+
+def _second_ctrl_c_interrupts(signum, frame):
+    global _ctrl_c_seen
+    if _ctrl_c_seen:
+        raise KeyboardInterrupt
+    _ctrl_c_seen = True
 
 
 def wait_for_children() -> None:

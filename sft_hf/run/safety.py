@@ -120,9 +120,13 @@ class StopOnNonFiniteLoss(TrainerCallback):
     still before any checkpoint of it is written. All processes agree on one flag, so they stop together.
     """
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is not None and not self._checks_after_update(args):
-            bad = agreed_non_finite(first_non_finite(model, grads=True), args.device)
+            # an optimizer that already took the gradients' norm this step (speed/master_weights.py): a NaN/inf
+            # anywhere makes it non-finite, so only then is every gradient looked at, to name the culprit
+            norm = getattr(getattr(optimizer, "optimizer", optimizer), "last_grad_norm", None)
+            finite = norm is not None and bool(torch.isfinite(norm))
+            bad = agreed_non_finite(None if finite else first_non_finite(model, grads=True), args.device)
             if bad:
                 raise NonFiniteLossError(self._message(args, state, f"the gradient {bad}", "before the update"))
 
