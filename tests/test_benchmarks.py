@@ -11,7 +11,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from sft_hf import InstructionDataCollator, InstructionTrainer, SFTArguments, toy, tokenize_dataset
+from sft_hf import InstructionDataCollator, InstructionTrainer, SFTArguments, tokenize_dataset
+from sft_hf.builtin import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

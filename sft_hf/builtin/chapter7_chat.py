@@ -23,7 +23,7 @@ SPLITS = {"train": (0, 935), "test": (935, 1045), "validation": (1045, 1100)}  #
 
 def chapter7_source() -> Path:
     candidates = [os.environ.get("SFT_HF_CHAPTER7_DATA"),
-                  Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "instruction-data.json",
+                  Path(__file__).resolve().parents[3] / "shared" / "data" / "instruction-data.json",
                   Path.cwd().parent / "shared" / "data" / "instruction-data.json"]
     for path in filter(None, candidates):
         if Path(path).is_file():
