@@ -88,7 +88,7 @@ BF16_CONTENDERS = {
     "sft-hf bf16": dict(kind="ours", flags=["--precision", "bf16"], bf16=True),  # bf16 weights, fp32 masters on CPU
     "sft-hf bf16 autocast": dict(kind="ours", flags=["--precision", "bf16-autocast"], bf16=True),
     # the sft-hf default of 2026-12-01 on such a CPU: bf16 autocast, SDPA's flash kernel, the stock head and loss
-    "sft-hf bf16 autocast, no issue-25 levers": dict(
+    "sft-hf bf16 autocast without the issue-25 levers": dict(
         kind="ours", flags=["--precision", "bf16-autocast", "--fused_cross_entropy", "false"],
         patches=["flash_attention", "dense_embedding_gradient"], bf16=True),
     "TRL bf16 autocast padding_free (no checkpointing)": dict(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sft_hf.speed import master_weights
 from sft_hf.speed.varlen_attention import NAME as VARLEN_ATTENTION
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and every HF loss) skips
@@ -119,7 +120,8 @@ def recipe_collator(tokenizer, args, model=None) -> InstructionDataCollator:
     padding_free = args.packing or (args.padding_free if args.padding_free is not None else has_varlen_attention(model))
     multiple = args.pad_to_multiple_of
     if multiple is None and padding_free:
-        multiple = PADDING_FREE_MULTIPLE_BF16_CPU if getattr(args, "master_weights", False) else PADDING_FREE_MULTIPLE
+        bf16_weights = getattr(args, "master_weights", False) and not master_weights.ruled_out_for(model)
+        multiple = PADDING_FREE_MULTIPLE_BF16_CPU if bf16_weights else PADDING_FREE_MULTIPLE
     return InstructionDataCollator(
         pad_token_id=tokenizer.pad_token_id,
         completion_only_loss=args.completion_only_loss,

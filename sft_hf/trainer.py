@@ -52,21 +52,6 @@ def describe_batching(args, collator, model) -> str:
     return f"padded batches in {sampling} order (train_sampling_strategy=group_by_length would cut the padding)"
 
 
-def master_weights_unsupported(model, args) -> str | None:
-    """Why bf16 weights with fp32 masters (speed/master_weights.py) cannot train this run, or None: it replaces
-    AdamW for full fine-tuning in one process or under DDP; LoRA, FSDP, DeepSpeed and other optimizers keep autocast,
-    and so does gradient accumulation (bf16 gradients would be summed in bf16)."""
-    if hasattr(model, "peft_config"):
-        return "LoRA adapters train under autocast"
-    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
-        return "FSDP and DeepSpeed bring their own mixed precision"
-    if str(getattr(args.optim, "value", args.optim)) not in ("adamw_torch", "adamw_torch_fused"):
-        return f"optim {getattr(args.optim, 'value', args.optim)} is not AdamW"
-    if args.gradient_accumulation_steps > 1:
-        return "gradient accumulation would sum bf16 gradients"
-    return None
-
-
 def sparse_tied_embedding_gradient(model) -> bool:
     """Where the input embedding is the output projection's weight (SmolLM2, Qwen2.5-0.5B), its lookup hands
     autograd a sparse gradient (the rows of the step's tokens) instead of a dense one: the engine then adds those
@@ -93,9 +78,10 @@ class InstructionTrainer(Trainer):
     def __init__(self, *args, completion_only_loss: bool = False, recipe: dict | None = None, **kwargs):
         train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         model = kwargs.get("model", args[0] if args else None)
-        if getattr(train_args, "master_weights", False) and (why := master_weights_unsupported(model, train_args)):
+        if getattr(train_args, "master_weights", False) and (why := master_weights.ruled_out_for(model)):
+            # what the arguments rule out was decided before (run/config.py); this is the model's part
             logger.info("precision bf16: %s, so bf16 autocast (fp32 weights) instead of bf16 weights", why)
-            train_args.master_weights, train_args.bf16 = False, True
+            train_args.master_weights, train_args.bf16, train_args.mixed_precision = False, True, "bf16"
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = InstructionDataCollator(
                 pad_token_id=resolve_pad_token_id(kwargs["processing_class"]),
@@ -112,9 +98,13 @@ class InstructionTrainer(Trainer):
                 logger.info("Matmuls: %d fp32 linear layers on oneDNN (MKL takes its AVX2 path on this CPU)", swapped)
         self.logits_where_trained = getattr(self.args, "logits_where_trained", False) and accepts_logits_mask(self.model)
         # the output projection and cross-entropy fused over vocabulary chunks (speed/linear_cross_entropy.py): CPU,
-        # one process (the model's forward is asked for hidden states, which DDP's wrapper must not see differ)
-        self._fused_head = None if (self.logits_where_trained and getattr(self.args, "fused_cross_entropy", False)
-                                    and self.args.device.type == "cpu" and self.args.world_size == 1) else False
+        # one process (the model's forward is asked for hidden states, which DDP's wrapper must not see differ), no
+        # autocast (it would run the chunks' GEMMs in whatever precision it picks for them), a model whose loss
+        # takes num_items_in_batch (else Trainer divides by the accumulation steps again)
+        self.fuse_head = (self.logits_where_trained and getattr(self.args, "fused_cross_entropy", False)
+                          and self.args.device.type == "cpu" and self.args.world_size == 1
+                          and not (self.args.bf16 or self.args.fp16) and self.model_accepts_loss_kwargs)
+        self._fused_head = None  # the head module, once the first batch has shown the model's logits allow it
         if self.args.device.type == "cpu" and self.args.world_size == 1:
             sparse_tied_embedding_gradient(self.model)
         # trained tokens, padding positions, all positions since the last log; summed over processes when logged
@@ -159,6 +149,7 @@ class InstructionTrainer(Trainer):
         finally:  # also after Ctrl-C: what is saved or evaluated next is the fp32 model
             if (optimizer := self._master_optimizer()) is not None:
                 master_weights.restore_master_weights(self.model, optimizer)
+                self.optimizer = None  # a later train() casts the weights again and starts a new optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Training needs logits only where a token is trained: prompts (completion_only_loss), the last token of each
@@ -176,11 +167,12 @@ class InstructionTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _uses_fused_head(self, model, inputs) -> bool:
-        if self._fused_head is None:  # decided on the first training batch: the logits must be lm_head(hidden)
-            self._fused_head = fused_head(self.accelerator.unwrap_model(model), inputs) or False
-            logger.info("Output projection + cross-entropy: %s", "fused over vocabulary chunks" if self._fused_head
+        if self.fuse_head and self._fused_head is None:  # the first batch: the logits must be lm_head(hidden)
+            self._fused_head = fused_head(self.accelerator.unwrap_model(model), inputs)
+            self.fuse_head = self._fused_head is not None
+            logger.info("Output projection + cross-entropy: %s", "fused over vocabulary chunks" if self.fuse_head
                         else "the model's own (its logits are not lm_head(final hidden state))")
-        return bool(self._fused_head)
+        return self.fuse_head
 
     def _fused_loss(self, model, inputs, keep, targets, num_items_in_batch):
         """Trainer's loss (sum over trained tokens / num_items_in_batch), the head and cross-entropy fused."""
@@ -188,10 +180,7 @@ class InstructionTrainer(Trainer):
         with self._fused_head.returning_hidden_states():
             outputs = model(**features, logits_to_keep=keep)
         hidden = outputs.logits.reshape(-1, self._fused_head.in_features)  # the kept positions' final states
-        loss = linear_cross_entropy(hidden, self._fused_head.weight, targets, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
-        return loss
+        return linear_cross_entropy(hidden, self._fused_head.weight, targets, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._last_log_time is None:

@@ -32,8 +32,9 @@ def test_shortened_default_recipe_learns(default_run):
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] < 0.6 * losses[0]
     logged = [h for h in state["log_history"] if "train_tokens_per_second" in h]
-    # padding-free rows: only the filler that rounds each row up to a multiple of 8 tokens
-    assert logged and all(0 <= h["padding_fraction"] < 0.01 for h in logged)
+    # padding-free rows: only the filler that rounds each row of ~800 tokens up to a multiple of 8 tokens (32 with
+    # bf16 weights on a CPU with native bf16), where padded batches would be ~20% padding
+    assert logged and all(0 <= h["padding_fraction"] < 0.04 for h in logged)
 
 
 def test_saved_model_is_standard_hf_format(default_run):

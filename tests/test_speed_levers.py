@@ -137,9 +137,8 @@ def test_bf16_master_weights_train_as_fp32_and_resume_exactly(tiny_model_dir, in
                     "--save_steps", "10")
     assert bf16.args.master_weights and not bf16.args.bf16  # no autocast: the weights themselves are bf16
     bf16.train()
-    state = bf16.optimizer.optimizer.state if hasattr(bf16.optimizer, "optimizer") else bf16.optimizer.state
-    master = next(iter(state.values()))
-    assert master["master"].dtype == master["exp_avg"].dtype == torch.float32
+    saved = torch.load(tmp_path / "bf16" / "checkpoint-10" / "optimizer.pt", weights_only=True)["state"][0]
+    assert saved["master"].dtype == saved["exp_avg"].dtype == torch.float32  # the checkpoint keeps the fp32 truth
     # after training the model holds the fp32 masters: what is evaluated and saved is full precision
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
     losses, reference = _losses(bf16), _losses(fp32)
@@ -152,3 +151,50 @@ def test_bf16_master_weights_train_as_fp32_and_resume_exactly(tiny_model_dir, in
     resumed.train(resume_from_checkpoint=str(tmp_path / "bf16" / "checkpoint-10"))
     for (name, a), b in zip(bf16.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--gradient_accumulation_steps", "2"], "gradient accumulation"),
+    (["--optim", "sgd"], "not AdamW"),
+    (["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "steps"], "load_best"),
+])
+def test_runs_bf16_weights_cannot_train_take_bf16_autocast(tmp_path, flags, why, caplog):
+    """Decided before TrainingArguments sets up mixed precision: the Accelerator autocasts (not fp32 by mistake)."""
+    with caplog.at_level("INFO", logger="sft_hf"):
+        args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", *flags], default_recipe=None)[2]
+    assert (args.master_weights, args.bf16, args.mixed_precision) == (False, True, "bf16")
+    assert why in caplog.text
+
+
+def test_a_lora_model_takes_bf16_autocast_and_its_rows_stay_at_8(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from sft_hf.collator import recipe_collator
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", "--padding_free", "true"],
+                        default_recipe=None)[2]
+    assert args.master_weights
+    assert recipe_collator(AutoTokenizer.from_pretrained(tiny_model_dir), args, model).pad_to_multiple_of == 8
+    trainer = InstructionTrainer(model=model, args=args, train_dataset=None,
+                                 data_collator=InstructionDataCollator(pad_token_id=0))
+    assert not trainer.args.master_weights and trainer.accelerator.mixed_precision == "bf16"
+
+
+def test_a_second_train_casts_again_and_starts_a_new_optimizer(tiny_model_dir, instruction_records, tmp_path):
+    from transformers import TrainerCallback
+
+    class WeightDtypes(TrainerCallback):
+        seen = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.seen.append(next(model.parameters()).dtype)
+
+    trainer = _trainer(tiny_model_dir, instruction_records[:32], tmp_path, "--precision", "bf16",
+                       "--save_strategy", "no", steps=2)
+    trainer.add_callback(WeightDtypes())
+    for _ in range(2):
+        trainer.train()
+        assert trainer.optimizer is None and all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert WeightDtypes.seen == [torch.bfloat16] * 4  # both runs trained bf16 weights, not fp32 ones by mistake

@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from sft_hf.errors import RecipeError, did_you_mean
+from sft_hf.speed import master_weights
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
 # Flags that make a recipe's own choice meaningless: given on the command line, they drop these keys from the file.
@@ -159,6 +160,8 @@ class SFTArguments(TrainingArguments):
                   "weights in the optimizer (full fine-tuning with AdamW; sft_hf/speed/master_weights.py), else bf16 "
                   "autocast; bf16-autocast: fp32 weights, bf16 autocast (Trainer's --bf16); fp32; fp16."},
     )
+    # decided by choose_precision (not a flag): bf16 weights with fp32 master weights in the optimizer
+    master_weights: bool = field(default=False, init=False)
     eval_exact_match: bool = field(
         default=False, metadata={"help": "Greedy-generate the test split before and after training; exact match."}
     )
@@ -240,6 +243,9 @@ def choose_precision(args: SFTArguments) -> None:
         else:
             precision = "fp16" if on_gpu else "fp32"
     args.master_weights = precision == "bf16" and not on_gpu
+    if args.master_weights and (why := master_weights.ruled_out_by(args)):
+        logger.info("precision bf16: %s, so bf16 autocast (fp32 weights) instead of bf16 weights", why)
+        args.master_weights = False
     args.bf16 = precision in ("bf16", "bf16-autocast") and not args.master_weights
     args.fp16 = precision == "fp16"
     if args.bf16 and not torch.cuda.is_available():

@@ -6,8 +6,9 @@
 process, torchrun's `ChildFailedError` report for several) after the script's one-line error, and exits 1. Here the
 same launch runs in-process: the script's error line stays the last thing printed, and its exit code (2 for bad
 input, 3 for a non-finite loss) is the launcher's. Ctrl-C reaches the launcher and the script alike: the launcher
-waits for the script's line (what was kept, how to resume) and exits 130, where `accelerate launch` prints its own
-KeyboardInterrupt traceback. Every `accelerate launch` option works the same.
+lets the first one pass, waits for the script's line (what was kept, how to resume) and exits 130, where `accelerate
+launch` prints a KeyboardInterrupt traceback (<= 1.15) or terminates the script at once (1.16). Every `accelerate
+launch` option works the same.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     # Ctrl-C in a terminal reaches the whole foreground group, the script included. accelerate >= 1.16 answers it
     # in the launcher by terminating the script at once, before the script can say what it kept: so the launcher
     # lets the first Ctrl-C pass (the script answers it and exits 130) and stops only at a second one.
+    global _ctrl_c_seen
+    _ctrl_c_seen = False
     previous = signal.signal(signal.SIGINT, _second_ctrl_c_interrupts)
     try:
         launch_command(args)

@@ -117,7 +117,8 @@ def _checked_head(model, head, ids, extra):
         head.__class__ = HiddenStatesHead
         with head.returning_hidden_states():
             hidden = model(input_ids=ids, **extra).logits
-        if hidden.shape[-1] != head.in_features or not torch.allclose(F.linear(hidden, head.weight), logits):
+        if (hidden.shape[-1] != head.in_features or hidden.shape[:-1] != logits.shape[:-1]
+                or not torch.allclose(F.linear(hidden, head.weight).to(logits.dtype), logits)):
             head.__class__ = nn.Linear
             return None
     return head

@@ -32,7 +32,7 @@ def run(model_dir: str, out_dir: str, batch_size: int, accumulation: int) -> dic
         output_dir=out_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
         max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
         weight_decay=0.0, logging_steps=1, save_strategy="no", train_sampling_strategy="sequential",
-        dataloader_drop_last=False, seed=0, disable_tqdm=True, use_cpu=True,
+        dataloader_drop_last=False, seed=0, disable_tqdm=True, use_cpu=True, precision="fp32",  # exact, on any CPU
     )
     trainer = InstructionTrainer(
         model=model, args=args, train_dataset=data,
