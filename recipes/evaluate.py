@@ -28,7 +28,8 @@ from transformers import HfArgumentParser
 # `python recipes/evaluate.py` puts recipes/ first on sys.path, where this file would shadow the `evaluate` library.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from sft_hf.errors import RecipeError, did_you_mean  # noqa: E402
+from sft_hf.errors import Interrupted, RecipeError, did_you_mean  # noqa: E402
+from sft_hf.evaluation.responses import RESPONSES_FILE, default_name, read_responses  # noqa: E402
 from sft_hf.run.outputs import load_template  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
@@ -114,27 +115,6 @@ def load_model_and_tokenizer(name_or_path: str):
     return model, tokenizer
 
 
-def read_responses(path: str, keys: list[str], flag: str = "--responses") -> list[dict]:
-    if not Path(path).is_file():
-        raise RecipeError(f"{flag} {path}: no such file")
-    text = Path(path).read_text()
-    try:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
-            else json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"{path}: not valid JSON{'L' if path.endswith('.jsonl') else ''} (line {e.lineno}: {e.msg})") from None
-    if not isinstance(records, list):
-        raise RecipeError(f"{path}: expected a JSON list of records")
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise RecipeError(f"{path}: record {i}: expected an object with fields, got {type(record).__name__}")
-        chat = isinstance(record.get("messages"), list) and record["messages"]
-        for key in [*(() if chat else ("instruction", "output")), *keys]:  # a conversation's reference: its last reply
-            if not isinstance(record.get(key), str):
-                raise RecipeError(f"{path}: record {i}, field {key!r}: missing or not text (fields: {sorted(record)})")
-    return records
-
-
 def generate_split(args: EvalArguments, template) -> list[dict]:
     from accelerate import PartialState
 
@@ -210,12 +190,14 @@ def check_pairwise_args(args: EvalArguments) -> None:
 
 
 def side_names(args: EvalArguments, model_file: str) -> list[str]:
-    """The two sides' names: --pairwise_names, else the fields, else the files' names (their paths if the same)."""
+    """The two sides' names: --pairwise_names, else the fields, else the files' names as the arena gives them (a
+    test_responses.json: its run folder), their paths if those are the same."""
     if args.pairwise_names:
         return args.pairwise_names
     if args.pairwise_keys:
         return args.pairwise_keys
-    names = [Path(args.model).name if not args.responses else Path(model_file).stem, Path(args.compare_with).stem]
+    names = [Path(args.model).name if not args.responses else default_name(model_file),
+             default_name(args.compare_with)]
     return names if names[0] != names[1] else [model_file, args.compare_with]
 
 
@@ -228,9 +210,18 @@ def make_pairs(args: EvalArguments, records: list[dict], model_file: str) -> tup
     else:
         model_key = args.response_keys[0]
         baseline_key = args.compare_key or model_key
-        baseline = read_responses(args.compare_with, [baseline_key], flag="--compare_with")
+        baseline = read_responses(args.compare_with, [baseline_key], flag="--compare_with", reference=True)
         pairs = join_responses(records, baseline, model_key, baseline_key, model_file, args.compare_with)
     return pairs[: args.max_samples], side_names(args, model_file)
+
+
+def interrupted_judge_message(output_dir: Path) -> str:
+    """What Ctrl-C during judging leaves: the cache files a rerun resumes from."""
+    from sft_hf.evaluation.judge import PAIRWISE_CACHE
+
+    caches = sorted([*output_dir.glob("judge_cache_*.jsonl"), *output_dir.glob(PAIRWISE_CACHE)])
+    kept = ", ".join(str(p) for p in caches) or "no cache yet"
+    return f"interrupted: the judge's answers so far are kept in {kept}; run the same command again to resume"
 
 
 def main(argv=None):
@@ -251,7 +242,7 @@ def main(argv=None):
     if args.pairwise_keys:
         args.response_keys = args.pairwise_keys  # the two fields are the ones to read and to score
     if args.responses:
-        records = read_responses(args.responses, args.response_keys)
+        records = read_responses(args.responses, args.response_keys, flag="--responses", reference=True)
     elif args.dataset_name:
         from accelerate import PartialState
 
@@ -264,14 +255,14 @@ def main(argv=None):
         if not state.is_main_process:
             return None
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "test_responses.json").write_text(json.dumps(records, indent=2) + "\n")
-        print(f"Saved {len(records)} responses to {output_dir / 'test_responses.json'}")
+        (output_dir / RESPONSES_FILE).write_text(json.dumps(records, indent=2) + "\n")
+        print(f"Saved {len(records)} responses to {output_dir / RESPONSES_FILE}")
     else:
         records = []
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs = names = None
     if records and (args.compare_with or args.pairwise_keys):  # joined before --max_samples: the files' orders may differ
-        pairs, names = make_pairs(args, records, args.responses or str(output_dir / "test_responses.json"))
+        pairs, names = make_pairs(args, records, args.responses or str(output_dir / RESPONSES_FILE))
     records = records[: args.max_samples]
 
     # 2. Reference metrics.
@@ -292,7 +283,7 @@ def main(argv=None):
 
     # 3. LLM judge: a 0-100 score per response, or, with two sides, a verdict per pair in both orders.
     if records and args.judge_backend:
-        from sft_hf.evaluation.judge import JUDGE_PROMPT, JudgeUnavailableError, make_judge, run_judge, run_pairwise
+        from sft_hf.evaluation.judge import JUDGE_PROMPT, make_judge, run_judge, run_pairwise
 
         prompt = args.judge_prompt  # a file's text by now (parse_args)
         judge = make_judge(args.judge_backend, args.judge_model, args.judge_url, args.judge_api_key_env,
@@ -308,14 +299,8 @@ def main(argv=None):
                                       args.judge_concurrency, args.judge_retries, args.judge_backoff,
                                       judge_format=args.judge_format)
                 report["judge"] = {k: {n: v for n, v in s.items() if n != "unscored"} for k, s in summaries.items()}
-        except JudgeUnavailableError as e:  # a clear one-line error, not a traceback; the cache is kept
-            raise SystemExit(f"error: {e}") from None
-        except KeyboardInterrupt:
-            caches = ", ".join(str(p) for p in sorted([*output_dir.glob("judge_cache_*.jsonl"),
-                                                       *output_dir.glob("pairwise_cache.jsonl")])) or "no cache yet"
-            print(f"\ninterrupted: the judge's answers so far are kept in {caches}; run the same command again to "
-                  "resume", file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt:  # an unreachable judge is a UserError: run_cli prints both as one line
+            raise Interrupted(interrupted_judge_message(output_dir)) from None
 
     # 4. Multiple-choice benchmarks (lm-evaluation-harness).
     if args.model and (args.mc_task_file or args.mc_tasks):
@@ -347,4 +332,4 @@ def main(argv=None):
 if __name__ == "__main__":
     from sft_hf.errors import run_cli
 
-    sys.exit(run_cli(main))  # bad arguments, data or responses file: one line on stderr and exit code 2
+    sys.exit(run_cli(main))  # bad arguments, data, responses file or judge: one line, exit code 2 (Ctrl-C: 130)

@@ -90,6 +90,22 @@ class FakeJudgeServer:
         self.httpd.server_close()
 
 
+def ctrl_c_on_request(judge_class, n: int):
+    """A subclass of `judge_class` whose n-th request (counted over all its instances) raises KeyboardInterrupt, as
+    Ctrl-C in the middle of a run would; the others are asked as usual."""
+    class CtrlCOnRequest(judge_class):
+        calls = 0
+
+        def complete(self, prompt, schema=None):
+            CtrlCOnRequest.calls += 1
+            if CtrlCOnRequest.calls == n:
+                raise KeyboardInterrupt
+            return super().complete(prompt, schema)
+
+    CtrlCOnRequest.__name__ = f"CtrlCOnRequest{n}"
+    return CtrlCOnRequest
+
+
 _PAIR_ANSWER = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.S)
 
 

@@ -258,7 +258,7 @@ def test_bad_votes_files_are_one_line_errors(tmp_path):
         read_battles(tmp_path / "junk.sqlite")
     (tmp_path / "bad.jsonl").write_text(json.dumps(battle("x", "y", "model_a")) + "\n"
                                         + json.dumps(battle("x", "y", "left")) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl: line 2, field 'winner': 'left'"):
+    with pytest.raises(DataError, match=r"bad.jsonl: record 1 \(line 2\), field 'winner': 'left'"):
         read_battles(tmp_path / "bad.jsonl")
     (tmp_path / "battles.json").write_text(json.dumps([battle("x", "y", "tie"), {"model_a": "x", "winner": "tie"}]))
     with pytest.raises(DataError, match=r"battles.json: record 1, field 'model_b': missing or not text"):
@@ -364,9 +364,9 @@ def test_unmatched_records_are_named(tmp_path):
     with pytest.raises(DataError) as error:
         load_response_columns([ResponseColumn.parse(a), ResponseColumn.parse(b)])
     message = str(error.value)
-    assert "1 record(s) of base=" in message and "record 3 (instruction 'Rewrite sentence 3 in the passive " \
+    assert "1 record(s) of base=" in message and "record 3 ('Rewrite sentence 3 in the passive " \
         "voice.', input 'The cat chased mouse 3.')" in message
-    assert "1 record(s) of tuned=" in message and "record 1 (instruction 'Rewrite sentence 3 in the passive " \
+    assert "1 record(s) of tuned=" in message and "record 1 ('Rewrite sentence 3 in the passive " \
         "voice.', input 'The dog chased mouse 3.')" in message
     assert "\n" not in message
     records[1]["model_response"] = 7
@@ -419,7 +419,7 @@ def test_live_battle_with_openai_servers_through_the_page(tmp_path):
             FakeJudgeServer(lambda prompt: f"Answer two: {prompt.upper()}") as two:
         models = [ServerModel.parse(f"falcon-x1=model-one@{one.url}/v1", max_tokens=32),
                   ServerModel.parse(f"osprey-y2=model-two@{two.url}/v1", max_tokens=32)]
-        arena = Arena(VoteStore(tmp_path / "votes.sqlite"), live_models=models, rng=random.Random(0),
+        arena = Arena(VoteStore(tmp_path / "votes.sqlite"), live_models=models, live_rng=random.Random(0),
                       bootstrap_rounds=20)
         demo = build_app(arena)
         assert all(d["api_visibility"] == "private" for d in demo.config["dependencies"])
@@ -468,7 +468,7 @@ def test_live_battle_with_local_models(tmp_path, tiny_model_dir, chatty_model_di
 
     folders = {"lark": tiny_model_dir, "wren": chatty_model_dir}  # two tiny Llamas that answer differently
     models = [LocalModel(name, folder, max_new_tokens=6).load() for name, folder in folders.items()]
-    arena = Arena(VoteStore(tmp_path / "votes.sqlite"), live_models=models, rng=random.Random(1))
+    arena = Arena(VoteStore(tmp_path / "votes.sqlite"), live_models=models, live_rng=random.Random(1))
     demo = build_app(arena)
     ask = handler(demo, "ask_both")
     prompt = "What is the largest number? 3 9 4"

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ def arena(tmp_path_factory):
 def test_names_hidden_until_vote_then_stored_and_on_leaderboard(arena, tmp_path, capsys):
     from playwright.sync_api import sync_playwright
 
+    from sft_hf.evaluation.arena.app import REPEATED_VOTE
     from sft_hf.evaluation.arena.cli import main as arena_main
     from sft_hf.evaluation.arena.votes import Vote, VoteStore
 
@@ -74,10 +76,14 @@ def test_names_hidden_until_vote_then_stored_and_on_leaderboard(arena, tmp_path,
 
         # the vote's request sent again, as a flaky network or a replaying client would: still one vote
         vote_request = joins[-1]
+        repeats = server.output().count(REPEATED_VOTE)  # the double click's second vote, if it reached the server
         replayed = page.request.post(vote_request.url, data=vote_request.post_data,
                                      headers={"Content-Type": "application/json"})
         assert replayed.ok and "event_id" in replayed.text()
-        page.wait_for_timeout(1000)  # the queue runs it
+        deadline = time.time() + 30  # the queue runs it: the server logs the repeat once it has been refused
+        while server.output().count(REPEATED_VOTE) == repeats:
+            assert time.time() < deadline, f"the replayed vote was never handled:\n{server.output()}"
+            time.sleep(0.1)
         with sqlite3.connect(votes) as conn:
             rows = conn.execute("SELECT model_a, model_b, winner, response_a FROM votes").fetchall()
         assert rows == [(left_model, right_model, "model_a", left)]

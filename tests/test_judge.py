@@ -24,7 +24,7 @@ from sft_hf.evaluation.judge import (
 )
 
 from conftest import SHARED_DATA
-from eval_helpers import FakeJudgeServer, _chatty_model_dir  # noqa: F401  (fixture chatty_model_dir)
+from eval_helpers import FakeJudgeServer, _chatty_model_dir, ctrl_c_on_request  # noqa: F401  (fixture)
 
 EVAL_EXAMPLES = SHARED_DATA / "eval-example-data.json"
 SCORES = SHARED_DATA / "scores"
@@ -191,19 +191,10 @@ def test_an_interrupted_run_resumes_without_asking_again(tmp_path):
     records, by_prompt = records_with_replies(["10", "20", "30", "40", "50", "60"])
     cache = tmp_path / "cache.jsonl"
 
-    class CtrlCAfterThree(OllamaJudge):
-        calls = 0
-
-        def complete(self, prompt, structured=False):
-            CtrlCAfterThree.calls += 1
-            if CtrlCAfterThree.calls == 4:
-                raise KeyboardInterrupt
-            return super().complete(prompt, structured)
-
     with FakeJudgeServer(by_prompt.get) as server:
         with pytest.raises(KeyboardInterrupt):
-            judge_responses(records, CtrlCAfterThree(url=server.url), cache_path=cache, max_workers=1,
-                            show_progress=False)
+            judge_responses(records, ctrl_c_on_request(OllamaJudge, 4)(url=server.url), cache_path=cache,
+                            max_workers=1, show_progress=False)
         # The interrupt stops the run; a request the worker thread had already started may still finish (and be
         # cached), but nothing queued is asked.
         asked_before = len(server.requests)

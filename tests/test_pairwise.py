@@ -35,7 +35,7 @@ from sft_hf.evaluation.judge import (
 from sft_hf.evaluation.win_rate import fit_length_controlled, standardized_length_term, summarize_outcomes, win_rate
 
 from conftest import ROOT, SHARED_DATA
-from eval_helpers import FakeJudgeServer, _chatty_model_dir, pair_answers  # noqa: F401  (fixture chatty_model_dir)
+from eval_helpers import FakeJudgeServer, _chatty_model_dir, ctrl_c_on_request, pair_answers  # noqa: F401  (fixture)
 
 EVAL_EXAMPLES = SHARED_DATA / "eval-example-data.json"
 KEYS = ["model 1 response", "model 2 response"]
@@ -252,19 +252,10 @@ def test_an_interrupted_run_resumes_from_the_cache_asking_each_prompt_once(tmp_p
     pairs = numbered_pairs(4)
     cache = tmp_path / "pairwise_cache.jsonl"
 
-    class CtrlCOnTheFourthRequest(OpenAIJudge):
-        calls = 0
-
-        def complete(self, prompt, schema=None):
-            CtrlCOnTheFourthRequest.calls += 1
-            if CtrlCOnTheFourthRequest.calls == 4:
-                raise KeyboardInterrupt
-            return super().complete(prompt, schema)
-
     with FakeJudgeServer(scripted_judge(script)) as server:
         url = server.url + "/v1"
         with pytest.raises(KeyboardInterrupt):
-            judge_pairs(pairs, CtrlCOnTheFourthRequest(model="m", url=url), cache, max_workers=1,
+            judge_pairs(pairs, ctrl_c_on_request(OpenAIJudge, 4)(model="m", url=url), cache, max_workers=1,
                         show_progress=False)
         # the interrupt stops the run; a request the worker had already taken may still be answered and cached
         assert 3 <= len(cache.read_text().splitlines()) <= 4
@@ -421,9 +412,7 @@ def test_interrupted_recipe_run_says_where_the_answers_are_and_resumes(tmp_path,
     with FakeJudgeServer(reference_judge(structured=True)) as server:
         with monkeypatch.context() as patch:
             patch.setattr(OpenAIJudge, "complete", ctrl_c_on_the_third)
-            with pytest.raises(SystemExit) as stopped:
-                evaluate_recipe.main(argv + ["--judge_url", server.url + "/v1"])
-        assert stopped.value.code == 130
+            assert run_cli(evaluate_recipe.main, argv + ["--judge_url", server.url + "/v1"]) == 130
         assert f"answers so far are kept in {out / 'pairwise_cache.jsonl'}" in capsys.readouterr().err
         report = evaluate_recipe.main(argv + ["--judge_url", server.url + "/v1"])
         assert sorted(server.attempts.values()) == [1] * 6  # 2 answered, then the 4 left

@@ -8,7 +8,7 @@ prediction with the length term set to 0: the win rate had both answers been as 
 only other feature (no per-instruction difficulty: that needs AlpacaEval's table of other models' verdicts).
 Ties are soft labels 0.5: each pair is a win weighted by its outcome and a loss weighted by 1 - outcome.
 
-Pure numpy / scikit-learn; the plot imports matplotlib (Agg) only when called.
+Pure numpy / scikit-learn; the plot imports matplotlib (its Figure, no pyplot) only when called.
 """
 from __future__ import annotations
 
@@ -84,11 +84,12 @@ def fit_length_controlled(outcomes, length_differences, C: float = REGULARISATIO
     return LengthControlledFit(float(1 / (1 + np.exp(-model_coef))), float(model_coef), float(length_coef))
 
 
-def bootstrap_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The percentile interval of bootstrap estimates."""
+def bootstrap_interval(values, confidence: float = CONFIDENCE, axis: int | None = None):
+    """The percentile interval of bootstrap estimates: (low, high) as floats, or with `axis` one interval per
+    column as two arrays (e.g. the arena's (resamples, models) ratings with axis=0)."""
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(np.asarray(values, dtype=float), [tail, 100 - tail])
-    return float(low), float(high)
+    low, high = np.percentile(np.asarray(values, dtype=float), [tail, 100 - tail], axis=axis)
+    return (float(low), float(high)) if axis is None else (low, high)
 
 
 def summarize_outcomes(outcomes, model_lengths, baseline_lengths, bootstrap_samples: int = 1000, seed: int = 0,
@@ -122,16 +123,16 @@ def summarize_outcomes(outcomes, model_lengths, baseline_lengths, bootstrap_samp
     )
 
 
-def plot_win_rates(summary: dict, path: str | Path, model_name: str = "model", baseline_name: str = "baseline",
-                   position: dict | None = None) -> str:
-    """Two panels: wins / ties / losses, and the win rate and length-controlled win rate with their intervals.
-    `position` (consistency, first_position_rate) goes into the title: how far the judge's verdicts follow order."""
-    import matplotlib
+def pairwise_figure(summary: dict):
+    """Two panels: wins / ties / losses, and the win rate and length-controlled win rate with their intervals. The
+    names and the position statistics (consistency, first_position_rate: how far the judge's verdicts follow order,
+    in the title) are read from the summary (sft_hf/evaluation/judge/pairwise.py's run_pairwise).
+    matplotlib's Figure, not pyplot: no global backend or figure state."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (counts_ax, rates_ax) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1, 1]})
+    model_name, baseline_name = summary.get("model", "model"), summary.get("baseline", "baseline")
+    fig = Figure(figsize=(9, 3.8))
+    counts_ax, rates_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1]})
     labels = [f"{model_name}\nwins", "ties", f"{baseline_name}\nwins"]
     values = [summary["wins"], summary["ties"], summary["losses"]]
     bars = counts_ax.bar(labels, values, color=["tab:green", "tab:gray", "tab:red"])
@@ -158,13 +159,21 @@ def plot_win_rates(summary: dict, path: str | Path, model_name: str = "model", b
     rates_ax.set_xlim(-0.5, len(names) - 0.5)
     rates_ax.set_ylabel(f"% for {model_name} ({round(100 * summary.get('confidence', CONFIDENCE))} % interval)")
     rates_ax.set_title(f"{model_name} vs {baseline_name}")
-    title = "Pairwise judge"
-    if position and position.get("consistency") is not None:
-        title += f": the two orders agreed on {100 * position['consistency']:.0f} % of pairs"
-        if position.get("first_position_rate") is not None:
-            title += f", the first position won {100 * position['first_position_rate']:.0f} % of verdicts"
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(position_title(summary), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def position_title(summary: dict) -> str:
+    title = "Pairwise judge"
+    if summary.get("consistency") is not None:
+        title += f": the two orders agreed on {100 * summary['consistency']:.0f} % of pairs"
+        if summary.get("first_position_rate") is not None:
+            title += f", the first position won {100 * summary['first_position_rate']:.0f} % of verdicts"
+    return title
+
+
+def plot_pairwise(summary: dict, path: str | Path) -> str:
+    """pairwise_figure(summary) saved as a PNG at `path`."""
+    pairwise_figure(summary).savefig(path)
     return str(path)

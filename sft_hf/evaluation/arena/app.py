@@ -29,6 +29,7 @@ VOTE_BUTTONS = {  # winner → button label, element id
 }
 VERDICTS = {"model_a": "A is better", "model_b": "B is better", "tie": "a tie", "tie (bothbad)": "both are bad"}
 PRIVATE = dict(api_visibility="private")  # no API endpoint a script could call to read a battle
+REPEATED_VOTE = "repeated vote, counted once"  # the operator's log line when a battle is voted on again
 
 
 @dataclass
@@ -36,10 +37,10 @@ class Arena:
     store: VoteStore
     deck: BattleDeck | None = None  # battles from saved responses
     live_models: list = field(default_factory=list)  # LocalModel / ServerModel, for prompts typed by the voter
-    rng: random.Random = field(default_factory=random.Random)
+    live_rng: random.Random = field(default_factory=random.Random)  # live battles' own (the deck has its own)
     bootstrap_rounds: int = 1000
     bootstrap_seed: int = 0
-    rng_lock: threading.Lock = field(default_factory=threading.Lock)
+    live_rng_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---- the handlers, plain functions of plain values (tests call them without a browser)
 
@@ -50,18 +51,21 @@ class Arena:
         """A live battle on the voter's prompt; LiveModelsFailed (a message safe to show) when it cannot be had."""
         if not prompt or not prompt.strip():
             raise LiveModelsFailed("Type an instruction for the two models first.")
-        return live_battle(prompt.strip(), self.live_models, self.rng, self.rng_lock)
+        return live_battle(prompt.strip(), self.live_models, self.live_rng, self.live_rng_lock)
 
     def vote(self, battle: Battle | None, winner: str, voter: str | None = None) -> str:
         """Stores the vote (once per battle) and returns the reveal: the two names and the vote counted."""
         if battle is None:
             raise gr.Error("There is no battle to vote on yet.")
         inserted, stored = self.store.add(Vote(
-            battle.battle_id, battle.model_a, battle.model_b, winner, battle.instruction, battle.response_a,
-            battle.response_b, battle.input, battle.source, voter))
+            battle_id=battle.battle_id, model_a=battle.model_a, model_b=battle.model_b, winner=winner,
+            instruction=battle.instruction, input=battle.input, response_a=battle.response_a,
+            response_b=battle.response_b, source=battle.source, voter=voter))
         again = "" if inserted else " (this battle already had your vote: it counts once)"
         if inserted:  # the operator's log; the browser gets only the reveal below
             print(f"vote {self.store.count()}: {battle.model_a} vs {battle.model_b}: {winner}", flush=True)
+        else:  # a double click or a replayed request
+            print(f"{REPEATED_VOTE} on battle {battle.battle_id}", flush=True)
         return (f"### Model A: {name_md(battle.model_a)} · Model B: {name_md(battle.model_b)}\n"
                 f"Your vote: **{VERDICTS[stored]}**{again}. Votes so far: {self.store.count()}.")
 

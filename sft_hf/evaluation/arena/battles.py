@@ -6,7 +6,6 @@ until its vote is stored. Which model sits on the left is drawn at random for ev
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -18,6 +17,8 @@ from itertools import combinations
 from pathlib import Path
 
 from sft_hf.errors import DataError, RecipeError
+from sft_hf.evaluation.responses import check_responses, default_name, is_conversation, join_by_prompt, \
+    prompt_turns, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,9 @@ class ResponseColumn:
         if not path.is_file():
             raise RecipeError(f"--responses {spec}: no such file {str(path)!r} (use name=file.json or "
                               f"name=file.json:column)")
-        # unnamed: the column, else the file's name, else for recipes/evaluate.py's file its folder (outputs/base)
-        default_name = column if column != DEFAULT_COLUMN else \
-            path.resolve().parent.name if path.stem == "test_responses" else path.stem
-        return cls(name.strip() or default_name, path, column)
+        # unnamed: the column, else the file's name (recipes/evaluate.py's test_responses.json: its run folder)
+        unnamed = column if column != DEFAULT_COLUMN else default_name(path)
+        return cls(name.strip() or unnamed, path, column)
 
     @property
     def label(self) -> str:
@@ -74,82 +74,54 @@ class Prompt:
     responses: dict[str, str]  # model name → its response
 
 
-def read_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON{'L' if path.suffix == '.jsonl' else ''} (line {e.lineno}: "
-                        f"{e.msg})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return records
-
-
-def prompt_key(record: dict) -> tuple[str, str]:
-    return record["instruction"], record.get("input") or ""
-
-
-def describe(key: tuple[str, str], index: int) -> str:
-    instruction, input_ = key
-    short = instruction if len(instruction) <= 60 else instruction[:57] + "..."
-    return f"record {index} (instruction {short!r}" + (f", input {input_[:40]!r})" if input_ else ")")
+def shown_prompt(record: dict, where: str) -> tuple[str, str]:
+    """The instruction and input the voter sees. The page shows one instruction, so a conversation is refused
+    unless its only turn before the reply is the user's (earlier turns or a system message would be hidden)."""
+    if not is_conversation(record):
+        return record["instruction"], record.get("input") or ""
+    turns = prompt_turns(record)
+    if len(turns) != 1 or turns[0].get("role") != "user" or not isinstance(turns[0].get("content"), str):
+        before = ", ".join(str(turn.get("role")) for turn in turns) or "nothing"
+        raise DataError(f"{where}: a conversation with {before} before its reply; the arena shows the voter one "
+                        "instruction, so it compares single-turn records (instruction and input, or one user message)")
+    return turns[0]["content"], ""
 
 
 def load_response_columns(columns: list[ResponseColumn]) -> list[Prompt]:
     """The prompts every column answers, each with every model's response. Records are joined by instruction and
-    input (the k-th repeat of a prompt with the k-th); a record without a partner in every other column is an
-    error that names it."""
+    input (the k-th repeat of a prompt with the k-th, as the pairwise judge joins two files); a record without a
+    partner in every other column is an error that names it."""
     names = Counter(c.name for c in columns)
     if dupes := [n for n, k in names.items() if k > 1]:
         raise RecipeError(f"--responses: the model name {dupes[0]!r} is given twice: name each source, "
                           "e.g. base=a.json tuned=b.json")
-    tables = {}  # name → {(instruction, input, repeat): (record index, response)}
-    cache: dict[Path, list] = {}
+    sides, shown = [], []  # per column: (label, records), and its prompts as the voter would see them
     for col in columns:
-        records = cache.setdefault(col.path, read_records(col.path))
-        seen: Counter = Counter()
-        table = tables[col.name] = {}
-        for i, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise DataError(f"{col.path}: record {i}: expected an object with fields, got {type(record).__name__}")
-            if "messages" in record and "instruction" not in record:
-                raise DataError(f"{col.path}: record {i}: a conversation (messages); the arena compares "
-                                "single-turn records with instruction and input")
-            for key in ("instruction", col.column):
-                if not isinstance(record.get(key), str):
-                    raise DataError(f"{col.path}: record {i}, field {key!r}: missing or not text "
-                                    f"(fields: {sorted(record)})")
-            if not isinstance(record.get("input") or "", str):
-                raise DataError(f"{col.path}: record {i}, field 'input': not text")
-            key = prompt_key(record)
-            table[(*key, seen[key])] = (i, record[col.column])
-            seen[key] += 1
-        if not table:
+        located = read_records(col.path)
+        if not located:
             raise DataError(f"{col.path}: no records")
-    first, *others = columns
-    problems = []
-    for col in others:
-        for a, b in ((first, col), (col, first)):
-            missing = [tables[a.name][k][0] for k in tables[a.name] if k not in tables[b.name]]
-            if missing:
-                keys = {v[0]: k[:2] for k, v in tables[a.name].items()}
-                named = "; ".join(describe(keys[i], i) for i in missing[:3])
-                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-                problems.append(f"{len(missing)} record(s) of {a.label} have no match in {b.label}: {named}{more}")
-    if problems:
-        raise DataError("responses not joined by instruction + input: " + " | ".join(problems))
+        check_responses(located, [col.column])
+        shown.append([shown_prompt(record, where) for record, where in located])
+        sides.append((col.label, [record for record, _ in located]))
     prompts = []
-    for key in tables[first.name]:
-        prompts.append(Prompt(key[0], key[1], {c.name: tables[c.name][key][1] for c in columns}))
+    for row in join_by_prompt(sides):  # one row per record of the first column: its partner's index in each
+        responses = {col.name: records[j][col.column] for col, (_, records), j in zip(columns, sides, row)}
+        prompts.append(Prompt(*shown[0][row[0]], responses))
     return prompts
+
+
+def battle_rngs(seed: int | None) -> tuple[random.Random, random.Random]:
+    """(the deck's generator, the live battles'): one each, so each is guarded by its own user's lock, and both from
+    the one --seed, so the battles drawn from saved responses are the same whether live ones come in between."""
+    if seed is None:
+        return random.Random(), random.Random()
+    return random.Random(seed), random.Random(seed + 1)
 
 
 class BattleDeck:
     """Battles from saved responses: every (prompt, pair of models) once in a shuffled order, then again
-    reshuffled, so votes spread evenly over prompts and pairs. Thread-safe: one deck serves every voter."""
+    reshuffled, so votes spread evenly over prompts and pairs. Thread-safe: one deck serves every voter. `rng` is
+    the deck's own (battle_rngs), used under the deck's lock only."""
 
     def __init__(self, prompts: list[Prompt], models: list[str], rng: random.Random):
         self.prompts, self.models, self.rng = prompts, models, rng
@@ -239,7 +211,8 @@ class LiveModelsFailed(RuntimeError):
 
 
 def live_battle(prompt: str, models: list, rng: random.Random, rng_lock: threading.Lock) -> Battle:
-    """Two of the live models, drawn at random (and their sides), answer the voter's prompt at the same time."""
+    """Two of the live models, drawn at random (and their sides), answer the voter's prompt at the same time. `rng`
+    is the live battles' own generator (battle_rngs), `rng_lock` its lock: the page runs handlers on many threads."""
     with rng_lock:
         left, right = rng.sample(models, 2)
     with ThreadPoolExecutor(2) as pool:

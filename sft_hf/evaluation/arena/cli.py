@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import random
 import stat
 import sys
 import time
@@ -110,18 +109,18 @@ def show_leaderboard(args) -> int:
 
 
 def build_arena(args):
-    from sft_hf.evaluation.arena.battles import BattleDeck, LocalModel, ResponseColumn, ServerModel, \
+    from sft_hf.evaluation.arena.battles import BattleDeck, LocalModel, ResponseColumn, ServerModel, battle_rngs, \
         load_response_columns
     from sft_hf.evaluation.arena.votes import VoteStore
 
-    rng = random.Random(args.seed)
+    deck_rng, live_rng = battle_rngs(args.seed)
     deck = live = None
     if args.responses:
         columns = [ResponseColumn.parse(spec) for spec in args.responses]
         if len(columns) < 2:
             raise RecipeError("--responses: give two or more models' responses (name=file.json name2=file2.json)")
         prompts = load_response_columns(columns)
-        deck = BattleDeck(prompts, [c.name for c in columns], rng)
+        deck = BattleDeck(prompts, [c.name for c in columns], deck_rng)
         print(f"Saved responses: {len(prompts)} prompts answered by {', '.join(c.label for c in columns)}")
     live = [ServerModel.parse(spec, args.api_key_env, args.max_new_tokens) for spec in args.openai]
     for spec in args.model:
@@ -142,13 +141,21 @@ def build_arena(args):
     from sft_hf.evaluation.arena.app import Arena
 
     store = VoteStore(args.votes or DEFAULT_VOTES)
-    return Arena(store, deck, live, rng, args.bootstrap_rounds, args.bootstrap_seed)
+    return Arena(store, deck, live, live_rng, args.bootstrap_rounds, args.bootstrap_seed)
+
+
+def check_output_folder(flag: str, path: str | None) -> None:
+    """The folder an output file goes into exists: one line now, not a traceback after the votes are read."""
+    if path and not Path(path).parent.is_dir():
+        raise RecipeError(f"{flag} {path}: folder {Path(path).parent} does not exist")
 
 
 def main(argv=None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.bootstrap_rounds < 0:
         raise RecipeError(f"--bootstrap_rounds {args.bootstrap_rounds}: must be 0 or more")
+    check_output_folder("--export", args.export)
+    check_output_folder("--plot", args.plot)
     if args.export:
         from sft_hf.evaluation.arena.votes import export_jsonl, open_votes
 

@@ -7,7 +7,8 @@ one model's column and -ln 10 in the other's; a decisive vote weighs 2 for its w
 a win each); "tie (bothbad)" counts as a tie, as Chatbot Arena counts it. Ratings are 400 · coefficient, shifted
 to a mean of 1000 (the notebook adds 1000 to a fit that lands on mean zero; here the shift is explicit).
 95 % intervals: the 2.5th and 97.5th percentiles over `rounds` refits on the votes resampled with replacement
-(seeded), as the notebook's `get_bootstrap_result`; the rating shown is the fit on all votes.
+(seeded), as the notebook's `get_bootstrap_result` (win_rate.py's bootstrap_interval, as the pairwise
+judge's); the rating shown is the fit on all votes.
 
 No gradio here: `sft-hf arena --leaderboard` starts fast and the maths is testable alone.
 """
@@ -18,6 +19,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from sft_hf.evaluation.win_rate import CONFIDENCE, bootstrap_interval
 
 SCALE, BASE, MEAN_RATING = 400, 10, 1000  # Chatbot Arena's scale: 400 points per factor of 10 in the odds
 
@@ -133,24 +136,34 @@ def finite_ratings_problem(battles: Battles) -> str | None:
            "collect more votes"
 
 
+def winner_of(battle: dict) -> str | None:
+    """The model that won the battle, None for a tie ("model_a" means the model on the left, battle["model_a"])."""
+    return battle[battle["winner"]] if battle["winner"] in ("model_a", "model_b") else None
+
+
+def loser_of(battle: dict) -> str | None:
+    """The model that lost the battle, None for a tie."""
+    return {"model_a": battle["model_b"], "model_b": battle["model_a"]}.get(battle["winner"])
+
+
 def compute_leaderboard(battles: list[dict], rounds: int = 1000, seed: int = 0) -> Leaderboard:
     if not battles:
         return Leaderboard([], 0, rounds, seed)
     table = Battles(battles)
     ratings = fit_bradley_terry(table)
     samples, undetermined = bootstrap_ratings(table, rounds, seed) if rounds else (ratings[None, :], 0.0)
-    lower, upper = np.percentile(samples, [2.5, 97.5], axis=0)
+    lower, upper = bootstrap_interval(samples, CONFIDENCE, axis=0)  # one interval per model
     standings = []
     for k, model in enumerate(table.models):
         mine = [b for b in battles if model in (b["model_a"], b["model_b"])]
-        wins = sum(b.get(b["winner"]) == model for b in mine)  # winner "model_a": b["model_a"] won
+        wins = sum(winner_of(b) == model for b in mine)
         ties = sum(b["winner"] == "tie" for b in mine)
         bothbad = sum(b["winner"] == "tie (bothbad)" for b in mine)
         standings.append(Standing(model, float(ratings[k]), float(lower[k]), float(upper[k]), len(mine), wins,
                                   len(mine) - wins - ties - bothbad, ties, bothbad))
     standings.sort(key=lambda s: (-s.rating, s.model))
     warning = finite_ratings_problem(table)
-    if warning is None and undetermined > 0.025:  # more than the 2.5 % each end of the interval leaves out
+    if warning is None and undetermined > (1 - CONFIDENCE) / 2:  # more than each end of the interval leaves out
         warning = (f"in {undetermined:.0%} of the bootstrap resamples a model (or a group of models) won or lost every "
                    "vote it had, so those refits have no finite ratings: the far ends of the 95% intervals are "
                    "arbitrary; collect more votes")
@@ -164,9 +177,8 @@ def win_rate_matrix(battles: list[dict], models: list[str]) -> tuple[np.ndarray,
     index = {m: i for i, m in enumerate(models)}
     wins = np.zeros((len(models),) * 2, dtype=int)
     for b in battles:
-        if b["winner"] in ("model_a", "model_b"):
-            loser = "model_b" if b["winner"] == "model_a" else "model_a"
-            wins[index[b[b["winner"]]], index[b[loser]]] += 1
+        if winner_of(b) is not None:
+            wins[index[winner_of(b)], index[loser_of(b)]] += 1
     decisive = wins + wins.T
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(decisive > 0, wins / decisive, np.nan), decisive

@@ -3,7 +3,8 @@
 One row per battle, written in one transaction the moment the voter clicks, so a server killed mid-vote keeps
 every vote it acknowledged. The battle id is the primary key: a replayed request (a double click, a resent
 websocket message) inserts nothing the second time. WAL journal and a busy timeout let many voters write at once.
-Standard library only: `sft-hf arena --leaderboard` never imports gradio.
+The file's schema version (SQLite's user_version) is written when the file is created and checked on every open.
+No gradio here: `sft-hf arena --leaderboard` never imports it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sft_hf.errors import DataError, RecipeError
+from sft_hf.evaluation.responses import read_records, require_text
 
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")  # Chatbot Arena's names for the four buttons
 BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another's lock before giving up
@@ -64,14 +66,29 @@ class VoteStore:
             raise RecipeError(f"--votes {self.path}: folder {self.path.parent} does not exist")
         try:
             with closing(self._connect()) as conn:
-                if create:
-                    conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: readers never block the writer
-                    conn.executescript(SCHEMA)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'votes'").fetchone():
+                if has_votes_table(conn):
+                    self._check_version(conn)
+                elif create:
+                    self._create(conn)
+                else:
                     raise DataError(f"{self.path}: an SQLite file without a votes table (not an arena's votes)")
+        except sqlite3.OperationalError as e:  # a folder or file this user cannot open (or write, to create)
+            raise RecipeError(f"cannot open {self.path}: {e}") from None
         except sqlite3.DatabaseError as e:
             raise DataError(f"{self.path}: not a votes database ({e})") from None
+
+    @staticmethod
+    def _create(conn: sqlite3.Connection) -> None:
+        """The table and its version in one transaction (a second process creating it at once waits, then finds
+        it); the only write an open makes."""
+        conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: readers never block the writer
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
+
+    def _check_version(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise DataError(f"{self.path}: votes schema version {version}, but this sft-hf reads version "
+                            f"{SCHEMA_VERSION} (a file from another sft-hf version?)")
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: autocommit, so one INSERT is one transaction, committed before it returns
@@ -104,6 +121,10 @@ class VoteStore:
             return conn.execute("SELECT COUNT(*) FROM votes").fetchone()[0]
 
 
+def has_votes_table(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'votes'").fetchone() is not None
+
+
 def open_votes(path: str | Path) -> VoteStore:
     """An existing votes file (for --leaderboard and --export: a typo must not create an empty database)."""
     return VoteStore(path, create=False)
@@ -134,6 +155,8 @@ def battle_record(vote: Vote) -> dict:
 def export_jsonl(store: VoteStore, path: str | Path) -> int:
     """Writes every vote as one JSON line; returns how many. Written to a temporary file first, then renamed."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise RecipeError(f"{path}: folder {path.parent} does not exist")
     records = [battle_record(v) for v in store.votes()]
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -147,25 +170,11 @@ def read_battles(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.suffix not in (".jsonl", ".json"):
         return [battle_record(v) for v in open_votes(path).votes()]
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
-            numbered = list(enumerate(json.loads(text)))
-            where = "record"
-        else:
-            numbered = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-            where = "line"
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not JSON (line {e.lineno}: {e.msg})") from None
-    for n, battle in numbered:
-        for key in ("model_a", "model_b", "winner"):
-            if not isinstance(battle, dict) or not isinstance(battle.get(key), str):
-                raise DataError(f"{path}: {where} {n}, field {key!r}: missing or not text")
+    located = read_records(path)
+    for battle, where in located:
+        require_text(battle, where, ("model_a", "model_b", "winner"))
         if battle["winner"] not in WINNERS:
-            raise DataError(f"{path}: {where} {n}, field 'winner': {battle['winner']!r} is not one of "
-                            f"{', '.join(WINNERS)}")
+            raise DataError(f"{where}, field 'winner': {battle['winner']!r} is not one of {', '.join(WINNERS)}")
         if battle["model_a"] == battle["model_b"]:
-            raise DataError(f"{path}: {where} {n}: model_a and model_b are both {battle['model_a']!r}")
-    return [battle for _, battle in numbered]
+            raise DataError(f"{where}: model_a and model_b are both {battle['model_a']!r}")
+    return [battle for battle, _ in located]

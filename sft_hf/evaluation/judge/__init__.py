@@ -20,6 +20,7 @@ from sft_hf.evaluation.judge.clients import (
 )
 from sft_hf.evaluation.judge.pairwise import (
     ORDERS,
+    PAIRWISE_CACHE,
     PAIRWISE_PROMPT,
     PAIRWISE_PROMPT_FIELDS,
     PAIRWISE_REFERENCE_PROMPT,
@@ -62,6 +63,7 @@ __all__ = [
     "ORDERS",
     "OllamaJudge",
     "OpenAIJudge",
+    "PAIRWISE_CACHE",
     "PAIRWISE_PROMPT",
     "PAIRWISE_PROMPT_FIELDS",
     "PAIRWISE_REFERENCE_PROMPT",

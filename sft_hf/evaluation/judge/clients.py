@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sft_hf.errors import did_you_mean
+from sft_hf.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ class StructuredOutputRefused(JudgeRequestError):
     """The server refused every form of structured output it was offered (a 4xx to each)."""
 
 
-class JudgeUnavailableError(RuntimeError):
-    """The judge server could not be reached: stop instead of failing every item one by one."""
+class JudgeUnavailableError(UserError):
+    """The judge server could not be reached, or stopped answering: stop instead of failing every item one by one.
+    A UserError (start the server, fix --judge_url): `run_cli` prints it as one line, exit code 2."""
 
 
 _client_lock = threading.Lock()

@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sft_hf.errors import DataError
 from sft_hf.evaluation.judge.prompts import format_input
 from sft_hf.evaluation.judge.runner import ask_all
-from sft_hf.evaluation.win_rate import plot_win_rates, summarize_outcomes
+from sft_hf.evaluation.responses import join_by_prompt
+from sft_hf.evaluation.win_rate import plot_pairwise, summarize_outcomes
 from sft_hf.templates import reference_answer
 
 # MT-bench's pair prompts (FastChat llm_judge/data/judge_prompts.jsonl), system prompt and template as one user
@@ -62,6 +62,7 @@ VERDICT_SCHEMA = {
     "additionalProperties": False,
 }
 ORDERS = ("model first", "baseline first")  # who is assistant A in each of a pair's two prompts
+PAIRWISE_CACHE = "pairwise_cache.jsonl"  # in the output folder: the judge's answers, for resuming
 
 
 @dataclass
@@ -124,21 +125,6 @@ class Pair:
     baseline_index: int
 
 
-def prompt_key(record: dict) -> tuple:
-    """What two response files are joined by: instruction + input, or a conversation's turns before its reply."""
-    if record.get("messages"):  # content as JSON: it may be a list of parts
-        return tuple((m.get("role"), json.dumps(m.get("content") or "")) for m in record["messages"][:-1])
-    return record.get("instruction"), record.get("input") or ""
-
-
-def describe(record: dict, index: int) -> str:
-    """"record 3 ('Name three animals…')", for error messages: the instruction, or a conversation's last question."""
-    turns = record.get("messages") or []
-    text = turns[-2].get("content") if len(turns) > 1 and isinstance(turns[-2], dict) else record.get("instruction")
-    text = " ".join(str(text or "").split())
-    return f"record {index} ({text[:40] + '…' if len(text) > 40 else text!r})"
-
-
 def reference_of(record: dict) -> str:
     """The reference answer, or "" for a record without one."""
     return reference_answer(record) if (record.get("messages") or "output" in record) else ""
@@ -151,31 +137,12 @@ def pairs_from_columns(records: list[dict], model_key: str, baseline_key: str) -
 
 def join_responses(model_records: list[dict], baseline_records: list[dict], model_key: str, baseline_key: str,
                    model_file: str = "model file", baseline_file: str = "baseline file") -> list[Pair]:
-    """Pairs in the model file's order, matched by `prompt_key` (the k-th repeat of an instruction with the k-th
-    repeat in the other file). Every record must have its counterpart: a DataError names those that do not."""
-    waiting = collections.defaultdict(collections.deque)
-    for j, record in enumerate(baseline_records):
-        waiting[prompt_key(record)].append(j)
-    pairs, unmatched_model = [], []
-    for i, record in enumerate(model_records):
-        queue = waiting.get(prompt_key(record))
-        if not queue:
-            unmatched_model.append(i)
-            continue
-        j = queue.popleft()
-        pairs.append(Pair(record, record[model_key], baseline_records[j][baseline_key], i, j))
-    unmatched_baseline = sorted(j for queue in waiting.values() for j in queue)
-    if unmatched_model or unmatched_baseline:
-        def listed(indices, records, here, there):
-            shown = ", ".join(describe(records[k], k) for k in indices[:3])
-            return f"{len(indices)} record(s) of {here} not in {there}: {shown}{', …' if len(indices) > 3 else ''}"
-
-        parts = [listed(unmatched_model, model_records, model_file, baseline_file) if unmatched_model else None,
-                 listed(unmatched_baseline, baseline_records, baseline_file, model_file) if unmatched_baseline else None]
-        raise DataError(f"{model_file} and {baseline_file} do not hold the same instructions (joined by instruction "
-                        f"+ input, or a conversation's turns): " + "; ".join(p for p in parts if p)
-                        + " (generate both from the same --dataset_name, --split and --shuffle_seed)")
-    return pairs
+    """Pairs in the model file's order, matched by instruction + input or a conversation's turns (the k-th repeat
+    of an instruction with the k-th repeat in the other file; sft_hf/evaluation/responses.py, as the arena joins).
+    Every record must have its counterpart: a DataError names those that do not."""
+    rows = join_by_prompt([(model_file, model_records), (baseline_file, baseline_records)])
+    return [Pair(model_records[i], model_records[i][model_key], baseline_records[j][baseline_key], i, j)
+            for i, j in rows]
 
 
 PAIRWISE_PROMPT_FIELDS = ("question", "reference", "answer_a", "answer_b")  # what --judge_prompt can name
@@ -355,10 +322,10 @@ def run_pairwise(pairs: list[Pair], judge, output_dir: str | Path, model_name: s
                  backoff: float = 1.0, show_progress: bool = True, bootstrap_samples: int = 1000, seed: int = 0,
                  prompt_template: str | None = None) -> dict:
     """Judge every pair in both orders, print the summary, write pairwise_verdicts.json, pairwise_summary.json and
-    pairwise_win_rate.png; answers are cached in pairwise_cache.jsonl (a rerun resumes from it)."""
+    pairwise_win_rate.png; answers are cached in PAIRWISE_CACHE (a rerun resumes from it)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results = judge_pairs(pairs, judge, output_dir / "pairwise_cache.jsonl", judge_format, max_workers, retries,
+    results = judge_pairs(pairs, judge, output_dir / PAIRWISE_CACHE, judge_format, max_workers, retries,
                           backoff, show_progress, prompt_template, desc=f"Judging {model_name} vs {baseline_name}")
     summary = {"model": model_name, "baseline": baseline_name, "judge": judge.identity, "judge_format": judge_format,
                **summarize_pairs(results, pairs, bootstrap_samples, seed)}
@@ -371,5 +338,5 @@ def run_pairwise(pairs: list[Pair], judge, output_dir: str | Path, model_name: s
     verdicts = {"model": model_name, "baseline": baseline_name, "judge": judge.identity, "pairs": per_pair}
     (output_dir / "pairwise_verdicts.json").write_text(json.dumps(verdicts, indent=2) + "\n")
     (output_dir / "pairwise_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_win_rates(summary, output_dir / "pairwise_win_rate.png", model_name, baseline_name, summary)
+    plot_pairwise(summary, output_dir / "pairwise_win_rate.png")
     return summary

@@ -29,7 +29,6 @@ def make_judge_prompt(entry: dict, response_key: str = "model_response", prompt_
     return prompt_template.format(input=format_input(entry), output=reference_answer(entry), response=entry[response_key])
 
 
-
 JUDGE_PROMPT_FIELDS = ("input", "output", "response")
 
 

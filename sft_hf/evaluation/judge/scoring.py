@@ -43,7 +43,6 @@ SCORE_SCHEMA = {
     "required": ["score"],
     "additionalProperties": False,
 }
-JUDGE_FORMATS = ("auto", "json", "text")  # auto: JSON where the server takes it, else chapter 7's text
 
 
 def parse_structured_score(reply: str) -> ParsedScore:

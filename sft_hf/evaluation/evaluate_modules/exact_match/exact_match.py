@@ -1,5 +1,5 @@
 """Exact match as a local `evaluate` module: the share of predictions equal to their reference after collapsing
-whitespace (the same rule as `sft_hf.generation.exact_match`, which the training recipe reports)."""
+whitespace (the same rule as `sft_hf.evaluation.generation.exact_match`, which the training recipe reports)."""
 import datasets
 import evaluate
 
