@@ -308,7 +308,7 @@ def matmul_flops(seconds: float = 1.5, n: int = 1024) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     kernels = {"torch.matmul": lambda: a @ b}
-    from sft_hf.run.config import cpu_has_native_bf16, gpu_has_native_bf16
+    from sft_hf.precision import cpu_has_native_bf16, gpu_has_native_bf16
 
     if (device == "cpu" and cpu_has_native_bf16()) or (device == "cuda" and gpu_has_native_bf16()):
         a16, b16 = a.bfloat16(), b.bfloat16()
@@ -530,7 +530,7 @@ def main(argv=None):
         from sft_hf.speed import allocator
 
         allocator.use_fast_allocator()  # as recipes/train.py does: re-runs this child once on tcmalloc
-    from benchmarks.workloads import WORKLOADS, build_workload, train_records  # noqa: F811
+    from benchmarks.workloads import build_workload, train_records  # noqa: F811
 
     if opts.child:
         Path(opts.child_out).write_text(json.dumps(run_one(opts.child, opts.workload, opts.fraction, opts.threads)))
@@ -541,7 +541,7 @@ def main(argv=None):
         opts.repeats, opts.fraction, opts.slow_fraction = 1, 0.25, min(opts.slow_fraction, 0.1)
     import torch
 
-    from sft_hf.run.config import cpu_has_native_bf16, gpu_has_native_bf16
+    from sft_hf.precision import cpu_has_native_bf16, gpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
     if opts.device == "cuda" and not cuda:

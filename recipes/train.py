@@ -1,198 +1,21 @@
-"""Supervised instruction fine-tuning, top to bottom.
+"""Supervised instruction fine-tuning: the whole run is sft_hf/train.py (also `sft-hf train`).
 
     accelerate launch recipes/train.py                                  # the offline default recipe
     accelerate launch recipes/train.py --config recipes/gpt2-medium-alpaca.yaml --learning_rate 1e-4
 
-Every value comes from the YAML recipe and any flag overrides it. Without --config: recipes/default.yaml, unless the
-command line names a model or dataset (then TrainingArguments' / TRL's defaults, like `trl sft`).
+Every value comes from the YAML recipe and any flag overrides it. Without --config: the default recipe
+(recipes/default.yaml), unless the command line names a model or dataset (then TrainingArguments' / TRL's defaults).
 """
-import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from sft_hf.speed import allocator  # noqa: E402
-
-if __name__ == "__main__":  # before torch allocates anything: re-runs this command once on tcmalloc (Linux)
-    allocator.use_fast_allocator()
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import set_seed  # noqa: E402
-
-from sft_hf import (  # noqa: E402
-    InstructionTrainer,
-    exact_match,
-    generate_responses,
-    get_template,
-    load_model,
-    load_tokenizer,
-    tokenize_dataset,
-)
-from sft_hf.run import hub  # noqa: E402
-from sft_hf.callbacks import BaselineExactMatchCallback, GenerationSamplesCallback  # noqa: E402
-from sft_hf.collator import recipe_collator  # noqa: E402
-from sft_hf.data import load_recipe_splits  # noqa: E402
-from sft_hf.evaluation.generation import request_text  # noqa: E402
-from sft_hf.templates import reference_answer  # noqa: E402
-from sft_hf.run.config import format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
-from sft_hf.run.checkpoints import (  # noqa: E402
-    RECIPE_FILE, check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint)
-from sft_hf.run.outputs import logged_train_loss, plot_loss_curve, save_template  # noqa: E402
-from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction, run_cli  # noqa: E402
-from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
-from sft_hf.speed.threads import set_cpu_threads  # noqa: E402
-
-logger = logging.getLogger("sft_hf")
-
-
-def measure_exact_match(model, tokenizer, records, template, args, label):
-    # Every process generates its share: under FSDP / ZeRO-3 each forward pass needs all of them.
-    responses = generate_responses(model, tokenizer, records, template, args.max_new_tokens,
-                                   batch_size=args.generation_batch_size, show_progress=args.process_index == 0,
-                                   distributed=args.world_size > 1)
-    score = exact_match(responses, [reference_answer(r) for r in records])
-    if args.process_index == 0:
-        print(f"\n{label} exact match on {len(records)} held-out instructions: {score:.3f}")
-        for record, response in list(zip(records, responses))[: args.num_sample_generations]:
-            print(f"  {request_text(record)} → {response!r} (expected {reference_answer(record)!r})")
-    return score, responses
-
-
-def main(argv=None):
-    # torchrun (accelerate's multi-process launcher) never tells processes to use the CPU: without a GPU each would
-    # silently train alone as world size 1. With this they join one gloo group (accelerate_configs/cpu_2proc.yaml).
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    model_args, data_args, args, recipe = parse_recipe_and_values(argv)
-    # The Hub push runs once at the end (sft_hf/run/hub.py), not from Trainer at start-up and at every checkpoint; the
-    # token is kept out of `args`, which Trainer pickles into training_args.bin.
-    push_to_hub, hub_token = args.push_to_hub, args.hub_token
-    args.push_to_hub, args.hub_token = False, None
-    if push_to_hub and not args.hub_model_id:
-        raise RecipeError("push_to_hub needs hub_model_id (user/name)")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    install_secret_redaction()  # tokens / API keys from the environment never reach a log line
-    set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
-    if args.process_index == 0:
-        logger.info("malloc: %s (SFT_HF_ALLOCATOR=system keeps glibc's; sft_hf/speed/allocator.py says why)",
-                    allocator.active_allocator())
-    if args.process_index == 0:
-        logger.info("recipe: %s", format_recipe(recipe))
-    check_output_dir(args, is_main=args.process_index == 0)  # before any work: a second run must not clobber the first
-    # `true` / `latest` → the newest checkpoint in output_dir that was completely written
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if resume:  # with the values it was trained with, else a mix of old optimizer state and new schedule
-        check_resume_recipe(resume, recipe)
-    set_seed(args.seed)
-
-    # 1. Data: load, split, template, tokenize (the main process first, the others reuse its datasets cache).
-    tokenizer = load_tokenizer(model_args)
-    template = get_template(data_args.template)
-    raw = load_recipe_splits(data_args, template)
-    with args.main_process_first(desc="tokenize"):
-        tokenized = tokenize_dataset(raw, tokenizer, template, args.max_length, data_args.dataset_num_proc,
-                                     verbose=args.process_index == 0, trained_turns=args.trained_turns)
-    if "messages" in raw["train"].column_names and not args.completion_only_loss:
-        logger.warning("chat data with completion_only_loss false: user, system and tool turns are trained too; "
-                       "set completion_only_loss: true to train only the assistant replies")
-    held_out = raw["test"] if len(raw["test"]) else raw["validation"]
-
-    # 2. Model.
-    model = load_model(model_args, tokenizer, args)
-
-    # 3. Train; exact match before the first update (what "learned" is measured against) when training starts.
-    # padding-free rows when the attention keeps examples apart (sdpa_varlen by default, flash-attention), else padded
-    collator = recipe_collator(tokenizer, args, model)
-    args.padding_free = collator.padding_free  # what was used, for the saved arguments and the model card
-    trainer = InstructionTrainer(
-        model=model,
-        args=args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
-        processing_class=tokenizer,
-        data_collator=collator,
-        callbacks=[StopOnNonFiniteLoss()],  # stops at a NaN/inf gradient before it is applied
-        recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
-    )
-    if args.eval_exact_match and args.baseline_exact_match:
-        trainer.add_callback(BaselineExactMatchCallback(lambda model: measure_exact_match(
-            model, tokenizer, held_out.to_list(), template, args, "Before training:")[0]))
-    if getattr(args, "eval_generation_samples", 0) and len(raw["validation"]):  # show what the model writes
-        samples = raw["validation"].select(range(min(args.eval_generation_samples, len(raw["validation"]))))
-        trainer.add_callback(GenerationSamplesCallback(samples.to_list(), template, args.max_new_tokens,
-                                                       check_answers=args.eval_exact_match,
-                                                       batch_size=args.generation_batch_size))
-    if push_to_hub and (reason := hub.cannot_push_reason(hub_token)):
-        logger.warning("push_to_hub: %s; training anyway, the push at the end will fail", reason)
-    try:
-        train_result = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
-        for callback in trainer.callback_handler.callbacks:  # the progress bar ends above that line, not below it
-            for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
-                if bar is not None:
-                    bar.close()
-        raise Interrupted(interrupted_training_message(args.output_dir, trainer.state)) from None
-
-    # 4. Save the model in standard HF format first: an evaluation that fails or is interrupted loses no training.
-    if trainer.is_fsdp_enabled:  # sharded checkpoints while training, one full state dict `from_pretrained` reads
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    # Written beside output_dir and moved in once complete: an interrupted save never looks like a whole model.
-    with atomic_save(args.output_dir, enabled=trainer.is_world_process_zero()) as save_dir:
-        trainer.save_model(save_dir)
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(save_dir)
-            save_template(template, save_dir)
-            save_recipe(recipe, Path(save_dir, RECIPE_FILE))  # re-run with --config <output_dir>/recipe.yaml
-    if trainer.is_world_process_zero():  # a replaced run's card and metrics described its model, not this one
-        for name in RUN_RESULTS:
-            Path(args.output_dir, name).unlink(missing_ok=True)
-
-    # 5. Validation loss and exact match after training (on every process), then metrics, loss curve and card.
-    metrics = {}
-    if (baseline := BaselineExactMatchCallback.logged(trainer.state)) is not None:
-        metrics["baseline_exact_match"] = baseline
-    metrics.update(train_result.metrics)
-    if resume:  # Trainer's train_loss covers only the steps after the resume (0.0 when none were left)
-        metrics["train_loss"] = logged_train_loss(trainer.state.log_history)
-    metrics["train_trained_tokens"] = trainer.trained_tokens_total
-    try:
-        if trainer.eval_dataset is not None:
-            metrics.update(trainer.evaluate())
-        if args.eval_exact_match:
-            metrics["eval_exact_match"], responses = measure_exact_match(
-                trainer.model, tokenizer, held_out.to_list(), template, args, "After training:")
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted after training: the trained model is saved in {args.output_dir}, without "
-                          "this run's evaluation, metrics and model card") from None
-    if args.eval_exact_match and args.process_index == 0:
-        records = [{**r, "model_response": resp} for r, resp in zip(held_out.to_list(), responses)]
-        Path(args.output_dir, "test_responses.json").write_text(json.dumps(records, indent=2) + "\n")
-    if trainer.is_world_process_zero():
-        trainer.save_metrics("all", metrics)
-        trainer.save_state()
-        plot_loss_curve(trainer.state.log_history, str(Path(args.output_dir, "loss_curve.png")))
-        hub.build_model_card(args.output_dir, None, model_args, data_args, args, template, metrics, recipe).save(
-            Path(args.output_dir, "README.md"))
-        print(f"\nSaved model, tokenizer, template, model card and loss curve to {args.output_dir}")
-        print(json.dumps({k: v for k, v in metrics.items() if "exact_match" in k or "loss" in k}, indent=2))
-    # Every process leaves the process group together: a gloo process that exits without destroying it can abort
-    # at interpreter teardown ("terminate called without an active exception", pytorch/pytorch#190489).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
-    if push_to_hub and trainer.is_world_process_zero():
-        card = hub.build_model_card(args.output_dir, args.hub_model_id, model_args, data_args, args, template, metrics,
-                                    recipe)
-        try:
-            url = hub.push_to_hub(args.output_dir, args.hub_model_id, card, args.hub_private_repo, hub_token)
-        except hub.HubPushError as error:
-            logger.error("%s", error)
-            sys.exit(1)
-        print(f"Pushed to {url}")
-
 
 if __name__ == "__main__":
+    from sft_hf.speed import allocator
+
+    allocator.use_fast_allocator()  # before torch allocates anything: re-runs this command once on tcmalloc (Linux)
+    from sft_hf.errors import run_cli
+    from sft_hf.train import main
+
     sys.exit(run_cli(main))  # bad data / template / recipe: one line on stderr and exit code 2, not a traceback

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sft_hf.evaluation.generation import exact_match, generate_responses, request_text
+from sft_hf.evaluation.generation import generate_responses, request_text
+from sft_hf.evaluation.metrics import exact_match
 from sft_hf.templates import reference_answer
 
 logger = logging.getLogger(__name__)

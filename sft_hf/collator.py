@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sft_hf.speed import master_weights
+from sft_hf.precision import settle_precision
 from sft_hf.speed.varlen_attention import NAME as VARLEN_ATTENTION
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and every HF loss) skips
@@ -22,6 +22,7 @@ class InstructionDataCollator:
 
     Returns `input_ids`, `attention_mask` and `labels` (right padding), or with `padding_free=True` one row per batch
     with `position_ids` restarting at 0 for each example and no padding at all (attention stays within an example).
+    Rows packed by `sft_hf.packing` (with `seq_lengths`) are taken apart into their examples first.
 
     - `completion_only_loss`: train only the tokens the row's `completion_mask` marks (1 = trained): the responses,
       or each assistant reply of a conversation with its end-of-turn token; prompts, user/system/tool turns and role
@@ -41,7 +42,7 @@ class InstructionDataCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows, labels = [], []
-        for f in features:
+        for f in (example for row in features for example in _unpack(row)):
             ids = list(f["input_ids"])[: self.max_length]
             target = list(ids)
             if self.completion_only_loss and f.get("completion_mask") is not None:
@@ -87,6 +88,17 @@ class InstructionDataCollator:
         }
 
 
+def _unpack(row: dict) -> list[dict]:
+    """A packed row's examples (by its `seq_lengths`), or the row itself."""
+    if "seq_lengths" not in row:
+        return [row]
+    examples, start = [], 0
+    for length in row["seq_lengths"]:
+        examples.append({k: row[k][start:start + length] for k in ("input_ids", "completion_mask") if k in row})
+        start += length
+    return examples
+
+
 def resolve_pad_token_id(tokenizer) -> int:
     """Pad with the tokenizer's pad token, else its EOS (safe here: labels are masked by length, not by id)."""
     if tokenizer.pad_token_id is not None:
@@ -104,24 +116,18 @@ def has_varlen_attention(model) -> bool:
     return "flash" in implementation or implementation == VARLEN_ATTENTION
 
 
-# Padding-free rows are rounded up to this many tokens by default: their length then takes few distinct values, so
-# shape-specialised kernels are reused (oneDNN primitives on CPU: +16% tokens/s on W1) for < 1% filler. With bf16
-# weights on a CPU (AMX tiles multiply 32-deep bf16 blocks) rows of 32 made SmolLM2 steps 5% faster (0.87 vs 0.91 s).
-PADDING_FREE_MULTIPLE = 8
-PADDING_FREE_MULTIPLE_BF16_CPU = 32
-
-
 def recipe_collator(tokenizer, args, model=None) -> InstructionDataCollator:
-    """The collator a recipe's arguments ask for; recipes/train.py, `sft-hf inspect` and `sft-hf report` share it.
+    """The collator a recipe's arguments ask for; sft_hf/train.py, `sft-hf inspect` and `sft-hf report` share it.
 
     `padding_free` unset: on when `model` runs a variable-length attention (flash-attention or sdpa_varlen, the
-    default on full-attention models); without a model, off.
+    default on full-attention models) or the rows are packed; without a model, off. Padding-free rows are rounded up
+    to the precision plan's row multiple (sft_hf/precision.py) unless `pad_to_multiple_of` says otherwise.
     """
     padding_free = args.packing or (args.padding_free if args.padding_free is not None else has_varlen_attention(model))
     multiple = args.pad_to_multiple_of
     if multiple is None and padding_free:
-        bf16_weights = getattr(args, "master_weights", False) and not master_weights.ruled_out_for(model)
-        multiple = PADDING_FREE_MULTIPLE_BF16_CPU if bf16_weights else PADDING_FREE_MULTIPLE
+        plan = args.precision_plan if model is None else settle_precision(args, model)
+        multiple = plan.row_multiple
     return InstructionDataCollator(
         pad_token_id=tokenizer.pad_token_id,
         completion_only_loss=args.completion_only_loss,

@@ -1,5 +1,6 @@
 """How a problem reaches the user: bad input as one line on stderr and exit code 2, a non-finite loss as exit code 3,
-never a traceback; secrets from the environment redacted there and in every log line.
+never a traceback (unless SFT_HF_DEBUG=1 asks for it); secrets from the environment redacted there and in every log
+line.
 
 Standard library only: a command that never trains (`recipes/evaluate.py --responses` asking a judge, `--help`)
 starts without importing torch or transformers' Trainer (about 8 s on 2 CPU cores).
@@ -11,6 +12,9 @@ import logging
 import os
 import re
 import sys
+import traceback
+
+DEBUG = "SFT_HF_DEBUG"  # =1: the full traceback under the one-line error, for whoever debugs the library
 
 
 class UserError(ValueError):
@@ -34,10 +38,11 @@ class Interrupted(Exception):
     """Ctrl-C, with what was kept and how to go on: one line on stderr, exit code 130 (the shell's for SIGINT)."""
 
 
-def did_you_mean(name: str, names) -> str:
-    """The hint for a mistyped name: "did you mean 'x'?" with the closest of `names`, or "" when none is close."""
+def did_you_mean(name: str, names, shown=repr) -> str:
+    """The hint for a mistyped name: "did you mean 'x'?" with the closest of `names` (as `shown` writes it), or ""
+    when none is close."""
     close = difflib.get_close_matches(name, list(names), n=1)
-    return f"did you mean {close[0]!r}?" if close else ""
+    return f"did you mean {shown(close[0])}?" if close else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,12 +108,17 @@ def run_cli(main, argv=None) -> int:
     except Interrupted as e:
         _print_error(e, prefix="\n")
         return 130
-    except KeyboardInterrupt:
-        _print_error("interrupted", prefix="\n")
+    except KeyboardInterrupt as e:
+        _print_error("interrupted", prefix="\n", cause=e)
         return 130
     return code if isinstance(code, int) else 0  # a main that returns its exit code (sft-hf commands) keeps it
 
 
-def _print_error(error: Exception | str, prefix: str = "") -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{prefix}error: {redact(str(error))}", file=sys.stderr)
+def _print_error(error: Exception | str, prefix: str = "", cause: BaseException | None = None) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"{prefix}error: {redact(str(error))}", file=sys.stderr)
+    cause = cause or (error if isinstance(error, BaseException) else None)
+    if cause is not None and os.environ.get(DEBUG, "") not in ("", "0"):
+        trace = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+        print(redact(trace), file=sys.stderr, end="")

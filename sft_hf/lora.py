@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -127,17 +128,23 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto", overwrite
     return out_dir
 
 
+@dataclass
+class MergeArguments:
+    _argument_group_name = "merge-lora"
+    adapter_dir: str = field(metadata={"help": "output_dir of a LoRA run (has adapter_config.json)."})
+    out_dir: str = field(metadata={"help": "Where to write the merged model."})
+    dtype: str = field(default="auto", metadata={"help": "auto (as saved), float32, bfloat16 or float16."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the model files of a non-empty out_dir."})
+
+
 def main(argv=None) -> int:
     """`sft-hf merge-lora ADAPTER_DIR OUT_DIR [--dtype bfloat16]` (also recipes/merge_lora.py)."""
-    import argparse
+    from sft_hf.run.parser import Command, parse_command
 
-    parser = argparse.ArgumentParser(prog="sft-hf merge-lora",
-                                     description="Fold a LoRA adapter into its base model and save a full model.")
-    parser.add_argument("adapter_dir", help="output_dir of a LoRA run (has adapter_config.json)")
-    parser.add_argument("out_dir", help="where to write the merged model")
-    parser.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16 or float16")
-    parser.add_argument("--overwrite", action="store_true", help="replace the model files of a non-empty out_dir")
-    args = parser.parse_args(argv)
+    command = Command(prog="sft-hf merge-lora", dataclass_types=(MergeArguments,), positional=("adapter_dir", "out_dir"),
+                      usage="{prog} ADAPTER_DIR OUT_DIR [--dtype bfloat16] [--overwrite true]",
+                      summary="Fold a LoRA adapter into its base model and save a full model.")
+    args, _ = parse_command(command, argv)
     merge_adapter(args.adapter_dir, args.out_dir, args.dtype, args.overwrite)
     print(f"Merged {args.adapter_dir} into a full model at {args.out_dir}")
     return 0

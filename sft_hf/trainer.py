@@ -5,23 +5,26 @@ gradient-accumulation micro-batches, counted after the causal shift, summed over
 `average_tokens_across_devices`) to the model's loss, so the loss is a mean over trained tokens, not a mean of
 per-batch means. `tests/test_trainer.py` checks that equality holds; this class adds what Trainer lacks:
 trained tokens per second (of training time only) and the padding fraction in the logs, crash-safe checkpoints
-(sft_hf/run/checkpoints.py), and a collator by default.
+(sft_hf/run/checkpoints.py), the run's precision plan (sft_hf/precision.py) and a collator by default.
+
+Three of Trainer's private methods are overridden, for want of a public hook: `_clip_grad_norm` and `_get_grad_norm`
+(with bf16 weights and fp32 masters the optimizer clips as it updates, instead of the extra passes over every gradient
+Trainer's clipping takes) and `_issue_warnings_after_load` (a tied output head is not missing from a checkpoint).
+`tests/test_trainer.py` fails loudly when one disappears or changes its signature.
 """
 from __future__ import annotations
 
 import inspect
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer, TrainerCallback
 
-from sft_hf.run.checkpoints import RECIPE_FILE, mark_complete, rotate_checkpoints, unmark
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, has_varlen_attention, resolve_pad_token_id
-from sft_hf.run.config import save_recipe
+from sft_hf.precision import settle_precision
+from sft_hf.run.checkpoints import CrashSafeCheckpoints
 from sft_hf.speed import master_weights
 from sft_hf.speed.linear_cross_entropy import fused_head, linear_cross_entropy
 
@@ -30,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 def resolve_sampling_strategy(args, collator) -> str:
     """`auto`: random order for padding-free rows (grouping would save nothing there, and batches of similar
-    lengths train a little differently: +1% final loss on W1), length-grouped for padded batches."""
+    lengths train a little differently: docs/speed.md), length-grouped for padded batches."""
     strategy = getattr(args, "train_sampling_strategy", "random")
     if strategy != "auto":
         return strategy
@@ -56,7 +59,7 @@ def sparse_tied_embedding_gradient(model) -> bool:
     """Where the input embedding is the output projection's weight (SmolLM2, Qwen2.5-0.5B), its lookup hands
     autograd a sparse gradient (the rows of the step's tokens) instead of a dense one: the engine then adds those
     rows into the projection's dense gradient instead of zero-filling and adding a second vocabulary-sized tensor
-    (80 ms of a 2 s SmolLM2 step on one core). The summed gradient stays dense, so the optimizer sees no change."""
+    (a measurable share of a SmolLM2 step on a CPU). The summed gradient stays dense, so the optimizer sees no change."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
     if type(embedding) is not torch.nn.Embedding or head is None or embedding.weight is not head.weight:
@@ -74,21 +77,38 @@ def accepts_logits_mask(model) -> bool:
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
+class StepClock(TrainerCallback):
+    """Ends a step's training time at on_step_end, before the logging, evaluation and saving that follow the step
+    (InstructionTrainer.get_batch_samples starts it when the step's batches are fetched)."""
+
+    def __init__(self, trainer: "InstructionTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer._step_started is not None:
+            trainer._training_seconds += time.perf_counter() - trainer._step_started
+            trainer._step_started = None
+
+
 class InstructionTrainer(Trainer):
     def __init__(self, *args, completion_only_loss: bool = False, recipe: dict | None = None, **kwargs):
         train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         model = kwargs.get("model", args[0] if args else None)
-        if getattr(train_args, "master_weights", False) and (why := master_weights.ruled_out_for(model)):
-            # what the arguments rule out was decided before (run/config.py); this is the model's part
-            logger.info("precision bf16: %s, so bf16 autocast (fp32 weights) instead of bf16 weights", why)
-            train_args.master_weights, train_args.bf16, train_args.mixed_precision = False, True, "bf16"
+        if train_args is not None and model is not None:  # before the Accelerator is set up with mixed precision
+            settle_precision(train_args, model)
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = InstructionDataCollator(
                 pad_token_id=resolve_pad_token_id(kwargs["processing_class"]),
                 completion_only_loss=completion_only_loss,
             )
         super().__init__(*args, **kwargs)
-        self.recipe = recipe  # saved in every checkpoint: a resume with other values is refused (checkpoints.py)
+        # saved in every checkpoint: a resume with other values is refused (checkpoints.py)
+        self.checkpoints = CrashSafeCheckpoints(recipe=recipe)
+        self.add_callback(self.checkpoints)
+        self.add_callback(StepClock(self))
+        if (plan := getattr(self.args, "precision_plan", None)) is not None:
+            logger.info("Precision: %s", plan.describe())
         self.args.train_sampling_strategy = resolve_sampling_strategy(self.args, self.data_collator)  # `auto` decided
         logger.info("Batching: %s", describe_batching(self.args, self.data_collator, self.model))
         if getattr(self.args, "onednn_linear", False) and self.args.device.type == "cpu" and not self.args.torch_compile:
@@ -109,14 +129,15 @@ class InstructionTrainer(Trainer):
             sparse_tied_embedding_gradient(self.model)
         # trained tokens, padding positions, all positions since the last log; summed over processes when logged
         self._token_counts = torch.zeros(3, dtype=torch.long)
-        self._last_log_time: float | None = None
-        self._paused_seconds = 0.0  # evaluation, saving and their callbacks since the last log: not training time
+        self._step_started: float | None = None  # when the current step's batches were fetched (StepClock ends it)
+        self._training_seconds = 0.0  # training time since the last log: no logging, evaluation or saving
         self.trained_tokens_total = 0
 
     # bf16 weights with fp32 master copies (speed/master_weights.py): the optimizer holds the fp32 truth, clips as it
     # reads the gradients, and gives the masters back to the model when training ends.
     def create_optimizer(self, model=None):
-        if self.optimizer is not None or not getattr(self.args, "master_weights", False):
+        plan = getattr(self.args, "precision_plan", None)
+        if self.optimizer is not None or not (plan and plan.master_weights):
             return super().create_optimizer(model)
         cast = master_weights.cast_to_bf16_keeping_masters(self.model)
         decay = set(self.get_decay_parameter_names(self.model))
@@ -134,19 +155,25 @@ class InstructionTrainer(Trainer):
         return optimizer if isinstance(optimizer, master_weights.MasterWeightAdamW) else None
 
     def _clip_grad_norm(self, model):
+        # private: the fp32-master optimizer clips as it updates (one pass), where Trainer clips the bf16 gradients
         if (optimizer := self._master_optimizer()) is not None:
             return optimizer.clip_grad_norm_(self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
+        # private: Trainer takes the norm in a pass of its own even without clipping; the optimizer has it already
         if grad_norm is None and (optimizer := self._master_optimizer()) is not None:
             grad_norm = optimizer.clip_grad_norm_(float("inf"))
         return super()._get_grad_norm(model, grad_norm)
 
     def train(self, *args, **kwargs):
+        # Trainer would rotate old checkpoints out before the new one is marked complete: CrashSafeCheckpoints does it
+        # after, so it takes save_total_limit over for the run
+        self.checkpoints.save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             return super().train(*args, **kwargs)
         finally:  # also after Ctrl-C: what is saved or evaluated next is the fp32 model
+            self.args.save_total_limit = self.checkpoints.save_total_limit
             if (optimizer := self._master_optimizer()) is not None:
                 master_weights.restore_master_weights(self.model, optimizer)
                 self.optimizer = None  # a later train() casts the weights again and starts a new optimizer
@@ -182,9 +209,16 @@ class InstructionTrainer(Trainer):
         hidden = outputs.logits.reshape(-1, self._fused_head.in_features)  # the kept positions' final states
         return linear_cross_entropy(hidden, self._fused_head.weight, targets, num_items_in_batch)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Trainer checks max_steps only after a step: a run resumed from a checkpoint saved at max_steps (interrupted
+        # in its final evaluation or save) would train a step past its schedule. No batches: Trainer ends the epoch.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return [], None
+        self._step_started = time.perf_counter()  # a step's training time starts with fetching its batches
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._last_log_time is None:
-            self._last_log_time = time.perf_counter()
         labels = inputs.get("labels")
         if labels is not None:
             # Counted on the batch's device and read only when logging: no host sync per step.
@@ -206,64 +240,23 @@ class InstructionTrainer(Trainer):
         # A training log, or the end-of-training summary (which flushes the steps after the last training log);
         # every process is here for both, so the counts can be summed over processes.
         is_train_log, is_end = "loss" in logs, "train_runtime" in logs
-        if (is_train_log or is_end) and self._last_log_time is not None:
+        if is_train_log or is_end:
             counts = self._token_counts.to(self.args.device)
             if self.accelerator.num_processes > 1:
                 counts = self.accelerator.reduce(counts, reduction="sum")
-            now = time.perf_counter()
             trained, padding, positions = counts.tolist()
             if is_train_log:
-                seconds = now - self._last_log_time - self._paused_seconds
-                logs["train_tokens_per_second"] = round(trained / max(seconds, 1e-9), 1)
+                logs["train_tokens_per_second"] = round(trained / max(self._training_seconds, 1e-9), 1)
                 logs["padding_fraction"] = round(padding / max(positions, 1), 4)
             self.trained_tokens_total += int(trained)
             self._token_counts.zero_()
-            self._last_log_time, self._paused_seconds = now, 0.0
+            self._training_seconds = 0.0
         super().log(logs, start_time)
 
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        # Logging, evaluation (with its generation callbacks) and saving after an optimizer step: time that
-        # train_tokens_per_second leaves out, from the log on (a log inside here starts a new window).
-        start = time.perf_counter()
-        try:
-            return super()._maybe_log_save_evaluate(*args, **kwargs)
-        finally:
-            if self._last_log_time is not None:
-                self._paused_seconds += time.perf_counter() - max(start, self._last_log_time)
-
     def _issue_warnings_after_load(self, load_result) -> None:
-        # A tied output head (SmolLM2's lm_head.weight is embed_tokens.weight) is saved once; transformers 5.24 then
-        # warns at every resume that it is missing, although loading the embedding loaded it.
+        # private: a tied output head (SmolLM2's lm_head.weight is embed_tokens.weight) is saved once, and Trainer
+        # warns at every resume that it is missing, although loading the embedding loaded it
         params = dict(self.model.named_parameters(remove_duplicate=False))
         loaded = {p.data_ptr() for name, p in params.items() if name not in load_result.missing_keys}
         missing = [k for k in load_result.missing_keys if k not in params or params[k].data_ptr() not in loaded]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
-
-    def _run_epoch(self, *args, **kwargs):
-        # transformers 5.24 compares global_step with max_steps only after a step: resuming a checkpoint saved at
-        # max_steps (a run interrupted in its final evaluation or save) would train one step past the schedule.
-        if 0 < self.state.max_steps <= self.state.global_step:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, crash-safe: a folder written again loses its completion marker first, gets it back
-        once every process is done (with the run's recipe.yaml, which a resume compares), and only then are old
-        checkpoints rotated out (Trainer rotates before that, so a crash in between could leave only an unmarked
-        checkpoint, and a resume would start from scratch)."""
-        folder = Path(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save:
-            unmark(folder)
-        self.accelerator.wait_for_everyone()  # no process writes into the folder while it still looks complete
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()  # other processes may still be writing their optimizer / RNG shards
-        if self.args.should_save and folder.is_dir():
-            if self.recipe is not None:
-                save_recipe(self.recipe, folder / RECIPE_FILE)
-            mark_complete(folder, self.state.global_step)
-            rotate_checkpoints(folder.parent, limit, keep=[folder, self.state.best_model_checkpoint])

@@ -271,11 +271,11 @@ def test_tokenizer_with_neither_pad_nor_eos(tmp_path, tokenizer):
 
 
 def test_unknown_recipe_key_suggests_the_closest(tmp_path):
-    with pytest.raises(RecipeError, match="unknown recipe key 'learning_rte'; did you mean 'learning_rate'"):
+    with pytest.raises(RecipeError, match="command line: unknown option --learning_rte; did you mean --learning_rate"):
         parse_recipe(["--learning_rte", "1e-4"])
     recipe = tmp_path / "r.yaml"
     recipe.write_text("max_lenght: 64\n")
-    with pytest.raises(RecipeError, match=rf"{recipe}: unknown recipe key 'max_lenght'; did you mean 'max_length'"):
+    with pytest.raises(RecipeError, match=rf"{recipe}: unknown key 'max_lenght'; did you mean 'max_length'"):
         parse_recipe(["--config", str(recipe)])
     recipe.write_text("max_length: [1\n")
     with pytest.raises(RecipeError, match="is not valid YAML"):
@@ -306,7 +306,7 @@ def test_cli_bad_data_is_one_line_and_nonzero_exit_before_training(tmp_path):
     result = run_train("--model_name_or_path", "builtin:tiny-llama", "--dataset_name", path, "--output_dir", str(out),
                        "--lerning_rate", "1", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "unknown recipe key 'lerning_rate'; did you mean 'learning_rate'?" in result.stderr
+    assert "unknown option --lerning_rate; did you mean --learning_rate?" in result.stderr
 
 
 def test_launched_bad_data_ends_with_the_error_and_its_exit_code(tmp_path):
@@ -400,7 +400,7 @@ def test_evaluate_bad_arguments_are_one_line_before_any_generation(tmp_path):
     result = run_evaluate("--responses", "r.json", "--judge_backnd", "hf", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: unknown argument(s) --judge_backnd hf; did you mean '--judge_backend'?")
+        "error: command line: unknown option --judge_backnd; did you mean --judge_backend?")
 
 
 def test_recipe_values_of_the_wrong_type_name_their_source_in_one_line(tmp_path):

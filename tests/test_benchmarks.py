@@ -1,6 +1,7 @@
 """The benchmark's workload is the one issue 5 describes, its table does the arithmetic it claims, and the trainer's
 per-step token counting (sync-free since issue 5) logs exact numbers. No timings are asserted: speed lives in
 benchmarks/bench_train.py."""
+import json
 import logging
 import random
 import sys
@@ -13,13 +14,16 @@ from transformers import AutoModelForCausalLM
 
 from sft_hf import InstructionDataCollator, InstructionTrainer, SFTArguments, tokenize_dataset
 from sft_hf.builtin import toy
+from sft_hf.templates import get_template
+
+from conftest import INSTRUCTION_DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks import bench_train, workloads  # noqa: E402
 
 
-def test_w1_workload_is_the_issue_one(tmp_path, monkeypatch):
+def test_w1_workload_is_chapter_7s_train_split_on_a_4m_llama(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "CACHE", tmp_path)
     model_dir = workloads.build_workload("W1")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -30,9 +34,13 @@ def test_w1_workload_is_the_issue_one(tmp_path, monkeypatch):
     assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
     # 4096×256 tied embedding + 4 × (4·256² attention + 3·256·688 MLP + 2·256 norms) + 256 final norm
     assert sum(p.numel() for p in model.parameters()) == 4096 * 256 + 4 * (4 * 256**2 + 3 * 256 * 688 + 512) + 256
-    data = tokenize_dataset(Dataset.from_list(workloads.train_records()), tokenizer, "alpaca", 1024, verbose=False)
-    lengths = data["length"]
-    assert (len(lengths), sum(lengths), max(lengths)) == (935, 53_366, 115)  # the issue's counts
+    records = workloads.train_records()
+    assert records == json.loads(INSTRUCTION_DATA.read_text())[:935]  # chapter 7's train split, in file order
+    data = tokenize_dataset(Dataset.from_list(records), tokenizer, "alpaca", 1024, verbose=False)
+    alpaca = get_template("alpaca")
+    expected = [len(tokenizer(alpaca.format_prompt(r))["input_ids"]) + len(tokenizer(r["output"])["input_ids"]) + 1
+                for r in records]  # prompt + response + EOS, each tokenized alone: nothing truncated at 1024
+    assert data["length"] == expected
 
 
 def test_summary_ratios_and_roofline():

@@ -2,7 +2,8 @@
 import json
 
 from sft_hf.callbacks import GenerationSamplesCallback
-from sft_hf.evaluation.generation import exact_match, generate_responses
+from sft_hf.evaluation.generation import generate_responses
+from sft_hf.evaluation.metrics import exact_match
 from sft_hf.builtin.toy import make_toy_records
 
 from eval_helpers import _chatty_model_dir  # noqa: F401  (fixture chatty_model_dir: a model whose answers differ)

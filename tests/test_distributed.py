@@ -128,7 +128,8 @@ runpy.run_path({train!r}, run_name="__main__")
 def test_exact_match_and_samples_generated_by_every_process_in_step(assets, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft_hf.evaluation.generation import exact_match, generate_responses
+    from sft_hf.evaluation.generation import generate_responses
+    from sft_hf.evaluation.metrics import exact_match
     from tiny_setup import TRAIN
 
     model, data, _ = assets

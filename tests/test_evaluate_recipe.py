@@ -1,5 +1,4 @@
 """recipes/evaluate.py end to end: generate → responses JSON → metrics → judge; and the generation it relies on."""
-import importlib.util
 import json
 import os
 import shutil
@@ -17,10 +16,7 @@ from sft_hf.builtin.toy import make_toy_records
 from conftest import ROOT, SHARED_DATA
 from eval_helpers import FakeJudgeServer, _chatty_model_dir  # noqa: F401  (fixture chatty_model_dir)
 
-# recipes/evaluate.py, imported under another name: `evaluate` is the Hugging Face library.
-_spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
-evaluate_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_recipe)
+from sft_hf.evaluation import cli as evaluate_recipe  # noqa: E402  (recipes/evaluate.py runs it)
 
 
 @pytest.fixture(scope="module")

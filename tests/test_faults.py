@@ -1,6 +1,5 @@
 """Faults: non-finite loss, interrupted saves, a second run into the same output dir; and security (secrets,
 safetensors, remote code)."""
-import importlib.util
 import json
 import logging
 import os
@@ -28,9 +27,7 @@ from sft_hf.builtin.toy import make_toy_records, train_bpe_tokenizer
 from sft_hf.trainer import InstructionTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("train_recipe", ROOT / "recipes" / "train.py")
-train_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_recipe)
+from sft_hf import train as train_recipe  # noqa: E402  (recipes/train.py runs it)
 
 
 @pytest.fixture(scope="module")
@@ -413,3 +410,15 @@ def test_every_process_stops_when_one_shard_is_non_finite(tmp_path):
         "deepspeed weight on_pre_optimizer_step": None,
         "deepspeed weight on_step_end": "non-finite loss at step 7: the weight weight",
     }
+
+
+def test_sft_hf_debug_prints_the_traceback_under_the_one_line_error(tmp_path):
+    """Users get one line; whoever debugs the library sets SFT_HF_DEBUG=1 and gets the stack under it."""
+    argv = [sys.executable, str(ROOT / "recipes" / "train.py"), "--learning_rte", "1"]
+    plain = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, SFT_HF_DEBUG="0"))
+    debug = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, SFT_HF_DEBUG="1"))
+    line = "error: command line: unknown option --learning_rte; did you mean --learning_rate?"
+    assert plain.returncode == debug.returncode == 2
+    assert plain.stderr.strip().splitlines() == [line]
+    assert debug.stderr.startswith(line + "\nTraceback (most recent call last):")
+    assert "sft_hf/run/config.py" in debug.stderr and debug.stderr.strip().endswith(line[len("error: "):])

@@ -1,6 +1,5 @@
 """Continuous batching (transformers' `generate_batch`, used by `generate_responses`) gives exactly the greedy tokens
 of plain `model.generate`, one prompt at a time, on a tiny Llama and on SmolLM2."""
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,9 +53,8 @@ def test_tiny_llama_continuous_batching_is_plain_greedy(tiny_model_dir, instruct
 
     monkeypatch.setattr(varlen_attention, "paged_sdpa_attention", counted)
     # 10 prompts of different lengths through 3 slots: slots are refilled while others still generate
-    expected = _check_same_tokens(model, tokenizer, instruction_records[:10], 12, 3)
+    _check_same_tokens(model, tokenizer, instruction_records[:10], 12, 3)
     assert calls and all(calls)  # each request attended alone (sft_hf.speed.varlen_attention), not through the block mask
-    assert len({len(r) for r in expected}) > 1 or all(len(r) == 12 for r in expected)
 
 
 def test_smollm2_continuous_batching_is_plain_greedy(smollm2_dir, instruction_records):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers.processors import TemplateProcessing
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from sft_hf.evaluation.generation import encode_prompts, generate_responses
 from sft_hf.templates import TEMPLATES, get_template

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from sft_hf.cli import main as cli_main
 from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator
-from sft_hf.inspection.inspect import build_views, render_html, render_terminal
+from sft_hf.inspection.examples import build_views, render_html, render_terminal
 from sft_hf.templates import get_template
 from sft_hf.builtin.toy import train_bpe_tokenizer
 

@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from sft_hf.lora import LORA_TARGET_MODULES, QLoRAUnavailable, apply_lora, lora_target_modules, quantization_config
-from tiny_setup import load_recipe_module, run_train, tiny_recipe_args, write_tiny_dataset, write_tiny_model
+from sft_hf.lora import main as merge_lora_main
+from tiny_setup import run_train, tiny_recipe_args, write_tiny_dataset, write_tiny_model
 
 
 def lora_args(**overrides):
@@ -57,13 +58,21 @@ def test_unknown_architecture_gets_all_linear_but_not_the_head():
     assert all(not n.endswith("lm_head") for n in lora_wrapped(model)) and any(n.endswith("lm_head") for n in linear)
 
 
-def test_chapter7_scaling_equivalence():
-    """Chapter 7 ex. 7.4 scales the LoRA update by alpha (16); peft by lora_alpha / r, so r=16, alpha=256."""
+def test_chapter7_lora_is_peft_with_alpha_times_rank():
+    """Chapter 7 ex. 7.4's LoRALayer adds alpha * (x @ A @ B) to the frozen layer's output, with no division by the
+    rank; peft adds (lora_alpha / r) * lora_B(lora_A(x)). Its r=16, alpha=16 is therefore peft's r=16,
+    lora_alpha=256: the same function, computed here by chapter 7's formula from the adapter's own matrices."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
     model = apply_lora(transformers.AutoModelForCausalLM.from_config(config), lora_args(lora_r=16, lora_alpha=256))
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert q_proj.scaling["default"] == 16.0
+    torch.nn.init.normal_(q_proj.lora_B["default"].weight)  # peft starts B at zero: make the update visible
+    A, B = q_proj.lora_A["default"].weight.T, q_proj.lora_B["default"].weight.T  # [32, 16], [16, 32]
+    x = torch.randn(5, 32)
+    chapter7 = x @ q_proj.base_layer.weight.T + 16 * (x @ A @ B)
+    with torch.no_grad():
+        torch.testing.assert_close(q_proj.eval()(x), chapter7, rtol=1e-4, atol=1e-4)
 
 
 def test_qlora_needs_cuda_and_says_so():
@@ -93,7 +102,7 @@ def test_lora_run_saves_adapter_that_loads_and_merges(tmp_path):
     assert len(lora_b) == 2 * 7 and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: it trained
 
     merged_dir = tmp_path / "merged"
-    assert load_recipe_module("merge_lora").main([str(out), str(merged_dir)]) == 0
+    assert merge_lora_main([str(out), str(merged_dir)]) == 0
     assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "sft_template.json").is_file()
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()

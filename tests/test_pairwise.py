@@ -1,7 +1,6 @@
 """The pairwise judge: MT-bench's prompt, both orders and their combination, structured and text verdicts, cache and
 resume, joining two response files, recipes/evaluate.py end to end, and the win-rate statistics."""
 import difflib
-import importlib.util
 import json
 import os
 import random
@@ -40,10 +39,7 @@ from eval_helpers import FakeJudgeServer, _chatty_model_dir, ctrl_c_on_request, 
 EVAL_EXAMPLES = SHARED_DATA / "eval-example-data.json"
 KEYS = ["model 1 response", "model 2 response"]
 
-# recipes/evaluate.py, imported under another name: `evaluate` is the Hugging Face library.
-_spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
-evaluate_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_recipe)
+from sft_hf.evaluation import cli as evaluate_recipe  # noqa: E402  (recipes/evaluate.py runs it)
 
 
 def numbered_pairs(n):

@@ -6,41 +6,72 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_hf import InstructionTrainer, parse_recipe, tokenize_dataset
-from sft_hf.run import config as config_module
+from sft_hf import precision as precision_module
 from sft_hf.collator import InstructionDataCollator
 
 
-def _args(*flags, output_dir="/tmp/sft_hf_precision_test"):
+def _args(*flags, output_dir="outputs/precision_test"):  # nothing is written: only the arguments are parsed
     return parse_recipe(["--output_dir", output_dir, *flags], default_recipe=None)[2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only decisions")
 def test_auto_follows_the_cpus_bf16_units(monkeypatch):
-    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
     args = _args()  # bf16 weights with fp32 masters in the optimizer: no autocast
-    assert (args.master_weights, args.bf16, args.fp16, args.device.type) == (True, False, False, "cpu")
-    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: False)
+    assert (args.precision_plan.master_weights, args.bf16, args.fp16, args.device.type) == (True, False, False, "cpu")
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     args = _args()
-    assert (args.master_weights, args.bf16, args.fp16, args.use_cpu) == (False, False, False, False)
+    assert (args.precision_plan.master_weights, args.bf16, args.fp16, args.use_cpu) == (False, False, False, False)
     assert not _args("--precision", "fp32").bf16
-    assert _args("--precision", "bf16").master_weights
+    assert _args("--precision", "bf16").precision_plan.master_weights
     # bf16 autocast asked for on a CPU: no "Your setup doesn't support bf16/gpu", no --use_cpu needed
     for flags in (["--precision", "bf16-autocast"], ["--bf16", "true"]):
         args = _args(*flags)
-        assert (args.master_weights, args.bf16, args.use_cpu, args.device.type) == (False, True, True, "cpu")
+        assert (args.precision_plan.master_weights, args.bf16, args.use_cpu, args.device.type) == (False, True, True, "cpu")
 
 
 def test_a_onednn_isa_cap_below_bf16_is_not_native(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # how the benchmark emulates a CPU without AVX-512
-    assert config_module.cpu_has_native_bf16() is False
+    assert precision_module.cpu_has_native_bf16() is False
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")  # AVX-512 without BF16: oneDNN emulates bf16
-    assert config_module.cpu_has_native_bf16() is False
+    assert precision_module.cpu_has_native_bf16() is False
 
 
-def test_native_bf16_agrees_with_the_cpu_flags(monkeypatch):
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    flags = open("/proc/cpuinfo").read().split()
-    assert config_module.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+def test_the_runs_device_decides_not_only_use_cpu(monkeypatch):
+    """A CPU run on a GPU host (accelerate_configs/cpu.yaml sets ACCELERATE_USE_CPU) gets the CPU's choice; the same
+    arguments on the GPU get the GPU's: bf16 autocast on Ampere, fp16 on a T4."""
+    args = _args()  # parsed here, on the CPU; then asked as if on a GPU host
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "gpu_has_native_bf16", lambda: True)
+    plan = precision_module.plan_precision(args)
+    assert (plan.device, plan.precision, plan.autocast) == ("cuda", "bf16-autocast", "bf16")
+    monkeypatch.setattr(precision_module, "gpu_has_native_bf16", lambda: False)
+    assert precision_module.plan_precision(args).precision == "fp16"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    plan = precision_module.plan_precision(args)
+    assert (plan.device, plan.precision, plan.autocast) == ("cpu", "fp32", None)
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    plan = precision_module.plan_precision(args)
+    assert (plan.device, plan.precision, plan.master_weights, plan.row_multiple) == ("cpu", "bf16", True, 32)
+
+
+def test_the_plan_once_the_model_is_known(tiny_model_dir, monkeypatch):
+    """A LoRA model cannot keep fp32 masters (its frozen base would stay rounded): bf16 autocast, rows of 8; plain
+    TrainingArguments (a library user's) keep exactly what their flags say."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    args = _args()
+    assert args.precision_plan.master_weights
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    plan = precision_module.settle_precision(args, lora)
+    assert (plan.precision, plan.master_weights, plan.row_multiple) == ("bf16-autocast", False, 8)
+    assert (args.bf16, args.mixed_precision, args.precision_plan) == (True, "bf16", plan)
+    assert "LoRA" in plan.why
+    plain = TrainingArguments("unused", use_cpu=True, report_to="none")
+    assert precision_module.plan_precision(plain).precision == "fp32"  # no flag: no reduced precision chosen for them
 
 
 def _train(model_dir, records, precision, output_dir, steps=20):

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_hf.cli import main as cli_main
 from sft_hf.evaluation.generation import generate_responses
-from tiny_setup import ROOT, load_recipe_module
+from sft_hf import train
+from tiny_setup import ROOT
 
 IM_END = "<|im_end|>"
 
@@ -44,7 +45,7 @@ def recipe_argv(data_file, out, **overrides):
 def sft_run(tmp_path_factory, data_file):
     """3 full fine-tuning steps of chapter 7's recipe (lr 5e-5, wd 0.1, constant LR) from the GGUF source."""
     out = tmp_path_factory.mktemp("smollm2") / "run"
-    load_recipe_module("train").main(recipe_argv(data_file, out))
+    train.main(recipe_argv(data_file, out))
     return out
 
 
@@ -167,7 +168,7 @@ def test_lora_then_merge_lora_gives_the_adapters_logits(tmp_path, data_file, smo
     from peft import AutoPeftModelForCausalLM
 
     adapter = tmp_path / "lora"
-    load_recipe_module("train").main(recipe_argv(
+    train.main(recipe_argv(
         data_file, adapter, use_peft="true", lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-3,
         max_steps=2, eval_strategy="no", eval_on_start="false", eval_exact_match="false"))
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()

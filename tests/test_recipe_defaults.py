@@ -120,22 +120,3 @@ def test_judging_saved_responses_never_imports_torch(tmp_path):
                              "--output_dir", str(tmp_path / "eval")], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "EXIT 0 False", result.stdout + result.stderr[-2000:]
-
-
-def test_help_lists_the_recipe_arguments_and_help_all_lists_every_one(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        parse_recipe_and_values(["--help"])
-    assert exit_.value.code == 0
-    short = capsys.readouterr().out
-    assert short.startswith("usage: train.py [recipe.yaml | --config recipe.yaml]")
-    for heading in ("\nmodel:\n", "\ndata:\n", "\ntraining:\n"):
-        assert heading in short
-    for name in ("--completion_only_loss", "--max_eval_samples", "--template", "--learning_rate", "--max_steps"):
-        assert name in short
-    assert "exact-match prompts" in short  # max_eval_samples also caps the test split, and says so
-    assert "--adam_beta1" not in short and "--optim " not in short  # TrainingArguments' long tail: --help_all
-    with pytest.raises(SystemExit):
-        parse_recipe_and_values(["--config", "recipes/default.yaml", "--help_all"])
-    full = capsys.readouterr().out
-    assert "--adam_beta1" in full and "--completion_only_loss" in full
-    assert len(full.splitlines()) > 2 * len(short.splitlines())

@@ -97,15 +97,15 @@ def test_check_resume_recipe_names_every_training_value_that_changed(tmp_path):
 
 
 # Killed in on_save, after Trainer wrote checkpoint-8 (and, before the fix, rotated checkpoint-4 away).
-CRASH_IN_ON_SAVE_STEP_8 = """
+CRASH_BEFORE_ROTATING_AT_STEP_8 = """
 import os, signal
-from transformers.trainer_callback import CallbackHandler
-on_save = CallbackHandler.on_save
-def crash_in_on_save(self, args, state, control):
-    if state.global_step == 8:
+from sft_hf.run import checkpoints
+rotate = checkpoints.rotate_checkpoints
+def crash_before_rotating(output_dir, limit, keep=()):
+    if any(str(k).endswith("checkpoint-8") for k in keep if k):
         os.kill(os.getpid(), signal.SIGKILL)
-    return on_save(self, args, state, control)
-CallbackHandler.on_save = crash_in_on_save
+    return rotate(output_dir, limit, keep)
+checkpoints.rotate_checkpoints = crash_before_rotating
 """
 
 
@@ -115,10 +115,11 @@ def test_rotation_keeps_a_complete_checkpoint_through_a_crash_then_resumes(tmp_p
     out = tmp_path / "run"
     recipe = dict(per_device_train_batch_size=4, max_length=128, save_strategy="steps", save_steps=4,
                   save_total_limit=1)
-    result = run_train(tiny_recipe_args(model, data, out, **recipe), prelude=CRASH_IN_ON_SAVE_STEP_8, check=False)
+    result = run_train(tiny_recipe_args(model, data, out, **recipe), prelude=CRASH_BEFORE_ROTATING_AT_STEP_8,
+                       check=False)
     assert result.returncode == -9, result.stderr[-3000:]
-    # checkpoint-8 was complete before anything else ran; only then was checkpoint-4 rotated out
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
+    # checkpoint-8 was marked complete before checkpoint-4 was to be rotated out (Trainer alone rotates first)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     assert (out / "checkpoint-8" / COMPLETE_MARKER).is_file()
     saved_recipe = yaml.safe_load((out / "checkpoint-8" / "recipe.yaml").read_text())
     assert saved_recipe["save_total_limit"] == 1 and saved_recipe["learning_rate"] == 1e-2

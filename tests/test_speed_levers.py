@@ -135,7 +135,7 @@ def test_bf16_master_weights_train_as_fp32_and_resume_exactly(tiny_model_dir, in
     fp32.train()
     bf16 = _trainer(tiny_model_dir, records, tmp_path / "bf16", "--precision", "bf16", "--save_strategy", "steps",
                     "--save_steps", "10")
-    assert bf16.args.master_weights and not bf16.args.bf16  # no autocast: the weights themselves are bf16
+    assert bf16.args.precision_plan.master_weights and not bf16.args.bf16  # no autocast: the weights themselves are bf16
     bf16.train()
     saved = torch.load(tmp_path / "bf16" / "checkpoint-10" / "optimizer.pt", weights_only=True)["state"][0]
     assert saved["master"].dtype == saved["exp_avg"].dtype == torch.float32  # the checkpoint keeps the fp32 truth
@@ -158,12 +158,11 @@ def test_bf16_master_weights_train_as_fp32_and_resume_exactly(tiny_model_dir, in
     (["--optim", "sgd"], "not AdamW"),
     (["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "steps"], "load_best"),
 ])
-def test_runs_bf16_weights_cannot_train_take_bf16_autocast(tmp_path, flags, why, caplog):
+def test_runs_bf16_weights_cannot_train_take_bf16_autocast(tmp_path, flags, why):
     """Decided before TrainingArguments sets up mixed precision: the Accelerator autocasts (not fp32 by mistake)."""
-    with caplog.at_level("INFO", logger="sft_hf"):
-        args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", *flags], default_recipe=None)[2]
-    assert (args.master_weights, args.bf16, args.mixed_precision) == (False, True, "bf16")
-    assert why in caplog.text
+    args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", *flags], default_recipe=None)[2]
+    assert (args.precision_plan.master_weights, args.bf16, args.mixed_precision) == (False, True, "bf16")
+    assert why in args.precision_plan.why
 
 
 def test_a_lora_model_takes_bf16_autocast_and_its_rows_stay_at_8(tiny_model_dir, tmp_path):
@@ -175,11 +174,11 @@ def test_a_lora_model_takes_bf16_autocast_and_its_rows_stay_at_8(tiny_model_dir,
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", "--padding_free", "true"],
                         default_recipe=None)[2]
-    assert args.master_weights
+    assert args.precision_plan.master_weights
     assert recipe_collator(AutoTokenizer.from_pretrained(tiny_model_dir), args, model).pad_to_multiple_of == 8
     trainer = InstructionTrainer(model=model, args=args, train_dataset=None,
                                  data_collator=InstructionDataCollator(pad_token_id=0))
-    assert not trainer.args.master_weights and trainer.accelerator.mixed_precision == "bf16"
+    assert not trainer.args.precision_plan.master_weights and trainer.accelerator.mixed_precision == "bf16"
 
 
 def test_a_second_train_casts_again_and_starts_a_new_optimizer(tiny_model_dir, instruction_records, tmp_path):

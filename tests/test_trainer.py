@@ -168,3 +168,22 @@ def test_logits_only_where_trained_keep_loss_and_gradient(tiny_model_dir, tmp_pa
     assert grads.keys() == stock_grads.keys() and len(grads) > 0
     for name in grads:
         torch.testing.assert_close(grads[name], stock_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_private_trainer_methods_we_override_are_still_called_as_we_define_them():
+    """InstructionTrainer overrides a few private Trainer methods, for want of a public hook. A transformers release
+    that renames one, changes its parameters or stops calling it would leave our override silently dead: fail here."""
+    import inspect
+
+    from transformers import Trainer
+
+    from sft_hf.trainer import InstructionTrainer
+
+    ours = {name for name, value in vars(InstructionTrainer).items()
+            if callable(value) and name.startswith("_") and not name.startswith("__") and hasattr(Trainer, name)}
+    assert ours == {"_clip_grad_norm", "_get_grad_norm", "_issue_warnings_after_load"}
+    source = inspect.getsource(Trainer)
+    for name in sorted(ours) + ["get_batch_samples", "compute_loss", "training_step", "log", "create_optimizer"]:
+        theirs, mine = inspect.signature(getattr(Trainer, name)), inspect.signature(getattr(InstructionTrainer, name))
+        assert list(theirs.parameters) == list(mine.parameters), name
+        assert f"self.{name}(" in source, f"Trainer no longer calls {name}"

@@ -101,13 +101,3 @@ def load_weights(folder) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder, "model.safetensors")))
-
-
-def load_recipe_module(name: str):
-    """recipes/<name>.py as a module (recipes/ is scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -226,13 +226,3 @@ def request_text(record: dict) -> str:
         users = [m.get("content") or "" for m in record["messages"] if m.get("role") == "user"]
         return repr(users[-1] if users else "")
     return f"{record['instruction']} {record.get('input') or ''!r}"
-
-
-def normalize_answer(text: str) -> str:
-    return " ".join(text.strip().split())
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    if not references:
-        return 0.0
-    return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / len(references)

@@ -1,21 +1,32 @@
-"""Reference metrics that work offline: exact match and ROUGE through the `evaluate` library.
+"""Reference metrics that work offline: exact match, and ROUGE through the `evaluate` library.
 
-`evaluate.load("rouge")` fetches a script from the Hub; these modules ship inside the package instead and are
-loaded by path (`evaluate.load(<folder>)` imports `<folder>/<folder name>.py`), which needs no network.
+`evaluate.load("rouge")` fetches a script from the Hub; the module ships inside the package instead and is loaded by
+path (`evaluate.load(<folder>)` imports `<folder>/<folder name>.py`), which needs no network.
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-import evaluate
 
 from sft_hf.templates import reference_answer
 
 MODULES = Path(__file__).resolve().parent / "evaluate_modules"
 
 
-def load_metric(name: str) -> evaluate.EvaluationModule:
-    """A metric shipped with sft_hf (exact_match, rouge), else whatever `evaluate.load` resolves (Hub, path)."""
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """The share of predictions equal to their reference, whitespace collapsed (what training reports too)."""
+    if not references:
+        return 0.0
+    return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / len(references)
+
+
+def load_metric(name: str):
+    """A metric shipped with sft_hf (rouge), else whatever `evaluate.load` resolves (Hub, path)."""
+    import evaluate  # imported here: training reports exact match without loading `evaluate`
+
     local = MODULES / name
     return evaluate.load(str(local) if (local / f"{name}.py").is_file() else name)
 
@@ -26,7 +37,7 @@ def reference_metrics(predictions: list[str], references: list[str]) -> dict[str
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         return {"exact_match": 0.0, "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    scores = load_metric("exact_match").compute(predictions=predictions, references=references)
+    scores = {"exact_match": exact_match(predictions, references)}
     rouge = load_metric("rouge").compute(predictions=predictions, references=references,
                                          rouge_types=["rouge1", "rouge2", "rougeL"])
     return {**scores, **{k: float(v) for k, v in rouge.items()}}

@@ -10,11 +10,11 @@ in a JSON summary. `--fail_on truncated_fraction=0.01,near_duplicates=0` exits 1
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sft_hf.collator import IGNORE_INDEX
+from sft_hf.errors import RecipeError
 from sft_hf.tokenization import compute_stats, tokenize_dataset
 
 NEAR_DUPLICATE_THRESHOLD = 0.9  # chapter 7's bonus script
@@ -297,29 +298,35 @@ def print_summary(summary: dict, console=None, n_pairs: int = 10) -> None:
     console.print(f"  histogram: {summary['length_histogram']}", markup=False)
 
 
+@dataclass
+class ReportArguments:
+    _argument_group_name = "report"
+    out_dir: str | None = field(
+        default=None, metadata={"help": "Folder for report.json and the PNG (default <output_dir>/data_report)."})
+    json: str | None = field(default=None, metadata={"help": "JSON summary path (default <out_dir>/report.json)."})
+    fail_on: str | None = field(default=None, metadata={
+        "help": "Exit 1 when a summary number exceeds its limit, e.g. truncated_fraction=0.01,dropped=0."})
+    near_duplicate_threshold: float = field(default=NEAR_DUPLICATE_THRESHOLD, metadata={
+        "help": "Similarity from which two records count as near-duplicates."})
+    max_pairs: int = field(default=1000, metadata={"help": "Near-duplicate pairs listed in the JSON."})
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="sft-hf report", allow_abbrev=False,
-        description="Dataset report for a recipe. Every other flag (--config, --dataset_name, --template, "
-                    "--max_length, --per_device_train_batch_size, ...) is a recipe argument as in train.py.",
-    )
-    parser.add_argument("--out_dir", default=None, help="folder for report.json and the PNG "
-                                                        "(default <output_dir>/data_report)")
-    parser.add_argument("--json", default=None, help="JSON summary path (default <out_dir>/report.json)")
-    parser.add_argument("--fail_on", default=None,
-                        help="exit 1 when a summary number exceeds its limit, e.g. truncated_fraction=0.01,dropped=0")
-    parser.add_argument("--near_duplicate_threshold", type=float, default=NEAR_DUPLICATE_THRESHOLD)
-    parser.add_argument("--max_pairs", type=int, default=1000, help="near-duplicate pairs listed in the JSON")
-    own, recipe_argv = parser.parse_known_args(argv)
+    from sft_hf.collator import recipe_collator
+    from sft_hf.inspection.examples import load_recipe_data
+    from sft_hf.run.config import ARG_CLASSES, COMMON_TRAINING_ARGS, Command, parse_recipe_and_values
+
+    command = Command(
+        prog="sft-hf report", dataclass_types=(ReportArguments, *ARG_CLASSES), common=COMMON_TRAINING_ARGS,
+        summary="Dataset report for a recipe: lengths, truncation, padding, trained tokens, duplicates. Every other "
+                "key (--config, --dataset_name, --template, --max_length, --per_device_train_batch_size, ...) is a "
+                "recipe key, as in training.")
+    own, model_args, data_args, args, _ = parse_recipe_and_values(argv, command=command)
     try:
         limits = parse_fail_on(own.fail_on)
     except ValueError as e:
-        parser.error(str(e))
-
-    from sft_hf.collator import recipe_collator
-    from sft_hf.inspection.inspect import load_recipe_data
-
-    model_args, data_args, args, tokenizer, template, raw = load_recipe_data(recipe_argv)
+        raise RecipeError(f"--fail_on: {e}") from None
+    tokenizer, template, raw = load_recipe_data(model_args, data_args)
     out_dir = Path(own.out_dir or Path(args.output_dir) / "data_report")
     title = f"{data_args.dataset_name} · {template.name} · {model_args.model_name_or_path}"
     summary = build_report(raw, tokenizer, template, args, recipe_collator(tokenizer, args), out_dir,

@@ -1,12 +1,12 @@
 """Crash-safe checkpoints: resume only from a checkpoint every process finished writing.
 
-transformers (5.x) writes `checkpoint-N/` in place, file by file and process by process, and
-`get_last_checkpoint` returns the highest N whatever its state: a run killed during a save would resume from a
-half-written folder. It also rotates old checkpoints out (`save_total_limit`) at the end of its own save, before
-anything could mark the new one complete. `InstructionTrainer._save_checkpoint` therefore removes the marker of a
-folder it writes again, marks the folder complete once all processes are done with it, and only then rotates
-(`rotate_checkpoints`, which never deletes the newest complete checkpoint); `resolve_resume_checkpoint` resumes
-from the newest checkpoint that has the marker.
+transformers writes `checkpoint-N/` in place, file by file and process by process, and `get_last_checkpoint` returns
+the highest N whatever its state: a run killed during a save would resume from a half-written folder. It also rotates
+old checkpoints out (`save_total_limit`) at the end of its own save, before anything could mark the new one complete.
+`CrashSafeCheckpoints` (a callback InstructionTrainer adds, taking `save_total_limit` over from Trainer) therefore
+removes the marker of a folder about to be written again, marks the folder complete once all processes are done with
+it, and only then rotates (`rotate_checkpoints`, which never deletes the newest complete checkpoint);
+`resolve_resume_checkpoint` resumes from the newest checkpoint that has the marker.
 
 Each checkpoint also holds the run's recipe.yaml. Trainer resumes the optimizer and scheduler state whatever the new
 arguments say: a resume with another learning rate keeps the old one in the optimizer but the new schedule, a longer
@@ -21,10 +21,12 @@ import shutil
 from pathlib import Path
 
 import yaml
-
+from accelerate import PartialState
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft_hf.errors import RecipeError
+from sft_hf.run.parser import save_recipe
 from sft_hf.run.safety import MARKER_FILES
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,31 @@ def rotate_checkpoints(output_dir: str | Path, save_total_limit: int | None, kee
             shutil.rmtree(checkpoint, ignore_errors=True)
             deleted.append(checkpoint)
     return deleted
+
+
+class CrashSafeCheckpoints(TrainerCallback):
+    """Trainer's checkpoints, crash-safe: a folder about to be written again loses its completion marker first; once
+    every process has written its part, the folder gets the run's recipe.yaml (which a resume compares) and its
+    marker, and only then are old checkpoints rotated out, down to `save_total_limit`."""
+
+    def __init__(self, save_total_limit: int | None = None, recipe: dict | None = None):
+        self.save_total_limit, self.recipe = save_total_limit, recipe
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # should_save is known now, except for save_strategy "best", decided after the evaluation
+        if control.should_save or (args.save_strategy == "best" and control.should_evaluate):
+            if args.should_save:
+                unmark(Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            PartialState().wait_for_everyone()  # no process writes into the folder while it still looks complete
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()  # other processes may still be writing their optimizer / RNG shards
+        folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and folder.is_dir():
+            if self.recipe is not None:
+                save_recipe(self.recipe, folder / RECIPE_FILE)
+            mark_complete(folder, state.global_step)
+            rotate_checkpoints(folder.parent, self.save_total_limit, keep=[folder, state.best_model_checkpoint])
 
 
 def is_complete(checkpoint: str | Path) -> bool:

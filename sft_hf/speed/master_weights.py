@@ -13,33 +13,9 @@ is the full-precision model, as with autocast.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 CHUNK = 1 << 17  # elements per fused update: master, gradient and moments of a chunk stay in L2 (0.5 MB each)
-
-
-def ruled_out_by(args) -> str | None:
-    """Why a run with these training arguments cannot keep bf16 weights with fp32 masters (it then trains under bf16
-    autocast), or None. Decided before TrainingArguments sets up mixed precision."""
-    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
-        return "FSDP and DeepSpeed bring their own mixed precision"
-    optim = str(getattr(args.optim, "value", args.optim))
-    if optim not in ("adamw_torch", "adamw_torch_fused"):
-        return f"optim {optim} is not AdamW"
-    if args.gradient_accumulation_steps > 1:
-        return "gradient accumulation would sum bf16 gradients"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "several processes would all-reduce bf16 gradients"
-    if getattr(args, "load_best_model_at_end", False):
-        return "load_best_model_at_end would load a checkpoint's bf16 weights over the fp32 masters"
-    return None
-
-
-def ruled_out_for(model) -> str | None:
-    """Why this model cannot train with fp32 masters: LoRA adapters (a frozen base in bf16 would stay rounded)."""
-    return "LoRA adapters train under autocast" if hasattr(model, "peft_config") else None
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
@@ -87,7 +63,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if not grads:
             return torch.tensor(0.0)
         # per-tensor norms in the gradients' dtype (accumulated in fp32; asking for fp32 output would first copy every
-        # bf16 gradient to fp32: 0.5 s per W3 step), combined in fp32
+        # bf16 gradient to fp32, a pass over every gradient), combined in fp32
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
         if 0 < max_norm < float("inf"):
             self._clip_factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

@@ -3,7 +3,7 @@
 Padding-free batches (one row of concatenated examples, `position_ids` restarting at 0) waste nothing in the
 linear layers, which are most of the compute. transformers runs them through a variable-length kernel only with
 flash-attention (CUDA); with `sdpa` it builds a block-diagonal mask over the whole row, so attention costs
-(row length)² and the batch ends up slower than a padded one (measured on W1: benchmarks/README.md).
+(row length)² and the batch ends up slower than a padded one (measured in benchmarks/README.md).
 
 This attention function splits the row back into its examples, pads them only for the attention product (causal
 SDPA, no mask: real tokens never see the right padding) and unpads the result. The linears see no padding, the
@@ -68,9 +68,8 @@ def _padded_layout(position_ids, query, key):
     return layout
 
 
-# On CPU, SDPA's bf16 flash kernel is slow backwards for short examples: forward + backward of W3's batches (8
-# examples of <= 115 tokens, 9 heads of 64) took 29.6 ms per layer against 11.2 ms as two batched matmuls and a
-# softmax (2-core AMX Xeon, 1 thread); the two cross near 200 tokens (22 vs 26 ms at 256, 36 vs 114 ms at 1024).
+# On CPU, SDPA's bf16 flash kernel is slow backwards for short examples: below about 200 tokens two batched matmuls
+# and a softmax are faster, above it flash wins (the timings are in docs/speed.md and benchmarks/README.md).
 MATMUL_ATTENTION_MAX_LENGTH = 192
 
 

@@ -10,7 +10,6 @@ terminal (rich) and a self-contained HTML file.
 """
 from __future__ import annotations
 
-import argparse
 import html
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import datasets
 from datasets import Dataset
 
 from sft_hf.collator import IGNORE_INDEX, recipe_collator
+from sft_hf.errors import RecipeError
 from sft_hf.templates import get_template
 from sft_hf.tokenization import check_template_fits, encode_records
 
@@ -256,34 +256,37 @@ def render_html(views: list[ExampleView], meta: dict[str, object] | None = None,
 
 # ---------------------------------------------------------------------------------------------------- command
 
-def load_recipe_data(recipe_argv: list[str]):
-    """The recipe's arguments, tokenizer, template and raw splits, loaded the way recipes/train.py loads them."""
-    from sft_hf.run.config import parse_recipe
+def load_recipe_data(model_args, data_args):
+    """The recipe's tokenizer, template and raw splits, loaded the way training loads them."""
     from sft_hf.data import load_recipe_splits
     from sft_hf.modeling import load_tokenizer
-    from sft_hf.templates import get_template
 
-    model_args, data_args, args = parse_recipe(recipe_argv)
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
-    return model_args, data_args, args, tokenizer, template, load_recipe_splits(data_args, template)
+    return tokenizer, template, load_recipe_splits(data_args, template)
+
+
+@dataclass
+class InspectArguments:
+    _argument_group_name = "inspect"
+    n: int = field(default=5, metadata={"help": "How many examples to show."})
+    split: str = field(default="train", metadata={"help": "train, validation or test."})
+    html: str | None = field(default=None, metadata={"help": "HTML file to write (default <output_dir>/inspect.html)."})
+    no_labels: bool = field(default=False, metadata={"help": "Terminal: hide the label id after each token."})
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="sft-hf inspect", allow_abbrev=False,
-        description="Show the first N examples token by token as the collator feeds them. Every other flag "
-                    "(--config, --dataset_name, --template, --max_length, ...) is a recipe argument as in train.py.",
-    )
-    parser.add_argument("--n", type=int, default=5, help="how many examples (default 5)")
-    parser.add_argument("--split", default="train", help="train, validation or test (default train)")
-    parser.add_argument("--html", default=None, help="HTML file to write (default <output_dir>/inspect.html)")
-    parser.add_argument("--no_labels", action="store_true", help="terminal: hide the label id after each token")
-    own, recipe_argv = parser.parse_known_args(argv)
+    from sft_hf.run.config import ARG_CLASSES, COMMON_TRAINING_ARGS, Command, parse_recipe_and_values
+
+    command = Command(
+        prog="sft-hf inspect", dataclass_types=(InspectArguments, *ARG_CLASSES), common=COMMON_TRAINING_ARGS,
+        summary="Show the first N examples token by token as the collator feeds them. Every other key (--config, "
+                "--dataset_name, --template, --max_length, ...) is a recipe key, as in training.")
+    own, model_args, data_args, args, _ = parse_recipe_and_values(argv, command=command)
     datasets.disable_progress_bars()  # a handful of records: the bars would only clutter the view
-    model_args, data_args, args, tokenizer, template, raw = load_recipe_data(recipe_argv)
+    tokenizer, template, raw = load_recipe_data(model_args, data_args)
     if own.split not in raw:
-        parser.error(f"--split must be one of {sorted(raw)}")
+        raise RecipeError(f"--split must be one of {sorted(raw)}, not {own.split!r}")
     records = raw[own.split].select(range(min(own.n, len(raw[own.split]))))
     if len(records) == 0:
         print(f"the {own.split} split is empty", file=sys.stderr)
