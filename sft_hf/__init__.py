@@ -12,7 +12,7 @@ _EXPORTS = {
     "sft_hf.evaluation.metrics": ["exact_match"],
     "sft_hf.modeling": ["load_model", "load_tokenizer"],
     "sft_hf.packing": ["pack_dataset"],
-    "sft_hf.precision": ["PrecisionPlan", "plan_precision"],
+    "sft_hf.precision": ["plan_precision"],
     "sft_hf.templates": ["TEMPLATES", "Template", "TemplateError", "get_template"],
     "sft_hf.tokenization": ["tokenize_dataset"],
     "sft_hf.trainer": ["InstructionTrainer"],

@@ -287,7 +287,7 @@ def test_train_command_lines_parse_with_the_recipe_parser(tmp_path, monkeypatch)
 
 
 def eval_argument_names() -> set[str]:
-    tree = ast.parse((ROOT / "recipes" / "evaluate.py").read_text())
+    tree = ast.parse((ROOT / "sft_hf" / "evaluation" / "cli.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EvalArguments")
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
 
