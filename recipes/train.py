@@ -34,6 +34,7 @@ from sft_hf import (  # noqa: E402
 from sft_hf.run import hub  # noqa: E402
 from sft_hf.callbacks import BaselineExactMatchCallback, GenerationSamplesCallback  # noqa: E402
 from sft_hf.collator import recipe_collator  # noqa: E402
+from sft_hf.lora import prepare_training_args  # noqa: E402
 from sft_hf.data import load_recipe_splits  # noqa: E402
 from sft_hf.evaluation.generation import request_text  # noqa: E402
 from sft_hf.templates import reference_answer  # noqa: E402
@@ -67,6 +68,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     model_args, data_args, args, recipe = parse_recipe_and_values(argv)
+    prepare_training_args(model_args, args)  # LoRA: DDP without the unused-parameter search; sharded checkpointing
     # The Hub push runs once at the end (sft_hf/run/hub.py), not from Trainer at start-up and at every checkpoint; the
     # token is kept out of `args`, which Trainer pickles into training_args.bin.
     push_to_hub, hub_token = args.push_to_hub, args.hub_token

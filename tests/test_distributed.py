@@ -64,6 +64,26 @@ def test_two_cpu_processes_match_one_padded_or_padding_free(assets):
                                        msg=f"{name}: {key}")
 
 
+def test_lora_on_two_processes_trains_the_same_without_ddps_unused_parameter_search(assets, tmp_path):
+    """A PeftModel is not a transformers PreTrainedModel, so Trainer would wrap it in DDP with
+    find_unused_parameters=True (a graph traversal every step); LoRA runs turn it off (sft_hf.lora.
+    prepare_training_args, the LoRA recipe). Every adapter takes part in every step: the losses are unchanged."""
+    model, data, _ = assets
+    runs = {"default": {}, "search": {"ddp_find_unused_parameters": "true"}}
+    stderr, losses = {}, {}
+    for name, extra in runs.items():
+        result = run_train(tiny_recipe_args(model, data, tmp_path / name, per_device_train_batch_size=4,
+                                            max_length=128, use_peft="true", lora_r=4, lora_alpha=8,
+                                            lora_dropout=0.0, learning_rate=2e-2, **extra),
+                           accelerate_config=str(CONFIGS / "cpu_2proc.yaml"))
+        stderr[name], losses[name] = result.stderr, train_losses(tmp_path / name)
+    # torch's DDP says so when it searched and found nothing unused: only where the search was asked for
+    unused_warning = "find_unused_parameters=True was specified in DDP constructor, but did not find any unused"
+    assert unused_warning in stderr["search"] and unused_warning not in stderr["default"]
+    assert len(losses["default"]) == 8 and losses["default"][-1] < losses["default"][0]
+    torch.testing.assert_close(torch.tensor(losses["default"]), torch.tensor(losses["search"]), rtol=1e-6, atol=1e-6)
+
+
 FSDP_PROBE = """
 import os, torch
 os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # as recipes/train.py does without CUDA
