@@ -44,7 +44,7 @@ from sft_hf.run.checkpoints import (  # noqa: E402
 from sft_hf.run.outputs import logged_train_loss, plot_loss_curve, save_template  # noqa: E402
 from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction, run_cli  # noqa: E402
 from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
-from sft_hf.speed.threads import set_cpu_threads  # noqa: E402
+from sft_hf.speed.threads import run_on_cpu, set_cpu_threads  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
 
@@ -78,7 +78,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     install_secret_redaction()  # tokens / API keys from the environment never reach a log line
-    set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
+    # every core unless the user chose (accelerate launch would give 1), also for a CPU run on a GPU machine
+    set_cpu_threads(args.cpu_threads, run_on_cpu(args))
     if args.process_index == 0:
         logger.info("malloc: %s (SFT_HF_ALLOCATOR=system keeps glibc's; sft_hf/speed/allocator.py says why)",
                     allocator.active_allocator())
