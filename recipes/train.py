@@ -43,7 +43,8 @@ from sft_hf.run.checkpoints import (  # noqa: E402
     RECIPE_FILE, check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint)
 from sft_hf.run.outputs import logged_train_loss, plot_loss_curve, save_template  # noqa: E402
 from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction, run_cli  # noqa: E402
-from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
+from sft_hf.run.safety import (  # noqa: E402
+    RUN_RESULTS, StopOnNonFiniteLoss, StopOnSkippedSteps, atomic_save, check_output_dir)
 from sft_hf.speed.threads import run_on_cpu, set_cpu_threads  # noqa: E402
 
 logger = logging.getLogger("sft_hf")
@@ -118,7 +119,8 @@ def main(argv=None):
         eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
         processing_class=tokenizer,
         data_collator=collator,
-        callbacks=[StopOnNonFiniteLoss()],  # stops at a NaN/inf gradient before it is applied
+        # stop at a NaN/inf gradient before it is applied, and an fp16 run whose every step overflows
+        callbacks=[StopOnNonFiniteLoss(), StopOnSkippedSteps()],
         recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
     )
     if args.eval_exact_match and args.baseline_exact_match:
