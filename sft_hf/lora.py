@@ -156,8 +156,8 @@ def apply_lora(model, model_args, gradient_checkpointing: bool = False, sharding
     """Wrap `model` with fresh LoRA adapters. A 4-bit model on one process or DDP is first prepared by peft for
     k-bit training (its other weights upcast to fp32, input gradients for checkpointing). Under FSDP or ZeRO-3
     (`sharding`) that upcast is skipped, as in TRL's and peft's sharded QLoRA: the frozen weights stay in the dtype
-    the 4-bit weights are packed in, so they shard together and take half the memory (Trainer's activation
-    checkpointing turns the input gradients on itself)."""
+    the 4-bit weights are packed in, so they shard together, without fp32 copies (Trainer's activation checkpointing
+    turns the input gradients on itself)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) and not sharding:

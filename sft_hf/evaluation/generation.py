@@ -70,7 +70,7 @@ def generate_responses(
 
 def weights_sharded(model) -> bool:
     """Each forward pass gathers weights from other processes: FSDP2 (torch's `fully_shard`, which accelerate's FSDP2
-    applies; it never sets the flag transformers' `is_fsdp_managed_module` reads), FSDP1's wrapper, DTensor
+    applies without setting the flag transformers' `is_fsdp_managed_module` reads), FSDP1's wrapper, DTensor
     parameters (FSDP2, tensor parallelism), DeepSpeed ZeRO-3 (its partitioned parameters carry a `ds_id`)."""
     if not torch.distributed.is_available():
         return False
