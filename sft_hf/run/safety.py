@@ -107,7 +107,8 @@ def agreed_any(flag: bool, device) -> bool:
 def agreed_non_finite(bad: str | None, device) -> str | None:
     """Every process stops, or none: under FSDP / ZeRO each process checks only its shard, and one process raising
     alone would leave the others waiting in the next collective. One all-reduced flag per check."""
-    return bad or ("a tensor on another process" if agreed_any(bad is not None, device) else None)
+    anywhere = agreed_any(bad is not None, device)  # every process all-reduces, whatever it found
+    return bad or ("a tensor on another process" if anywhere else None)
 
 
 def uses_deepspeed(args) -> bool:
