@@ -1,4 +1,6 @@
-"""What tests/gpu shares: skip conditions and `accelerate launch` of recipes/train.py with a hang timeout."""
+"""What tests/gpu shares: skip conditions and `accelerate launch` of recipes/train.py with a hang timeout. (No
+conftest.py here: other test modules import names from tests/conftest.py as `conftest`, which a second one would
+shadow.)"""
 import importlib.util
 import os
 import signal
@@ -15,6 +17,11 @@ from tiny_setup import ROOT, TRAIN, run_env  # noqa: E402
 
 CONFIGS = ROOT / "accelerate_configs"
 LAUNCH_TIMEOUT = 900  # seconds: a run still going by then hangs (e.g. processes out of step) and fails its test
+
+
+# every test module here: `pytestmark = CUDA`, so `python -m pytest -q` collects tests/gpu everywhere, runs it on GPUs
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="no CUDA GPU here: tests/gpu runs on a GPU machine (docs/scale.md)")
 
 
 def needs(gpus: int = 1, module: str | None = None, extra: str | None = None, bf16: bool = False):

@@ -3,7 +3,7 @@
 can be held to one GPU's within 1e-3), QLoRA on one GPU, under DDP, FSDP2 and ZeRO-3. Each run also measures exact
 match before and after training and writes sample generations during it: the processes must finish generating
 together (with sharded weights every forward pass needs all of them), and a full model's answers must be those the
-saved model gives alone on one GPU. Skipped without CUDA (tests/gpu/conftest.py); docs/scale.md says what has run.
+saved model gives alone on one GPU. Skipped without CUDA; docs/scale.md says what has run.
 """
 import importlib.util
 import json
@@ -11,8 +11,10 @@ import json
 import pytest
 import torch
 
-from gpu_setup import launch, needs
+from gpu_setup import CUDA, launch, needs
 from tiny_setup import tiny_recipe_args, train_losses, write_tiny_dataset
+
+pytestmark = CUDA
 
 STEPS = 8  # 64 training records, a global batch of 8
 EVALUATED_AT = [4] * 2 + [8] * 4  # 2 samples at steps 4 and 8, and 2 more at the final evaluation
