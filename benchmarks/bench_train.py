@@ -5,6 +5,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --workload W2 --repeats 2 --fraction 0.5
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --workload W3                 # SmolLM2-135M, 40 steps
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --workload W3 --launch accelerate  # through the user's command
+    HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --device cuda --workload W3 --repeats 1  # GPU: MFU, vs TRL
     python benchmarks/bench_train.py --device cuda --workload W4                    # GPU: MFU, vs TRL flash-attention
 
 Each contender trains in its own process (so peak RSS, threads and compiled code are its own), one after the other
@@ -16,6 +17,7 @@ examples, computed the same way for every contender (it shows they trained the s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -100,7 +102,11 @@ BF16_CONTENDERS = {
         attn="flash_attention_2", bf16=True, gpu=True),
 }
 CONTENDERS["TRL defaults (bf16 autocast + grad checkpointing)"]["bf16"] = True
-ALL_CONTENDERS = {**CONTENDERS, **BF16_CONTENDERS, **ABLATIONS}
+# GPUs without native bf16 (T4, V100): TRL's best candidate in the precision sft-hf's `auto` picks there
+TRL_FP16 = "TRL fp16 autocast padding_free (no checkpointing)"
+FP16_CONTENDERS = {TRL_FP16: dict(kind="trl", config=dict(fp16=True, bf16=False, gradient_checkpointing=False,
+                                                        padding_free=True, max_length=None), gpu=True)}
+ALL_CONTENDERS = {**CONTENDERS, **BF16_CONTENDERS, **FP16_CONTENDERS, **ABLATIONS}
 # The default contenders of the real-model workloads: TRL's candidates for its best on a CPU (bf16 autocast without
 # checkpointing, padding_free) and on a GPU (the same with flash-attention), its defaults, sft-hf default/fp32/bf16.
 REAL_MODEL_CONTENDERS = {
@@ -113,7 +119,8 @@ REAL_MODEL_CONTENDERS = {
 W3_STEPS = 40
 # TRL's best = its fastest configuration in the run; its defaults too: with native bf16 (AVX512-BF16, AMX, GPUs)
 # bf16 autocast can beat fp32 even with gradient checkpointing.
-TRL_BEST_CANDIDATES = [name for name, c in {**CONTENDERS, **BF16_CONTENDERS}.items() if c["kind"] == "trl"]
+TRL_BEST_CANDIDATES = [name for name, c in {**CONTENDERS, **BF16_CONTENDERS, **FP16_CONTENDERS}.items()
+                       if c["kind"] == "trl"]
 TRL_DEFAULTS = "TRL defaults (bf16 autocast + grad checkpointing)"
 
 
@@ -337,7 +344,8 @@ def matmul_flops(seconds: float = 1.5, n: int = 1024) -> dict[str, float]:
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU on common GPUs; anything else: pass --peak-tflops.
-GPU_PEAK_TFLOPS = {"H100": 989, "A100": 312, "L4": 121, "A10": 125, "L40": 181, "4090": 165, "3090": 71, "T4": 65}
+GPU_PEAK_TFLOPS = {"H100": 989, "A100": 312, "L4": 121, "A10": 125, "L40": 181, "4090": 165, "3090": 71, "T4": 65,
+                   "V100": 125}
 
 
 def machine_header() -> str:
@@ -489,8 +497,31 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
             checks.append(f"{medians[ours] / medians[TRL_DEFAULTS]:.1f}× TRL's defaults (target ≥ 15×)")
         checks.append(f"{6 * r0['params'] * medians[ours] / matmul:.0%} of the torch.matmul roofline (target ≥ 50%), "
                       f"{6 * r0['params'] * medians[ours] / best_gemm:.0%} of the best-GEMM one")
+        if gpu_peak:
+            checks.append(f"MFU {6 * r0['params'] * medians[ours] / gpu_peak:.1%} of the GPU's dense bf16/fp16 peak "
+                          f"({gpu_peak / 1e12:.0f} TFLOP/s)")
         lines.append(f"{ours}: " + "; ".join(checks) + ".")
     return "\n".join(lines)
+
+
+def default_contenders(workload: str, cuda: bool, native_bf16: bool, allow_emulated_bf16: bool = False,
+                        flash_attn: bool = True) -> tuple[list[str], list[str]]:
+    """The contenders a run compares by default on this machine, and a line for each group left out and why. On a GPU
+    without native bf16 (T4, V100) the bf16 contenders give way to TRL in fp16, the precision sft-hf picks there."""
+    names = REAL_MODEL_CONTENDERS["cuda" if cuda else "cpu"] if workload in ("W3", "W4") else list(CONTENDERS)
+    names = [n for n in names if cuda or not ALL_CONTENDERS[n].get("gpu")]
+    notes = []
+    if not native_bf16 and not allow_emulated_bf16:
+        skipped = [n for n in names if ALL_CONTENDERS[n].get("bf16") or n == "sft-hf fp32"]
+        notes.append(f"bf16 is emulated on this {'GPU' if cuda else 'CPU'}: skipping {skipped} (the sft-hf default "
+                     f"is {'fp16' if cuda else 'fp32'} here; --allow-emulated-bf16 runs them)")
+        names = [n for n in names if n not in skipped] + ([TRL_FP16] if cuda else [])
+    flash = [n for n in names if "flash_attention_2" in (*ALL_CONTENDERS[n].get("flags", []),
+                                                            ALL_CONTENDERS[n].get("attn"))]
+    if flash and not flash_attn:
+        notes.append(f"flash-attn is not installed: skipping {flash} (pip install flash-attn)")
+        names = [n for n in names if n not in flash]
+    return names, notes
 
 
 def main(argv=None):
@@ -561,14 +592,11 @@ def main(argv=None):
     if opts.contenders is not None:
         names = [n.strip() for n in opts.contenders.split(",")]
     else:
-        names = REAL_MODEL_CONTENDERS["cuda" if cuda else "cpu"] if real_model else list(CONTENDERS)
-        native = gpu_has_native_bf16() if cuda else cpu_has_native_bf16()
-        if not native and not opts.allow_emulated_bf16:
-            skipped = [n for n in names if ALL_CONTENDERS[n].get("bf16") or n == "sft-hf fp32"]
-            print(f"bf16 is emulated on this {'GPU' if cuda else 'CPU'}: skipping {skipped} (the sft-hf default "
-                  "is fp32 here; --allow-emulated-bf16 runs them)")
-            names = [n for n in names if n not in skipped]
-        names = [n for n in names if cuda or not ALL_CONTENDERS[n].get("gpu")]
+        names, notes = default_contenders(
+            opts.workload, cuda, gpu_has_native_bf16() if cuda else cpu_has_native_bf16(), opts.allow_emulated_bf16,
+            importlib.util.find_spec("flash_attn") is not None)
+        for note in notes:
+            print(note)
     unknown = [n for n in names if n not in ALL_CONTENDERS]
     if unknown:
         parser.error(f"unknown contender(s) {unknown}; known: {list(ALL_CONTENDERS)}")

@@ -6,7 +6,9 @@ equals peft `r=16, lora_alpha=256` (256 / 16 = 16).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +54,50 @@ def make_lora_config(model_args, model_type: str):
     )
 
 
-def quantization_config(model_args):
-    """BitsAndBytesConfig for QLoRA (`load_in_4bit`), None otherwise; a clear error where 4-bit cannot run."""
+def compute_dtype(args=None) -> torch.dtype:
+    """What QLoRA's 4-bit layers multiply in: the run's precision plan (sft_hf/precision.py sets `args.bf16` / `args.fp16`),
+    so a T4 or V100, where `precision: auto` picks fp16, never computes in emulated bf16 under fp16 autocast. Without
+    training arguments: bf16 where the GPU multiplies it natively, else fp16."""
+    if args is None:
+        from sft_hf.precision import gpu_has_native_bf16
+
+        return torch.bfloat16 if gpu_has_native_bf16() else torch.float16
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    return torch.float16 if getattr(args, "fp16", False) else torch.float32
+
+
+def weight_sharding(args=None) -> str | None:
+    """"fsdp" or "zero3" when the run shards its weights over the processes, else None: what `accelerate launch` with
+    accelerate_configs/fsdp.yaml or deepspeed_zero3.yaml exports (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED and
+    the ZeRO stage or config file), or the training arguments' own `fsdp` / `deepspeed`."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") or getattr(args, "fsdp", None):
+        return "fsdp"
+    config = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not (config or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")):
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if config:
+        if not isinstance(config, dict):
+            config = json.loads(Path(config).read_text())
+        stage = (config.get("zero_optimization") or {}).get("stage", stage)
+    return "zero3" if str(stage) == "3" else None
+
+
+def quantized_load_dtype(args=None) -> torch.dtype:
+    """The dtype QLoRA's other weights load in and its 4-bit weights are packed into (`bnb_4bit_quant_storage`): the
+    compute dtype, so that FSDP and ZeRO-3 shard the packed weights like the others (peft's FSDP-QLoRA and
+    ZeRO-3-QLoRA guides). fp16 under FSDP is the exception: there the trained weights must stay fp32 for the fp16
+    gradient scaler (peft's guide: quant storage float32 for fp16 mixed precision)."""
+    dtype = compute_dtype(args)
+    return torch.float32 if dtype == torch.float16 and weight_sharding(args) == "fsdp" else dtype
+
+
+def quantization_config(model_args, args=None):
+    """BitsAndBytesConfig for QLoRA (`load_in_4bit`), None otherwise; a clear error where 4-bit cannot run. `args`:
+    the training arguments, whose resolved precision sets the compute dtype."""
     if not getattr(model_args, "load_in_4bit", False):
         return None
     if not model_args.use_peft:
@@ -69,24 +113,65 @@ def quantization_config(model_args):
         raise QLoRAUnavailable("load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes") from error
     from transformers import BitsAndBytesConfig
 
-    compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=getattr(model_args, "bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=getattr(model_args, "use_bnb_nested_quant", False),
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=compute_dtype,  # lets FSDP shard the 4-bit weights like the others
+        bnb_4bit_compute_dtype=compute_dtype(args),
+        bnb_4bit_quant_storage=quantized_load_dtype(args),  # lets FSDP and ZeRO-3 shard the 4-bit weights
     )
 
 
-def apply_lora(model, model_args, gradient_checkpointing: bool = False):
-    """Wrap `model` with fresh LoRA adapters (4-bit models are first prepared for k-bit training)."""
+def quantized_load_kwargs(args=None) -> dict:
+    """`from_pretrained` arguments of a QLoRA model besides its quantization config. One process, or DDP: the
+    whole model on this process's GPU (TRL's `get_kbit_device_map`). FSDP or ZeRO-3: no `device_map` (ZeRO-3 refuses
+    one; bitsandbytes then loads onto the current GPU, which FSDP or ZeRO-3 shards when training starts) and the
+    other weights in the packed weights' dtype, as peft's guides do."""
+    if weight_sharding(args):
+        return {"device_map": None, "dtype": quantized_load_dtype(args)}
+    if args is not None:
+        index = args.local_process_index
+    else:
+        from accelerate import PartialState
+
+        index = PartialState().local_process_index
+    return {"device_map": {"": index}}
+
+
+def prepare_training_args(model_args, args) -> None:
+    """What LoRA changes in the training arguments, decided after parsing:
+    - DDP's `find_unused_parameters` off unless the recipe set it: every adapter takes part in every forward pass,
+      and Trainer would switch the search on for any model that is not a transformers `PreTrainedModel` (a PeftModel
+      is not), which costs a graph traversal per step and breaks reentrant activation checkpointing;
+    - under FSDP or ZeRO-3, reentrant activation checkpointing unless the recipe chose (peft's sharded guides run it,
+      TRL forces it for PEFT under ZeRO-3)."""
+    if not getattr(model_args, "use_peft", False):
+        return
+    if args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = False
+    if args.activation_checkpointing and weight_sharding(args):
+        args.activation_checkpointing_kwargs = {"use_reentrant": True, **(args.activation_checkpointing_kwargs or {})}
+
+
+def apply_lora(model, model_args, gradient_checkpointing: bool = False, sharding: str | None = None):
+    """Wrap `model` with fresh LoRA adapters. A 4-bit model on one process or DDP is first prepared by peft for
+    k-bit training (its other weights upcast to fp32, input gradients for checkpointing). Under FSDP or ZeRO-3
+    (`sharding`) that upcast is skipped, as in TRL's and peft's sharded QLoRA: the frozen weights stay in the dtype
+    the 4-bit weights are packed in, so they shard together, without fp32 copies (Trainer's activation checkpointing
+    turns the input gradients on itself)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_4bit", False):
+    if getattr(model, "is_loaded_in_4bit", False) and not sharding:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = make_lora_config(model_args, model.config.model_type)
     model = get_peft_model(model, config)
+    if sharding == "zero3":
+        # peft keeps adapters in fp32 while the base is bf16/fp16; ZeRO-3 gathers parameters into buffers of one
+        # dtype and fails at the first step on mixed ones (TRL casts them likewise). DeepSpeed keeps fp32 masters.
+        base = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+        for param in model.parameters():
+            if param.requires_grad and base is not None and base != torch.float32:
+                param.data = param.data.to(base)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA on %s: %s trainable of %s parameters (%.2f%%)", config.target_modules, f"{trainable:,}",
                 f"{total:,}", 100 * trainable / total)

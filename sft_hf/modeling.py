@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_hf.run import gguf
@@ -51,7 +50,12 @@ def load_model(model_args, tokenizer, training_args=None):
     dtype = model_args.dtype
     if dtype == "auto":  # full fine-tuning keeps fp32 master weights; Trainer's autocast does the rest
         dtype = torch.float32 if not model_args.use_peft else "auto"
-    quantization = lora.quantization_config(model_args)  # QLoRA: 4-bit base weights (CUDA + bitsandbytes only)
+    # QLoRA: 4-bit base weights (CUDA + bitsandbytes only), computing in the run's precision
+    quantization = lora.quantization_config(model_args, training_args)
+    placement = {"device_map": None}
+    if quantization:  # the device (or none, when sharded) and, under FSDP / ZeRO-3, the dtype of a 4-bit load
+        placement = lora.quantized_load_kwargs(training_args)
+        dtype = placement.pop("dtype", dtype)
     if model_args.trust_remote_code:
         logger.warning(f"trust_remote_code=True: running Python code shipped with {path}")
     model = AutoModelForCausalLM.from_pretrained(
@@ -63,7 +67,7 @@ def load_model(model_args, tokenizer, training_args=None):
         trust_remote_code=model_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
         quantization_config=quantization,
-        device_map={"": PartialState().local_process_index} if quantization else None,
+        **placement,
         **(model_args.model_config_overrides or {}),  # e.g. dropout 0.0, as chapter 7 trains
     )
     if (model_args.attn_implementation is None and model.config._attn_implementation == "sdpa"
@@ -75,5 +79,6 @@ def load_model(model_args, tokenizer, training_args=None):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     if model_args.use_peft:  # target modules per architecture unless the recipe names them
-        model = lora.apply_lora(model, model_args, bool(getattr(training_args, "activation_checkpointing", False)))
+        model = lora.apply_lora(model, model_args, bool(getattr(training_args, "activation_checkpointing", False)),
+                                lora.weight_sharding(training_args))
     return model

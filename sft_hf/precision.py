@@ -42,10 +42,13 @@ class PrecisionPlan:
         return f"{what} on {self.device.upper() if self.device == 'cuda' else 'the CPU'} ({self.why})"
 
 
-def run_device(args) -> str:
-    """"cpu" when the run is told to use the CPU (`use_cpu`, accelerate's cpu configs set ACCELERATE_USE_CPU) or has
-    no GPU, else "cuda". Asked before TrainingArguments sets up its device, so it cannot read `args.device`."""
-    cpu_asked = getattr(args, "use_cpu", False) or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+def run_device(args=None) -> str:
+    """"cpu" when the run is told to use the CPU (`use_cpu`; accelerate's cpu configs and `--cpu` export
+    ACCELERATE_USE_CPU) or has no CUDA, else "cuda". Precision and threads both ask this, before TrainingArguments
+    sets up its device (which, on one process, reads cuda:0 when only ACCELERATE_USE_CPU says CPU)."""
+    from accelerate.utils import parse_flag_from_env
+
+    cpu_asked = getattr(args, "use_cpu", False) or parse_flag_from_env("ACCELERATE_USE_CPU")
     return "cuda" if torch.cuda.is_available() and not cpu_asked else "cpu"
 
 

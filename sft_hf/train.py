@@ -24,6 +24,7 @@ from sft_hf.data import load_recipe_splits
 from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction
 from sft_hf.evaluation.generation import generate_responses, request_text
 from sft_hf.evaluation.metrics import exact_match
+from sft_hf.lora import prepare_training_args
 from sft_hf.modeling import load_model, load_tokenizer
 from sft_hf.packing import pack_dataset
 from sft_hf.precision import settle_precision
@@ -32,9 +33,9 @@ from sft_hf.run.checkpoints import (
     RECIPE_FILE, check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint)
 from sft_hf.run.config import format_recipe, parse_recipe_and_values, save_recipe
 from sft_hf.run.outputs import logged_train_loss, plot_loss_curve, save_template
-from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir
+from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, StopOnSkippedSteps, atomic_save, check_output_dir
 from sft_hf.speed import allocator
-from sft_hf.speed.threads import set_cpu_threads
+from sft_hf.speed.threads import run_on_cpu, set_cpu_threads
 from sft_hf.templates import get_template, reference_answer
 from sft_hf.tokenization import tokenize_dataset
 from sft_hf.trainer import InstructionTrainer
@@ -61,6 +62,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     model_args, data_args, args, recipe = parse_recipe_and_values(argv)
+    prepare_training_args(model_args, args)  # LoRA: DDP without the unused-parameter search; sharded checkpointing
     # The Hub push runs once at the end (sft_hf/run/hub.py), not from Trainer at start-up and at every checkpoint; the
     # token is kept out of `args`, which Trainer pickles into training_args.bin.
     push_to_hub, hub_token = args.push_to_hub, args.hub_token
@@ -70,7 +72,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     install_secret_redaction()  # tokens / API keys from the environment never reach a log line
-    set_cpu_threads(args.cpu_threads)  # every core unless the user chose (accelerate launch would give 1)
+    # every core unless the user chose (accelerate launch would give 1), also for a CPU run on a GPU machine
+    set_cpu_threads(args.cpu_threads, run_on_cpu(args))
     if args.process_index == 0:
         logger.info("malloc: %s (SFT_HF_ALLOCATOR=system keeps glibc's; sft_hf/speed/allocator.py says why)",
                     allocator.active_allocator())
@@ -113,7 +116,8 @@ def main(argv=None):
         eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
         processing_class=tokenizer,
         data_collator=collator,
-        callbacks=[StopOnNonFiniteLoss()],  # stops at a NaN/inf gradient before it is applied
+        # stop at a NaN/inf gradient before it is applied, and an fp16 run whose every step overflows
+        callbacks=[StopOnNonFiniteLoss(), StopOnSkippedSteps()],
         recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
     )
     if args.eval_exact_match and args.baseline_exact_match:

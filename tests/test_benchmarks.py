@@ -64,6 +64,33 @@ def test_summary_ratios_and_roofline():
     assert "1.50× TRL's best (TRL fp32 padded" in table and "20.0× TRL's defaults" in table
 
 
+def test_gpu_contenders_and_mfu(monkeypatch):
+    """`--device cuda`: on an A100 the real-model comparison without flash-attn installed drops its two
+    flash-attention contenders and says so; on a T4 (bf16 emulated) TRL's bf16 contenders give way to TRL in fp16.
+    The table's MFU is 6 × parameters × tokens/s over the GPU's dense peak."""
+    names, notes = bench_train.default_contenders("W3", cuda=True, native_bf16=True, flash_attn=False)
+    assert names == ["sft-hf default", "TRL bf16 autocast padding_free (no checkpointing)",
+                     "TRL defaults (bf16 autocast + grad checkpointing)"]
+    assert notes == ["flash-attn is not installed: skipping ['sft-hf flash-attention', 'TRL bf16 padding_free "
+                     "flash-attention'] (pip install flash-attn)"]
+    names, notes = bench_train.default_contenders("W3", cuda=True, native_bf16=False, flash_attn=True)
+    assert names == ["sft-hf default", "sft-hf flash-attention", bench_train.TRL_FP16]
+    assert "the sft-hf default is fp16 here" in notes[0]
+    assert bench_train.TRL_FP16 in bench_train.TRL_BEST_CANDIDATES
+    cpu, _ = bench_train.default_contenders("W3", cuda=False, native_bf16=False)
+    assert not any(bench_train.ALL_CONTENDERS[n].get("gpu") for n in cpu)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    run = dict(tokens_per_second=52_000, tokens_per_cpu_second=1.0, padding_fraction=0.0, prep_seconds=0.1,
+               peak_rss_mb=900.0, final_loss=1.0, epoch_fraction=0.3, params=135_000_000)
+    table = bench_train.summarize({"sft-hf default": [run], bench_train.TRL_FP16: [dict(run, tokens_per_second=26_000)]},
+                                  [{"torch.matmul": 19.5e12}], workload="W3")
+    # 6 × 135 M × 52,000 tokens/s = 42.1 TFLOP/s of the A100's 312
+    assert table.splitlines()[2].endswith("| 13.5% |")
+    assert "2.00× TRL's best" in table and "MFU 13.5% of the GPU's dense bf16/fp16 peak (312 TFLOP/s)" in table
+
+
 def _rows(vocab_size: int, eos: int) -> list[dict]:
     rng = random.Random(0)
     return [{"input_ids": [rng.randrange(3, vocab_size) for _ in range(n - 1)] + [eos]} for n in (9, 5, 7, 3)]

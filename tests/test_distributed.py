@@ -64,6 +64,26 @@ def test_two_cpu_processes_match_one_padded_or_padding_free(assets):
                                        msg=f"{name}: {key}")
 
 
+def test_lora_on_two_processes_trains_the_same_without_ddps_unused_parameter_search(assets, tmp_path):
+    """A PeftModel is not a transformers PreTrainedModel, so Trainer would wrap it in DDP with
+    find_unused_parameters=True (a graph traversal every step); LoRA runs turn it off (sft_hf.lora.
+    prepare_training_args, the LoRA recipe). Every adapter takes part in every step: the losses are unchanged."""
+    model, data, _ = assets
+    runs = {"default": {}, "search": {"ddp_find_unused_parameters": "true"}}
+    stderr, losses = {}, {}
+    for name, extra in runs.items():
+        result = run_train(tiny_recipe_args(model, data, tmp_path / name, per_device_train_batch_size=4,
+                                            max_length=128, use_peft="true", lora_r=4, lora_alpha=8,
+                                            lora_dropout=0.0, learning_rate=2e-2, **extra),
+                           accelerate_config=str(CONFIGS / "cpu_2proc.yaml"))
+        stderr[name], losses[name] = result.stderr, train_losses(tmp_path / name)
+    # torch's DDP says so when it searched and found nothing unused: only where the search was asked for
+    unused_warning = "find_unused_parameters=True was specified in DDP constructor, but did not find any unused"
+    assert unused_warning in stderr["search"] and unused_warning not in stderr["default"]
+    assert len(losses["default"]) == 8 and losses["default"][-1] < losses["default"][0]
+    torch.testing.assert_close(torch.tensor(losses["default"]), torch.tensor(losses["search"]), rtol=1e-6, atol=1e-6)
+
+
 FSDP_PROBE = """
 import os, torch
 os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # as recipes/train.py does without CUDA
@@ -112,20 +132,7 @@ def test_fsdp_on_two_cpu_processes(assets, tmp_path):
             torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-# Generation as under FSDP / ZeRO-3: transformers then keeps the processes' forward passes in step (`synced_gpus`,
-# one all_reduce per generated token), so a process that generates while the other does anything else waits forever.
-# Weights cannot be sharded on CPU processes here (accelerate runs FSDP on GPUs only), but the collectives are the same.
-SYNCED_GENERATION = """
-import faulthandler, runpy, sys
-faulthandler.dump_traceback_later(150, exit=True)  # a hang fails with every process's stack, not a silent timeout
-import transformers.generation.utils as generation_utils
-generation_utils.is_fsdp_managed_module = lambda module: True
-sys.argv = [{train!r}] + sys.argv[1:]
-runpy.run_path({train!r}, run_name="__main__")
-"""
-
-
-def test_exact_match_and_samples_generated_by_every_process_in_step(assets, tmp_path):
+def test_exact_match_and_samples_on_two_processes_are_those_of_one(assets, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft_hf.evaluation.generation import generate_responses
@@ -133,8 +140,6 @@ def test_exact_match_and_samples_generated_by_every_process_in_step(assets, tmp_
     from tiny_setup import TRAIN
 
     model, data, _ = assets
-    script = tmp_path / "train_synced.py"
-    script.write_text(SYNCED_GENERATION.format(train=TRAIN))
     out = tmp_path / "run"
     # 7 held-out records over 2 processes, batch 3: shares of 4 and 3, i.e. 2 and 1 generate calls unless padded
     argv = tiny_recipe_args(model, data, out, per_device_train_batch_size=4, max_steps=4, max_length=128,
@@ -143,7 +148,7 @@ def test_exact_match_and_samples_generated_by_every_process_in_step(assets, tmp_
                             onednn_linear=False)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-         str(script), *argv], env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+         TRAIN, *argv], env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
 
     results = json.loads((out / "all_results.json").read_text())
@@ -160,3 +165,83 @@ def test_exact_match_and_samples_generated_by_every_process_in_step(assets, tmp_
     assert results["baseline_exact_match"] == exact_match(before, [r["output"] for r in responses])
     samples = [json.loads(line) for line in (out / "eval_generations.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2] * 3 + [4] * 6  # evaluations at steps 2 and 4, and the final one
+
+
+def run_two_processes(script: str, *args, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 script args` on the CPU; a run still going after `timeout` seconds is killed with
+    all its processes and fails the test (a hang is a failure, not a stuck suite)."""
+    import os
+    import signal
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+    process = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{script} hung for {timeout} s:\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def eos_twin_model(folder) -> str:
+    """The tiny Llama, its EOS row of the output projection set to 1.1 × that of a token it often writes, so that
+    greedy answers end after a varying number of tokens (a random model would almost never write EOS)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_setup import write_tiny_model
+
+    write_tiny_model(folder)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 1.1 * model.lm_head.weight[213]
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_generation_with_fsdp2_sharded_weights_gives_the_unsharded_answers(tmp_path):
+    """Weights sharded by torch's FSDP2 on 2 gloo processes: every forward pass all-gathers from both, so both must
+    run the same forward passes. Process 0 gets 5 short prompts, process 1 five long ones (cropped to the context),
+    answers end at different steps, and the free memory fits one long row (but many short ones) per process. Both
+    the full model (default batch size) and a LoRA model (batch size 2) must finish, with one process's answers."""
+    import random
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_hf.evaluation.generation import generate_responses
+
+    model_dir = eos_twin_model(tmp_path / "model")
+    words = "sort the digits ascending descending largest smallest number sequence of".split()
+    rng = random.Random(0)
+    lengths = (1, 2, 3, 1, 4, 40, 60, 30, 50, 45)  # words per instruction: shares of 5 short and 5 long prompts
+    records = [{"instruction": " ".join(f"{rng.choice(words)} {rng.randint(0, 9)}" for _ in range(n)), "input": ""}
+               for n in lengths]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    max_new_tokens = 16
+    # KV cache per row: keys and values × 2 layers × 2 KV heads × head dim 8 × 4 bytes × (prompt + new tokens); a
+    # quarter of the memory, halved for the 2 processes, fits 1.5 rows of the longest prompt (256 positions)
+    available = int(1.5 * 4 * 2 * (2 * 2 * 2 * 8 * 4 * 256))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    alone = generate_responses(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, records, "raw",
+                               max_new_tokens, show_progress=False)
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora_alone = generate_responses(lora, tokenizer, records, "raw", max_new_tokens, batch_size=2,
+                                    show_progress=False)
+    # not trivial: answers of different lengths in each share, some ended by EOS, and the adapters change them
+    for answers in (alone, lora_alone):
+        for share in (answers[:5], answers[5:]):
+            assert len({len(tokenizer(a)["input_ids"]) for a in share}) > 1, answers
+    assert lora_alone != alone
+
+    out = tmp_path / "sharded.json"
+    result = run_two_processes(str(ROOT / "tests" / "scripts" / "sharded_generation.py"), model_dir,
+                               str(tmp_path / "records.json"), str(out), str(max_new_tokens), str(available))
+    assert result.returncode == 0, result.stderr[-6000:]
+    sharded = json.loads(out.read_text())
+    assert sharded["full"] == alone
+    assert sharded["lora"] == lora_alone

@@ -422,3 +422,73 @@ def test_sft_hf_debug_prints_the_traceback_under_the_one_line_error(tmp_path):
     assert plain.stderr.strip().splitlines() == [line]
     assert debug.stderr.startswith(line + "\nTraceback (most recent call last):")
     assert "sft_hf/run/config.py" in debug.stderr and debug.stderr.strip().endswith(line[len("error: "):])
+
+
+# --- fp16: a loss scaler that skips every step ---------------------------------------------------------------------
+
+
+class InfLossBeforeStep(InstructionTrainer):
+    """The loss overflows (inf) at every optimizer step before `self.until` (all of them by default), as an fp16
+    forward pass that overflows does."""
+
+    until = 10**9
+
+    def compute_loss(self, *args, **kwargs):
+        loss = super().compute_loss(*args, **kwargs)
+        return loss * float("inf") if self.state.global_step < self.until else loss
+
+
+def fp16_trainer(tiny, out, callbacks, max_steps, until=10**9):
+    """An fp16 run through accelerate's real loss-scaling path: autocast to fp16, the loss scaled by torch's
+    GradScaler, its step skipped on inf/NaN gradients and the skip reported by accelerate's optimizer wrapper. On a
+    GPU accelerate builds that scaler itself; it leaves it out on a CPU, so the test hands it torch's CPU one."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    rows = tokenize_dataset(Dataset.from_list(tiny["records"]), tokenizer, "alpaca", max_length=128, verbose=False)
+    args = SFTArguments(output_dir=str(out), max_steps=max_steps, save_strategy="no", logging_steps=1,
+                        per_device_train_batch_size=4, learning_rate=1e-3, report_to="none", seed=0,
+                        precision="fp16", disable_tqdm=True)
+    trainer = InfLossBeforeStep(model=AutoModelForCausalLM.from_pretrained(tiny["model"]), args=args,
+                                train_dataset=rows, processing_class=tokenizer,
+                                data_collator=InstructionDataCollator(tokenizer.pad_token_id), callbacks=callbacks)
+    trainer.until = until
+    assert trainer.accelerator.mixed_precision == "fp16" and trainer.accelerator.scaler is None
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.native_amp = True  # fp16 autocast, and unscaling before the gradient clipping
+    return trainer
+
+
+def test_fp16_run_whose_every_step_overflows_stops_in_one_line(tiny, tmp_path):
+    initial = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny["model"]).state_dict().items()}
+    # Without the stop: every step skipped, the run "finishes", nothing learned, and the log shows a finite loss.
+    silent = fp16_trainer(tiny, tmp_path / "silent", [StopOnNonFiniteLoss()], max_steps=33)
+    silent.train()
+    assert silent.state.global_step == 33
+    assert all(torch.equal(v, initial[k]) for k, v in silent.model.state_dict().items())
+    assert [h["loss"] for h in silent.state.log_history if "loss" in h][:3] == [0.0, 0.0, 0.0]
+    assert silent.accelerator.scaler.get_scale() == 2.0**16 / 2**33  # halved at each of the 33 skips
+    # accelerate's own flag misses these skips: fused AdamW (Trainer's default) runs its step and skips inside
+    assert not silent.accelerator.optimizer_step_was_skipped
+
+    trainer = fp16_trainer(tiny, tmp_path / "out", [StopOnNonFiniteLoss(), safety.StopOnSkippedSteps()],
+                           max_steps=33)
+    with pytest.raises(NonFiniteLossError) as stopped:
+        trainer.train()
+    assert safety.MAX_SKIPPED_STEPS == 32
+    assert str(stopped.value) == (
+        "fp16 overflow: the loss scaler skipped 32 optimizer steps in a row (steps 1-32, loss scale now 1.52588e-05): "
+        "the gradients are inf/NaN at every scale, so the weights have not changed since step 0. Training stopped; "
+        "last good checkpoint: none saved yet. Use precision bf16 (Ampere or newer GPUs) or fp32, a lower "
+        "learning_rate, or check the data.")
+    assert trainer.state.global_step == 32 and "\n" not in str(stopped.value)
+    assert all(torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_fp16_run_that_overflows_for_fewer_steps_trains_on(tiny, tmp_path):
+    """31 skipped steps in a row (the scale brought down from 2^16 to 2^-15), then finite gradients: it trains on."""
+    callback = safety.StopOnSkippedSteps()
+    trainer = fp16_trainer(tiny, tmp_path / "out", [callback], max_steps=33, until=31)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert trainer.state.global_step == 33 and callback.skipped == 0
+    assert trainer.accelerator.scaler.get_scale() == 2.0**16 / 2**31
+    assert any(not torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())

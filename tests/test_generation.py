@@ -91,3 +91,40 @@ def test_default_batch_size_fits_the_kv_cache_in_a_quarter_of_free_memory(monkey
     assert generation.default_batch_size(model, 100) == 1
     free[0] = 10**15
     assert generation.default_batch_size(model, 100) == 64
+
+
+def test_default_batch_size_on_a_gpu_takes_that_gpus_free_memory_whole(monkeypatch):
+    """Each process has a GPU of its own: its free memory is not shared with the node's other processes."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    weight = SimpleNamespace(device=torch.device("cuda", 3), element_size=lambda: 2)  # a bf16 weight on GPU 3
+    model = SimpleNamespace(config=config, parameters=lambda: iter([weight]))
+    row = 2 * 3 * 2 * 8 * 2 * 100  # keys and values × layers × KV heads × head dim × bf16 bytes × 100 tokens
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (asked.append(device) or (4 * row * 20, 0)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert generation.default_batch_size(model, 100) == 20  # not 20 / 8
+    assert asked == [torch.device("cuda", 3)]
+
+
+def test_sharded_weights_are_recognised(tiny_model_dir):
+    """FSDP2 and ZeRO-3 as generation sees them: a module `fully_shard` made an FSDPModule, a parameter ZeRO-3
+    partitioned (it carries a `ds_id`); a plain model is not sharded. (Real FSDP2 with DTensor parameters on 2
+    processes: tests/test_distributed.py.)"""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not generation.weights_sharded(model)
+    assert not generation.in_lock_step(model)
+    layer = model.model.layers[1]
+    layer.__class__ = type("FSDPLlamaDecoderLayer", (FSDPModule, type(layer)), {})
+    assert generation.weights_sharded(model)
+    assert not generation.in_lock_step(model)  # one process: nothing to keep in step with
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.model.norm.weight.ds_id = 7
+    assert generation.weights_sharded(model)
+    assert not generation.continuous_batching_supported(model)

@@ -115,3 +115,167 @@ def test_lora_run_saves_adapter_that_loads_and_merges(tmp_path):
         base_logits = base(**ids).logits
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=1e-5)
     assert (merged_logits - base_logits).abs().max() > 1e-2  # the merge really carries the trained update
+
+
+# --- QLoRA on GPUs, with the GPU mocked: which BitsAndBytesConfig and from_pretrained arguments a run would pass ----
+
+GPUS = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0)}
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """`gpu("T4")`: CUDA reports that GPU from here on. torch.cuda.is_bf16_supported() allows emulation by default
+    (True on a T4, as on the real one); only Ampere+ multiplies bf16 natively. quantization_config finds a
+    stand-in bitsandbytes module while it runs (peft, which would use the real one, must not see it); the quantized
+    load itself is mocked in the tests."""
+    import sys
+    import types
+
+    import sft_hf.lora
+
+    def with_stub(*args, **kwargs):
+        sys.modules["bitsandbytes"] = types.ModuleType("bitsandbytes")
+        try:
+            return quantization_config(*args, **kwargs)
+        finally:
+            del sys.modules["bitsandbytes"]
+
+    def use(name):
+        major, minor = GPUS[name]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: including_emulation or major >= 8)
+        monkeypatch.setattr(sft_hf.lora, "quantization_config", with_stub)
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                 "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    return use
+
+
+def run_args(precision="auto", **values):
+    """The training arguments' fields QLoRA reads, with precision resolved as parsing resolves it
+    (sft_hf/run/config.py's choose_precision; SFTArguments itself would set up the mocked CUDA device)."""
+    from sft_hf.run.config import choose_precision
+
+    fields = dict(precision=precision, bf16=False, fp16=False, use_cpu=False, local_process_index=0, fsdp=None,
+                  deepspeed=None, activation_checkpointing=False, activation_checkpointing_kwargs=None,
+                  ddp_find_unused_parameters=None)
+    args = SimpleNamespace(**{**fields, **values})
+    choose_precision(args)
+    return args
+
+
+def load_mocked_4bit(monkeypatch, model_dir, args):
+    """load_model with `from_pretrained` recorded: it returns the tiny model in the requested dtype, flagged
+    4-bit as a bitsandbytes load would be, so the LoRA preparation after it runs for real."""
+    import sft_hf.modeling as modeling
+    from sft_hf.run.config import ModelArguments
+
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(path, **kwargs):
+        calls.append(kwargs)
+        dtype = kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else torch.bfloat16  # "auto": as saved
+        model = real(path, dtype=dtype)
+        model.is_loaded_in_4bit = True
+        return model
+
+    monkeypatch.setattr(modeling.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    model_args = ModelArguments(model_name_or_path=model_dir, use_peft=True, load_in_4bit=True, lora_r=4,
+                                lora_alpha=8, lora_dropout=0.0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = modeling.load_model(model_args, tokenizer, args)
+    [kwargs] = calls
+    return model, kwargs
+
+
+@pytest.mark.parametrize("name, precision, dtype", [
+    ("T4", "fp16", torch.float16), ("V100", "fp16", torch.float16), ("A100", "bf16", torch.bfloat16)])
+def test_qlora_computes_in_the_precision_the_run_resolved(gpu, name, precision, dtype):
+    gpu(name)
+    args = run_args()
+    assert (args.bf16, args.fp16) == (precision == "bf16", precision == "fp16")  # precision: auto on that GPU
+    import sft_hf.lora
+
+    make = sft_hf.lora.quantization_config  # with the stand-in bitsandbytes
+    config = make(lora_args(load_in_4bit=True, bnb_4bit_quant_type="nf4"), args)
+    assert config.load_in_4bit and config.bnb_4bit_compute_dtype == dtype
+    assert config.bnb_4bit_quant_storage == dtype
+    # an explicit precision wins; fp32 computes in fp32
+    assert make(lora_args(load_in_4bit=True), run_args("fp32")).bnb_4bit_compute_dtype == torch.float32
+    if name == "A100":
+        assert make(lora_args(load_in_4bit=True), run_args("fp16")).bnb_4bit_compute_dtype == torch.float16
+
+
+def test_qlora_on_one_gpu_or_ddp_loads_on_its_own_gpu_and_prepares_for_kbit_training(gpu, monkeypatch,
+                                                                                      tiny_model_dir):
+    gpu("T4")
+    model, kwargs = load_mocked_4bit(monkeypatch, tiny_model_dir, run_args(local_process_index=3))
+    assert kwargs["device_map"] == {"": 3}  # this process's GPU (TRL's get_kbit_device_map)
+    assert kwargs["dtype"] == "auto"
+    assert kwargs["quantization_config"].bnb_4bit_compute_dtype == torch.float16
+    # peft's k-bit preparation ran: the frozen non-4-bit weights were upcast to fp32 (norms, embeddings)
+    norm = model.base_model.model.model.norm.weight
+    assert norm.dtype == torch.float32 and not norm.requires_grad
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "zero3-env", "zero3-config"])
+@pytest.mark.parametrize("name", ["T4", "A100"])
+def test_sharded_qlora_loads_without_device_map_and_keeps_frozen_weights_in_the_storage_dtype(
+        gpu, monkeypatch, tiny_model_dir, tmp_path, sharding, name):
+    import json
+
+    gpu(name)
+    values = {}
+    if sharding == "fsdp":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports for fsdp.yaml
+    elif sharding == "zero3-env":
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # and for deepspeed_zero3.yaml
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    else:
+        config = tmp_path / "ds.json"
+        config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))
+        values["deepspeed"] = str(config)
+    args = run_args(**values)
+    model, kwargs = load_mocked_4bit(monkeypatch, tiny_model_dir, args)
+    compute = torch.bfloat16 if name == "A100" else torch.float16
+    # fp16 under FSDP: the trained weights stay fp32 for the gradient scaler, so the storage is fp32 (peft's guide)
+    storage = torch.float32 if (sharding == "fsdp" and compute == torch.float16) else compute
+    assert kwargs["device_map"] is None  # ZeRO-3 refuses one; FSDP / ZeRO-3 place and shard the weights
+    assert kwargs["dtype"] == storage
+    config = kwargs["quantization_config"]
+    assert (config.bnb_4bit_compute_dtype, config.bnb_4bit_quant_storage) == (compute, storage)
+    # no k-bit preparation: the frozen weights were not upcast to fp32
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {storage}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    # ZeRO-3 gathers parameters into buffers of one dtype: the adapters take the base's; FSDP2 shards each alone
+    assert trained == ({storage} if sharding.startswith("zero3") else {torch.float32})
+
+
+def test_lora_training_arguments(monkeypatch):
+    from sft_hf.lora import prepare_training_args, weight_sharding
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    args = SimpleNamespace(ddp_find_unused_parameters=None, activation_checkpointing=True,
+                           activation_checkpointing_kwargs=None, fsdp=None, deepspeed=None)
+    prepare_training_args(lora_args(use_peft=False), args)
+    assert args.ddp_find_unused_parameters is None  # full fine-tuning: Trainer decides
+    prepare_training_args(lora_args(), args)
+    assert args.ddp_find_unused_parameters is False and args.activation_checkpointing_kwargs is None
+    args.ddp_find_unused_parameters = True  # the recipe's choice wins
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert weight_sharding(args) is None  # ZeRO-2 keeps whole weights on each process
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert weight_sharding(args) == "zero3"
+    prepare_training_args(lora_args(), args)
+    assert args.ddp_find_unused_parameters is True
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": True}  # peft's and TRL's sharded PEFT
+    args.activation_checkpointing_kwargs = {"use_reentrant": False}
+    prepare_training_args(lora_args(), args)
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}

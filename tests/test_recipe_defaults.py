@@ -120,3 +120,35 @@ def test_judging_saved_responses_never_imports_torch(tmp_path):
                              "--output_dir", str(tmp_path / "eval")], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "EXIT 0 False", result.stdout + result.stderr[-2000:]
+
+
+def test_a_cpu_run_on_a_gpu_machine_gets_the_cpu_thread_policy(monkeypatch):
+    """accelerate_configs/cpu.yaml (ACCELERATE_USE_CPU) or --use_cpu on a machine with a GPU: the node's cores shared
+    by its processes, as without a GPU; a GPU run leaves torch's threads alone."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sft_hf.speed import threads
+
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(threads, "node_cores", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for name in ("OMP_NUM_THREADS", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    gpu_run = SimpleNamespace(use_cpu=False, device=torch.device("cuda", 0))
+    assert not threads.run_on_cpu(gpu_run)
+    threads.set_cpu_threads(None, threads.run_on_cpu(gpu_run))
+    assert set_to == []
+    for args, environ in ((SimpleNamespace(use_cpu=True, device=torch.device("cpu")), {}),
+                          # one process under cpu.yaml: TrainingArguments' device reads cuda:0, the flag says CPU
+                          (gpu_run, {"ACCELERATE_USE_CPU": "true"})):
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        assert threads.run_on_cpu(args)
+        assert threads.set_cpu_threads(None, threads.run_on_cpu(args)) == 4
+    assert set_to == [4, 4]
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")  # what accelerate launch exports for a GPU config
+    assert not threads.run_on_cpu(gpu_run)

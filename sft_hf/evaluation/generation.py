@@ -38,11 +38,19 @@ def generate_responses(
     `batch_size` rows are generated at once; None chooses it by memory (`default_batch_size`).
 
     With `distributed=True` (under `accelerate launch`) every process generates for its share of the records and
-    all processes return the full list in record order; every process must call it then. Every process runs the
-    same number of `generate` calls (the last share is padded with a repeated record), so with weights sharded by
-    FSDP or ZeRO-3, where transformers keeps the processes' forward passes in step (`synced_gpus`), none waits alone.
+    all processes return the full list in record order; every process must call it then.
+
+    With weights sharded over the processes (FSDP, ZeRO-3: `weights_sharded`) every forward pass needs all of them,
+    so every process must call it, and they run in lock step: padded batches only (continuous batching runs its
+    forward passes in a thread of its own, out of step), `synced_gpus` (a process whose answers have ended keeps
+    running forward passes until every process's have), and the same number of `generate` calls on each (shares of
+    equal size, the last one padded with a repeated record, and one batch size: the user's, or the smallest any
+    process chose).
     """
     template = get_template(template)
+    if not records:
+        return []
+    synced = in_lock_step(model)
     indices = list(range(len(records)))
     if distributed:
         from accelerate import PartialState
@@ -51,13 +59,47 @@ def generate_responses(
         state = PartialState(cpu=distributed_on_cpu())
         with state.split_between_processes(indices, apply_padding=True) as shard:
             mine = _generate(model, tokenizer, [records[i] for i in shard], template, max_new_tokens, batch_size,
-                             show_progress and state.is_main_process)
+                             show_progress and state.is_main_process, synced)
             pairs = gather_object(list(zip(shard, mine)))  # concatenated in process order
         out = [None] * len(records)
         for i, response in pairs:  # a padded repeat writes the same response again
             out[i] = response
         return out
-    return _generate(model, tokenizer, records, template, max_new_tokens, batch_size, show_progress)
+    return _generate(model, tokenizer, records, template, max_new_tokens, batch_size, show_progress, synced)
+
+
+def weights_sharded(model) -> bool:
+    """Each forward pass gathers weights from other processes: FSDP2 (torch's `fully_shard`, which accelerate's FSDP2
+    applies without setting the flag transformers' `is_fsdp_managed_module` reads), FSDP1's wrapper, DTensor
+    parameters (FSDP2, tensor parallelism), DeepSpeed ZeRO-3 (its partitioned parameters carry a `ds_id`)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules()):
+        return True
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def in_lock_step(model) -> bool:
+    """Generation must keep the processes' forward passes in step: weights sharded over several processes."""
+    return (weights_sharded(model) and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def agreed_batch_size(batch_size: int) -> int:
+    """The smallest batch size any process chose (each sizes it by its own prompts and memory): with equal shares,
+    every process then makes the same number of `generate` calls. One all-reduce; every process must call it."""
+    if torch.distributed.get_backend() == "gloo":  # the device the process group talks on
+        device = torch.device("cpu")
+    else:
+        from accelerate import PartialState
+
+        device = PartialState().device
+    value = torch.tensor([batch_size], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return int(value.item())
 
 
 def distributed_on_cpu() -> bool:
@@ -95,7 +137,8 @@ def encode_prompts(tokenizer, prompts: list[str], template: Template, max_prompt
     return encoded, cropped
 
 
-def _generate(model, tokenizer, records, template: Template, max_new_tokens, batch_size, show_progress):
+def _generate(model, tokenizer, records, template: Template, max_new_tokens, batch_size, show_progress,
+              synced: bool = False):
     context = context_length(model.config)
     max_prompt_tokens = None if context is None else context - max_new_tokens
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
@@ -110,11 +153,13 @@ def _generate(model, tokenizer, records, template: Template, max_new_tokens, bat
                        f"minus max_new_tokens ({max_new_tokens}): their start was cut, leading special tokens kept")
     if batch_size is None and prompts:
         batch_size = default_batch_size(model, max(map(len, prompts)) + max_new_tokens)
+        if synced:
+            batch_size = agreed_batch_size(batch_size)
     generated = None
-    if prompts and continuous_batching_supported(model):
+    if prompts and not synced and continuous_batching_supported(model):
         generated = _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress)
     if generated is None:
-        generated = _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress)
+        generated = _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress, synced)
     out = []
     for row in generated:
         if tokenizer.eos_token_id in row:  # padded batches fill finished rows up with padding after their EOS
@@ -125,8 +170,8 @@ def _generate(model, tokenizer, records, template: Template, max_new_tokens, bat
 
 
 def default_batch_size(model, tokens_per_row: int, most: int = 64) -> int:
-    """As many rows as their KV cache (`tokens_per_row` each) fits in a quarter of the free memory (shared by this
-    machine's processes), at most `most`.
+    """As many rows as their KV cache (`tokens_per_row` each) fits in a quarter of the free memory, at most `most`:
+    the GPU's own (each process has one), or the machine's, shared by its processes.
 
     A decoding step's cost grows far slower than its rows (few rows run far below the matmul peak: on 2 CPU cores a
     SmolLM2-135M step of ~29 rows took 1.5× one of a single row), so more rows pay: its 110 test answers came at 61
@@ -145,16 +190,18 @@ def default_batch_size(model, tokens_per_row: int, most: int = 64) -> int:
         import psutil
 
         free = psutil.virtual_memory().available
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the processes of this machine share its memory
-    return max(1, min(most, free // (4 * processes) // max(row_bytes, 1)))
+        free //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the processes of this machine share its memory
+    return max(1, min(most, free // 4 // max(row_bytes, 1)))
 
 
 def continuous_batching_supported(model) -> bool:
     """transformers' continuous batching (`generate_batch`) runs models on its attention interface, SDPA or eager,
-    without adapters; anything else gets padded batches."""
+    without adapters, with weights of their own (not sharded: its thread cannot keep in step with other
+    processes); anything else gets padded batches."""
     from sft_hf.speed.varlen_attention import NAME as VARLEN
 
     return (os.environ.get("SFT_HF_CONTINUOUS_BATCHING", "1") != "0" and hasattr(model, "generate_batch")
+            and not weights_sharded(model)
             and getattr(model, "_supports_attention_backend", False) and not hasattr(model, "peft_config")
             and model.config._attn_implementation in ("sdpa", "eager", VARLEN))
 
@@ -198,8 +245,9 @@ def _generate_continuous(model, tokenizer, prompts, max_new_tokens, batch_size, 
     return [list(r.generated_tokens) for r in ordered]
 
 
-def _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress):
-    """`model.generate` on left-padded batches of similar-length prompts."""
+def _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show_progress, synced: bool = False):
+    """`model.generate` on left-padded batches of similar-length prompts. `synced`: every process calls this with
+    as many prompts and the same batch size, and each `generate` runs until every process's rows have ended."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Longest prompts first: batches of similar length waste less compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -213,7 +261,7 @@ def _generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, show
         attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
         generated = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, synced_gpus=synced,
         )
         for i, row in zip(idx, generated[:, width:].tolist()):
             out[i] = row

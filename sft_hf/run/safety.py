@@ -1,5 +1,5 @@
-"""Faults and safety: an atomic final save, a stop on non-finite loss, a policy for non-empty output dirs. (How an
-error reaches the user, secrets redacted, is sft_hf/errors.py.)
+"""Faults and safety: an atomic final save, a stop on non-finite loss or on fp16 overflow at every step, a policy for
+non-empty output dirs. (How an error reaches the user, secrets redacted, is sft_hf/errors.py.)
 """
 from __future__ import annotations
 
@@ -95,14 +95,20 @@ def first_non_finite(model, grads: bool) -> str | None:
     return None
 
 
+def agreed_any(flag: bool, device) -> bool:
+    """True on every process if `flag` is true on any (one all-reduce when several processes run)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def agreed_non_finite(bad: str | None, device) -> str | None:
     """Every process stops, or none: under FSDP / ZeRO each process checks only its shard, and one process raising
     alone would leave the others waiting in the next collective. One all-reduced flag per check."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return bad
-    flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bad or ("a tensor on another process" if flag.item() else None)
+    anywhere = agreed_any(bad is not None, device)  # every process all-reduces, whatever it found
+    return bad or ("a tensor on another process" if anywhere else None)
 
 
 def uses_deepspeed(args) -> bool:
@@ -154,6 +160,61 @@ class StopOnNonFiniteLoss(TrainerCallback):
             f"nothing was saved for this step; last good checkpoint: {last or 'none saved yet'}. "
             "Try a lower learning_rate, max_grad_norm > 0, fp32 instead of fp16, or check the data."
         )
+
+
+# fp16's loss scaler starts at 2^16 and halves at each skipped step: after 32 skips in a row it is 2^-16, so the
+# gradients overflow even scaled far below 1, i.e. the forward pass itself overflows fp16 and no scale will help.
+# A legitimate burst (the first steps finding the scale, a loss spike) takes a few skips.
+MAX_SKIPPED_STEPS = 32
+
+
+def loss_scale(optimizer) -> float | None:
+    """The current scale of torch's GradScaler, which accelerate hands its optimizer wrapper under fp16 (None under
+    DeepSpeed, which scales the loss itself, and without fp16)."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
+
+class StopOnSkippedSteps(TrainerCallback):
+    """Stops an fp16 run whose loss scaler skipped `limit` optimizer steps in a row (MAX_SKIPPED_STEPS), with one line
+    saying why: each skip leaves the weights unchanged, Trainer's log hides the inf loss (it can read 0.0) and the
+    non-finite guard accepts inf gradients under fp16, so such a run would otherwise finish having learned nothing.
+
+    A skip is seen as the GradScaler's scale going down across the step (it only lowers it on inf/NaN gradients).
+    accelerate's own `step_was_skipped` cannot tell: it watches whether the optimizer's `step` ran, and fused AdamW
+    (Trainer's default) runs it and skips inside. Under DeepSpeed its `step_was_skipped` reads the engine's overflow.
+    Every process counts the same skips (one all-reduced flag per step), so they stop together."""
+
+    def __init__(self, limit: int = MAX_SKIPPED_STEPS):
+        self.limit = limit
+        self.skipped = 0
+        self.scale_before = None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.scale_before = loss_scale(optimizer) if args.fp16 else None
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if not args.fp16 or optimizer is None:
+            return
+        scale = loss_scale(optimizer)
+        if scale is not None and self.scale_before is not None:
+            skipped = scale < self.scale_before
+        else:
+            skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        if not agreed_any(skipped, args.device):
+            self.skipped = 0
+            return
+        self.skipped += 1
+        if self.skipped >= self.limit:
+            first = state.global_step - self.skipped + 1
+            last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+            raise NonFiniteLossError(
+                f"fp16 overflow: the loss scaler skipped {self.skipped} optimizer steps in a row (steps {first}-"
+                f"{state.global_step}{f', loss scale now {scale:g}' if scale is not None else ''}): the gradients "
+                f"are inf/NaN at every scale, so the weights have not changed since step {first - 1}. Training "
+                f"stopped; last good checkpoint: {last or 'none saved yet'}. Use precision bf16 (Ampere or newer "
+                "GPUs) or fp32, a lower learning_rate, or check the data."
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------

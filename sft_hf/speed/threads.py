@@ -50,14 +50,25 @@ def _launcher_default_omp() -> bool:
     return False
 
 
-def set_cpu_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op threads and log how many and why; returns the number. No-op choice on GPU runs."""
+def run_on_cpu(args=None) -> bool:
+    """The run computes on the CPU, though the machine may have GPUs (sft_hf/precision.py `run_device` decides, for
+    precision and threads alike)."""
+    from sft_hf.precision import run_device
+
+    return run_device(args) == "cpu"
+
+
+def set_cpu_threads(requested: int | None = None, on_cpu: bool | None = None) -> int:
+    """Set torch's intra-op threads and log how many and why; returns the number. `on_cpu`: whether the run computes
+    on the CPU (`run_on_cpu(args)`; default: `run_on_cpu()`); a GPU run keeps the CPU's default."""
+    if on_cpu is None:
+        on_cpu = run_on_cpu()
     if requested is not None and requested > 0:
         threads, why = requested, "the recipe's cpu_threads"
     elif "OMP_NUM_THREADS" in os.environ and not _launcher_default_omp():
         threads = int(os.environ["OMP_NUM_THREADS"])
         why = f"OMP_NUM_THREADS={threads} set by the user"
-    elif torch.cuda.is_available():
+    elif not on_cpu:
         return torch.get_num_threads()  # the GPU does the work; leave the CPU's default alone
     else:
         cores, procs = node_cores(), local_processes()
