@@ -156,14 +156,14 @@ def gpu(monkeypatch):
 
 def run_args(precision="auto", **values):
     """The training arguments' fields QLoRA reads, with precision resolved as parsing resolves it
-    (sft_hf/run/config.py's choose_precision; SFTArguments itself would set up the mocked CUDA device)."""
-    from sft_hf.run.config import choose_precision
+    (sft_hf/precision.py's plan; SFTArguments itself would set up the mocked CUDA device)."""
+    from sft_hf.precision import apply_precision, plan_precision
 
     fields = dict(precision=precision, bf16=False, fp16=False, use_cpu=False, local_process_index=0, fsdp=None,
                   deepspeed=None, activation_checkpointing=False, activation_checkpointing_kwargs=None,
-                  ddp_find_unused_parameters=None)
+                  ddp_find_unused_parameters=None, optim="adamw_torch", gradient_accumulation_steps=1)
     args = SimpleNamespace(**{**fields, **values})
-    choose_precision(args)
+    apply_precision(args, plan_precision(args))
     return args
 
 
