@@ -99,6 +99,7 @@ class StyleControlled:
     coefficients: dict[str, tuple[float, float, float] | None]  # feature → (β, lower, upper); None: left out
     rounds: int
     seed: int
+    samples: np.ndarray  # (rounds, models) bootstrap ratings
 
 
 def fit_style_controlled(battles: list[dict], rounds: int = 1000, seed: int = 0,
@@ -133,7 +134,7 @@ def fit_style_controlled(battles: list[dict], rounds: int = 1000, seed: int = 0,
     coefficients = {f: None for f in FEATURES}
     for k, name in enumerate(kept):
         coefficients[name] = (float(betas[0, k]), float(beta_low[k]), float(beta_high[k]))
-    return StyleControlled(models, ratings[0], lower, upper, coefficients, rounds, seed)
+    return StyleControlled(models, ratings[0], lower, upper, coefficients, rounds, seed, samples)
 
 
 def format_coefficients(style: StyleControlled) -> str:
