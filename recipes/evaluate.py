@@ -62,7 +62,7 @@ class EvalArguments:
         "help": "Pairwise: two response fields of --responses, e.g. 'model 1 response' 'model 2 response'."})
     pairwise_names: list[str] | None = field(default=None, metadata={
         "help": "Pairwise: names of the two sides in the report (default: the files' or the fields' names)."})
-    pairwise_bootstrap: int = field(default=1000, metadata={"help": "Pairwise: bootstrap resamples for the 95 percent intervals."})
+    pairwise_bootstrap: int = field(default=1000, metadata={"help": "Pairwise: resamples, 95%% intervals."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: <model>/evaluation, outputs/evaluation."})
     metrics: bool = field(default=True, metadata={"help": "Exact match and ROUGE against `output`."})
     judge_backend: str | None = field(default=None, metadata={"help": "ollama, openai or hf (default: no judge)."})

@@ -10,7 +10,7 @@ the run history, which would keep outputs in the browser, is off.
 
 What keeps the votes honest: a battle counts only for the voter it was shown to (a login, or an anonymous browser
 session); a voter votes once per prompt and pair of models (in the votes file's transaction); anonymous sessions
-are rate-limited, per session and per address; a vote that cannot be written stops the page taking votes and says
+are rate-limited, per session and per remote address; a vote that cannot be written stops the page taking votes and says
 so, instead of losing votes unseen.
 """
 import collections
@@ -28,7 +28,7 @@ from PIL import Image
 
 from sft_hf.errors import RecipeError
 from sft_hf.evaluation.arena.battles import Battle, BattleDeck, LiveModelsFailed, live_battle
-from sft_hf.evaluation.arena.guards import LoginGuard, OnlyThePage, RateLimiter
+from sft_hf.evaluation.arena.guards import LOOPBACK, LoginGuard, OnlyThePage, RateLimiter
 from sft_hf.evaluation.arena.ratings import compute_leaderboard, plot_win_rates, style_ranks, voters_line
 from sft_hf.evaluation.arena.votes import AlreadyVoted, Vote, VoteStore, battle_record, session_id
 
@@ -90,7 +90,7 @@ class Arena:
     bootstrap_seed: int = 0
     live_rng_lock: threading.Lock = field(default_factory=threading.Lock)
     max_prompt_chars: int = 4000  # a live battle's instruction, longer is refused before any model sees it
-    anonymous_votes_per_minute: int = 6  # per anonymous session and per address (1 or more)
+    anonymous_votes_per_minute: int = 10  # per anonymous session and per remote address (1 or more)
     style_control: bool = False  # the leaderboard also shows style-controlled ratings
 
     def __post_init__(self):
@@ -133,7 +133,8 @@ class Arena:
             self.refuse("other_voter", voter, battle)
             return ("**Not counted:** this battle was shown to another voter. Reload the page for a battle of "
                     "your own."), False
-        keys = () if voter.session is None else (f"session:{voter.session}", f"address:{voter.address}")
+        keys = () if voter.session is None else (f"session:{voter.session}",) + (
+            (f"address:{voter.address}",) if voter.address not in LOOPBACK else ())  # new tabs share their address's
         if voter.session is not None and (wait := self.limiter.acquire(*keys)):
             self.refuse("rate", voter, battle)
             return (f"**Not counted yet:** anonymous voters can vote {self.anonymous_votes_per_minute} times a "
@@ -182,7 +183,8 @@ class Arena:
     def limits_text(self) -> str:
         refused = ", ".join(f"{self.refused[k]} {text}" for k, text in REFUSALS.items() if self.refused[k])
         return (f"Limits: one vote per voter on each instruction and pair of models; anonymous voters at most "
-                f"{self.anonymous_votes_per_minute} votes a minute (per browser session and per address). Votes "
+                f"{self.anonymous_votes_per_minute} votes a minute (per browser session, and per address but "
+                f"loopback's). Votes "
                 f"refused since the server started: {refused or 'none'}.")
 
     def leaderboard(self) -> tuple[str, "Image.Image | None"]:

@@ -62,9 +62,9 @@ def parse_args(argv):
                                                          "user:password")
     server.add_argument("--allow_anonymous", action="store_true",
                         help="accept votes without a login on a non-loopback --host or with --share")
-    server.add_argument("--anonymous_votes_per_minute", type=int, default=6,
-                        help="rate limit for voters without a login, per browser session and per address "
-                             "(default 6)")
+    server.add_argument("--anonymous_votes_per_minute", type=int, default=10,
+                        help="rate limit for voters without a login, per browser session and per remote address "
+                             "(default 10)")
     results = parser.add_argument_group("results (no page)")
     results.add_argument("--leaderboard", default=None, metavar="VOTES",
                          help="print the ratings of a votes database (or a JSONL export) and exit")
@@ -136,7 +136,7 @@ def build_arena(args):
         load_response_columns
     from sft_hf.evaluation.arena.votes import VoteStore
 
-    store = VoteStore(args.votes or DEFAULT_VOTES)  # checked before anything slow: a file that would lose votes stops here
+    store = VoteStore(args.votes or DEFAULT_VOTES)  # checked first: a file that would lose votes stops the start
     deck_rng, live_rng = battle_rngs(args.seed)
     deck = live = None
     if args.responses:

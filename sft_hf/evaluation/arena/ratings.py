@@ -94,7 +94,8 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, weights: np.ndarray, reg: float =
 
     def loss(theta):
         z = theta @ X.T
-        return (W * (y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z))).sum(axis=1) + reg / 2 * (theta ** 2).sum(1)
+        penalty = reg / 2 * (theta ** 2).sum(axis=1)
+        return (W * (y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z))).sum(axis=1) + penalty
 
     theta = np.zeros((rounds, k))
     current = loss(theta)

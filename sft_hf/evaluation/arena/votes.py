@@ -115,10 +115,12 @@ def inspect_votes_file(path: str | Path) -> int:
         return 0
     try:
         with closing(sqlite3.connect(read_only_uri(path), uri=True, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
-            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            problems = [line.strip() for row in conn.execute("PRAGMA quick_check(3)") for line in row[0].splitlines()
+                        if line.strip() and not line.startswith("*** in database")]
             if problems != ["ok"]:
-                raise DataError(f"{path}: damaged database (PRAGMA quick_check: {'; '.join(problems)}); the arena "
-                                "will not write to it. Keep it for `sqlite3 FILE .recover`, start a new votes file")
+                raise DataError(f"{path}: damaged database (PRAGMA quick_check: {'; '.join(problems[:3])}); the "
+                                f"arena will not write to it. Keep it (`sqlite3 {path} .recover` may save its votes) "
+                                "and give --votes a new file")
             tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name "
                                                      "NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name")]
             if not tables:
@@ -126,8 +128,8 @@ def inspect_votes_file(path: str | Path) -> int:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(votes)"))
     except sqlite3.DatabaseError as e:  # damaged beyond reading its schema, or locked by another program
-        raise DataError(f"{path}: cannot be read as an SQLite database ({e}); the arena will not write to it") \
-            from None
+        raise DataError(f"{path}: damaged or unreadable database ({e}); the arena will not write to it. Keep it "
+                        f"(`sqlite3 {path} .recover` may save its votes) and give --votes a new file") from None
     if tables == ["votes"] and version in COLUMNS and columns == COLUMNS[version]:
         return version
     if tables == ["votes"] and version > SCHEMA_VERSION:
