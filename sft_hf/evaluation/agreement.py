@@ -192,26 +192,33 @@ def preferences(items: list[Item], verdicts: dict) -> dict:
             "judge_longer_answer": share(judge_longer), "people_longer_answer": share(people_longer)}
 
 
+def mean_interval(values, rounds: int, seed: int) -> tuple[float, float] | None:
+    """The 95 % bootstrap interval of a mean (values resampled with replacement)."""
+    if not rounds:
+        return None
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    return interval(values[rng.integers(0, len(values), size=(rounds, len(values)))].mean(axis=1))
+
+
 def win_rates(items: list[Item], verdicts: dict, rounds: int, seed: int) -> dict:
     """The judge's win rate of its model and its length-controlled win rate (AlpacaEval 2's, win_rate.py) on the
     joined pairs, beside the people's win rate and style-controlled win rate (style_control.py: the chance the
-    model beats the baseline at equal style) on the joined votes, each with a 95 % bootstrap interval."""
+    model beats the baseline at equal style) on the joined votes. Intervals for all but the judge's
+    length-controlled rate, whose bootstrap (a scikit-learn fit per resample) pairwise_summary.json already holds
+    for all its pairs."""
     from sft_hf.evaluation.style_control import fit_style_controlled
-    from sft_hf.evaluation.win_rate import summarize_outcomes
+    from sft_hf.evaluation.win_rate import fit_length_controlled
 
     score = {"model": 1.0, "tie": 0.5, "baseline": 0.0}
-    pairs = sorted({item.pair for item in items})
-    judged = {item.pair: item for item in items}
-    judge = summarize_outcomes([score[judged[k].judge] for k in pairs], [judged[k].model_length for k in pairs],
-                               [judged[k].baseline_length for k in pairs], rounds, seed)
+    judged = {item.pair: item for item in items}  # each verdict once, however many votes it has
+    judge = [score[item.judge] for item in judged.values()]
+    lengths = [item.model_length - item.baseline_length for item in judged.values()]
     people = [score[item.human] for item in items]
-    result = {"judge_win_rate": judge.win_rate, "judge_win_rate_ci": judge.win_rate_ci,
-              "judge_lc_win_rate": judge.lc_win_rate, "judge_lc_win_rate_ci": judge.lc_win_rate_ci,
-              "people_win_rate": float(np.mean(people)), "people_sc_win_rate": None, "people_sc_win_rate_ci": None}
-    if rounds:
-        rng = np.random.default_rng(seed)
-        samples = np.asarray(people)[rng.integers(0, len(people), size=(rounds, len(people)))].mean(axis=1)
-        result["people_win_rate_ci"] = interval(samples)
+    result = {"judge_win_rate": float(np.mean(judge)), "judge_win_rate_ci": mean_interval(judge, rounds, seed),
+              "judge_lc_win_rate": fit_length_controlled(judge, lengths).win_rate,
+              "people_win_rate": float(np.mean(people)), "people_win_rate_ci": mean_interval(people, rounds, seed),
+              "people_sc_win_rate": None, "people_sc_win_rate_ci": None}
     if len({item.human for item in items}) > 1:  # one outcome throughout: no finite fit
         style = fit_style_controlled([item.battle for item in items], rounds, seed)
         m, b = style.models.index(verdicts["model"]), style.models.index(verdicts["baseline"])
@@ -257,6 +264,10 @@ def _pct(value, ci=None) -> str:
     return text + (f" (95 % CI {100 * ci[0]:.1f} to {100 * ci[1]:.1f})" if ci else "")
 
 
+def _ci(ci) -> str:
+    return "-" if not ci else f"{100 * ci[0]:.1f} to {100 * ci[1]:.1f}"
+
+
 def format_agreement(report: dict) -> str:
     kappa = "-" if report["kappa"] is None else f"{report['kappa']:.3f}"
     if report["kappa"] is not None and report["kappa_ci"]:
@@ -281,10 +292,11 @@ def format_agreement(report: dict) -> str:
         shares = [f"{_pct(report[who]['rate'])} of {report[who]['of']}" for who in (judge, people)]
         lines.append(f"{name:<30}{shares[0]:>22}{shares[1]:>22}  {note}".rstrip())
     lines.append(f"{'win rate of ' + report['model']:<30}{_pct(report['judge_win_rate']):>22}"
-                 f"{_pct(report['people_win_rate']):>22}")
+                 f"{_pct(report['people_win_rate']):>22}  95 % CI: judge {_ci(report['judge_win_rate_ci'])}, "
+                 f"people {_ci(report['people_win_rate_ci'])}")
     lines.append(f"{'length/style-controlled':<30}{_pct(report['judge_lc_win_rate']):>22}"
                  f"{_pct(report['people_sc_win_rate']):>22}  judge: AlpacaEval 2's length control; people: "
-                 "Chatbot Arena's style control")
+                 f"Chatbot Arena's style control (95 % CI {_ci(report['people_sc_win_rate_ci'])})")
     return "\n".join(lines)
 
 
