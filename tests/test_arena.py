@@ -27,7 +27,7 @@ from eval_helpers import FakeJudgeServer, _chatty_model_dir
 from sft_hf.errors import DataError, RecipeError
 from sft_hf.evaluation.arena.battles import BattleDeck, ResponseColumn, load_response_columns
 from sft_hf.evaluation.arena.ratings import Battles, compute_leaderboard, fit_bradley_terry, win_rate_matrix
-from sft_hf.evaluation.arena.votes import WINNERS, AlreadyVoted, Vote, VoteStore, export_jsonl, read_battles
+from sft_hf.evaluation.arena.votes import WINNERS, Vote, VoteStore, export_jsonl, read_battles
 
 SHARED_FIXTURES = (_chatty_model_dir,)  # registers the fixture chatty_model_dir (a tiny model that answers variously)
 
@@ -611,6 +611,8 @@ def test_a_version_1_votes_file_is_upgraded_in_place(tmp_path, capsys):
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     conn.close()
+    from sft_hf.evaluation.arena.votes import AlreadyVoted
+
     store = VoteStore(path)
     assert "upgraded from schema version 1 to 2" in capsys.readouterr().out
     assert [(v.battle_id, v.voter) for v in store.votes()] == [("o1", "ann")]
@@ -952,3 +954,23 @@ def test_sigterm_ends_the_server_as_ctrl_c_does(tmp_path, signum):
     assert code == 0, output
     assert f"Stopped. 1 votes in {votes}; `sft-hf arena --leaderboard {votes}` prints the ratings" in output
     assert "Traceback" not in output
+
+
+def test_docs_arena_command_lines_use_existing_flags(capsys):
+    from test_docs import all_commands
+
+    from sft_hf.evaluation.arena.cli import parse_args
+
+    seen, failures = 0, []
+    for where, command in all_commands():
+        at = [i for i, token in enumerate(command[:-1]) if token == "sft-hf" and command[i + 1] == "arena"]
+        if not at or "..." in command:
+            continue
+        seen += 1
+        try:
+            parse_args(command[at[0] + 2:])
+        except SystemExit as e:
+            if e.code:
+                failures.append(f"{where}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+    assert seen >= 10, seen
+    assert not failures, "\n".join(failures)
