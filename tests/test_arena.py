@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from arena_helpers import EVAL_EXAMPLE_DATA, ROOT, ArenaServer, http, read_only, write_response_files
+from arena_helpers import EVAL_EXAMPLE_DATA, ROOT, ArenaServer, free_port, http, read_only, write_response_files
 from eval_helpers import FakeJudgeServer, _chatty_model_dir
 from sft_hf.errors import DataError, RecipeError
 from sft_hf.evaluation.arena.battles import BattleDeck, ResponseColumn, load_response_columns
@@ -540,11 +540,17 @@ def corrupt_an_overflow_page(path):
     path.write_bytes(data)
 
 
-def test_votes_file_is_checked_before_the_arena_starts(tmp_path, capsys):
+def test_votes_file_is_checked_before_the_arena_starts(tmp_path, capsys, monkeypatch):
     """A file the arena cannot write, a damaged one, another program's database, a file that is not SQLite: the
     server never starts (one line, exit 2), and another program's database is not touched at all."""
+    pytest.importorskip("gradio")
     from sft_hf.cli import main
+    from sft_hf.evaluation.arena import app as app_module
 
+    def no_serving(*args):
+        raise AssertionError("the arena started serving")
+
+    monkeypatch.setattr(app_module, "serve", no_serving)
     specs = write_response_files(tmp_path, ("base", "tuned"))
 
     def start(votes):
@@ -709,7 +715,7 @@ def test_anonymous_sessions_are_rate_limited(tmp_path):
     assert arena.store.count() == 3 + 5 + 1 + 1 and arena.refused == {"rate": 2}
     text, _ = arena.leaderboard()
     assert "Limits: one vote per voter on each instruction and pair of models; anonymous voters at most 3 votes " \
-           "a minute" in text
+           "a minute (per browser session; the sessions of one remote address share one budget)" in text
     assert "Votes refused since the server started: 2 over the anonymous rate limit." in text
     assert "10 votes from 3 voters (2 anonymous sessions); most from one voter: 5 (50%)" in text, text
 
@@ -821,6 +827,13 @@ def test_live_prompts_longer_than_max_prompt_chars_are_refused_before_any_model(
         assert one.requests == [] and two.requests == []
         outputs = handler(demo, "ask_both").fn("y" * 100, request("ann"))
         assert outputs[0].instruction == "y" * 100 and outputs[0].served_to == "login:ann"
+        arena.ask_limiter.limit = 2  # anonymous questions are rate-limited too: the models' time is shared
+        tab = request(None, session="t1", address="198.51.100.4")
+        for k in range(2):
+            assert handler(demo, "ask_both").fn(f"Question {k}", tab)[0].instruction == f"Question {k}"
+        with pytest.warns(UserWarning, match="Anonymous voters can ask 2 questions a minute; ask again in"):
+            handler(demo, "ask_both").fn("Question 3", tab)
+        assert len(one.requests) == len(two.requests) == 3
     question = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "arena-question")
     assert question.max_length == 100  # the page stops typing there too
     assert arena.store.count() == 0
@@ -944,7 +957,11 @@ def test_wrong_passwords_in_a_burst_are_throttled(live_server):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_ends_the_server_as_ctrl_c_does(tmp_path, signum):
+    """While it serves, and while it is still starting (the signal right after the votes file is opened): the same
+    end, exit 0 and the summary, for SIGTERM as for Ctrl-C."""
     pytest.importorskip("gradio")
+    import time
+
     specs = write_response_files(tmp_path, ("base", "tuned"))
     votes = tmp_path / "votes.sqlite"
     server = ArenaServer(["--responses", *specs, "--votes", str(votes)], tmp_path / "server.log")
@@ -954,6 +971,19 @@ def test_sigterm_ends_the_server_as_ctrl_c_does(tmp_path, signum):
     assert code == 0, output
     assert f"Stopped. 1 votes in {votes}; `sft-hf arena --leaderboard {votes}` prints the ratings" in output
     assert "Traceback" not in output
+
+    log = tmp_path / "starting.log"
+    with open(log, "w") as out:
+        starting = subprocess.Popen([sys.executable, "-m", "sft_hf", "arena", "--responses", *specs, "--votes",
+                                     str(votes), "--port", str(free_port())], stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        while "Votes:" not in log.read_text():
+            assert starting.poll() is None, log.read_text()
+            time.sleep(0.01)
+        starting.send_signal(signum)
+        code = starting.wait(60)
+    output = log.read_text()
+    assert code == 0 and f"Stopped. 1 votes in {votes}" in output and "Traceback" not in output, output
 
 
 def test_docs_arena_command_lines_use_existing_flags(capsys):

@@ -72,6 +72,15 @@ def voter_of(request) -> Voter:
                  getattr(client, "host", None) or "unknown")
 
 
+def rate_keys(voter: Voter) -> tuple[str, ...]:
+    """What an anonymous voter's rate limit counts against: the browser session, and the remote address (new tabs
+    from one address share its budget; loopback's tabs are the people at this machine, each limited alone). A
+    login has no rate limit."""
+    if voter.session is None:
+        return ()
+    return (f"session:{voter.session}",) + ((f"address:{voter.address}",) if voter.address not in LOOPBACK else ())
+
+
 @dataclass
 class Board:
     """One leaderboard computation: the table, the plot, and the vote count it was computed for."""
@@ -94,7 +103,8 @@ class Arena:
     style_control: bool = False  # the leaderboard also shows style-controlled ratings
 
     def __post_init__(self):
-        self.limiter = RateLimiter(self.anonymous_votes_per_minute)
+        self.limiter = RateLimiter(self.anonymous_votes_per_minute)  # anonymous votes
+        self.ask_limiter = RateLimiter(self.anonymous_votes_per_minute)  # anonymous questions to live models
         self.refused = collections.Counter()  # REFUSALS key → votes refused since the server started
         self.stopped: str | None = None  # why votes are no longer taken (the votes file failed)
         self.board: Board | None = None  # the last leaderboard, reused until the votes change
@@ -116,6 +126,10 @@ class Arena:
         if len(prompt) > self.max_prompt_chars:
             raise LiveModelsFailed(f"Your instruction has {len(prompt):,} characters; this arena takes at most "
                                    f"{self.max_prompt_chars:,}. Shorten it and ask again.")
+        keys = rate_keys(voter) if voter is not None else ()
+        if keys and (wait := self.ask_limiter.acquire(*keys)):  # the models' time is shared by every voter
+            raise LiveModelsFailed(f"Anonymous voters can ask {self.ask_limiter.limit} questions a minute; ask "
+                                   f"again in {max(1, round(wait))} s.")
         battle = live_battle(prompt.strip(), self.live_models, self.live_rng, self.live_rng_lock)
         battle.served_to = voter.identity if voter is not None else None
         return battle
@@ -133,12 +147,11 @@ class Arena:
             self.refuse("other_voter", voter, battle)
             return ("**Not counted:** this battle was shown to another voter. Reload the page for a battle of "
                     "your own."), False
-        keys = () if voter.session is None else (f"session:{voter.session}",) + (
-            (f"address:{voter.address}",) if voter.address not in LOOPBACK else ())  # new tabs share their address's
-        if voter.session is not None and (wait := self.limiter.acquire(*keys)):
+        keys = rate_keys(voter)
+        if keys and (wait := self.limiter.acquire(*keys)):
             self.refuse("rate", voter, battle)
-            return (f"**Not counted yet:** anonymous voters can vote {self.anonymous_votes_per_minute} times a "
-                    f"minute. Read both answers, then vote again in {max(1, round(wait))} s."), True
+            return (f"**Not counted yet:** anonymous voters can vote {self.limiter.limit} times a minute. Read "
+                    f"both answers, then vote again in {max(1, round(wait))} s."), True
         try:
             inserted, stored = self.store.add(Vote(
                 battle_id=battle.battle_id, model_a=battle.model_a, model_b=battle.model_b, winner=winner,
@@ -183,9 +196,8 @@ class Arena:
     def limits_text(self) -> str:
         refused = ", ".join(f"{self.refused[k]} {text}" for k, text in REFUSALS.items() if self.refused[k])
         return (f"Limits: one vote per voter on each instruction and pair of models; anonymous voters at most "
-                f"{self.anonymous_votes_per_minute} votes a minute (per browser session, and per address but "
-                f"loopback's). Votes "
-                f"refused since the server started: {refused or 'none'}.")
+                f"{self.limiter.limit} votes a minute (per browser session; the sessions of one remote "
+                f"address share one budget). Votes refused since the server started: {refused or 'none'}.")
 
     def leaderboard(self) -> tuple[str, "Image.Image | None"]:
         """The ratings, computed once per new vote: a refresh while they are computed waits for that computation
@@ -315,25 +327,41 @@ def build_app(arena: Arena) -> gr.Blocks:
     return demo
 
 
-def end_like_ctrl_c(signum, frame):
-    raise KeyboardInterrupt  # Gradio's launch() ends on it: the server closes, the caller prints its summary
-
-
 def serve(arena: Arena, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
           auth: list[tuple[str, str]] | None = None) -> None:
-    """Blocks until Ctrl-C or SIGTERM (the same end: the server closes, then the caller's summary); each vote is
+    """Serves until Ctrl-C or SIGTERM, then closes the server and returns (the caller prints its summary). Both
+    signals only set a flag the main thread waits on, so one arriving while Gradio starts lands nowhere in the
+    middle of it: the start finishes, then the server closes. A second signal interrupts at once. Each vote is
     already on disk when its voter sees the names."""
     from starlette.middleware import Middleware
 
-    demo = build_app(arena)
-    demo.queue(default_concurrency_limit=4, api_open=False)
-    previous = signal.signal(signal.SIGTERM, end_like_ctrl_c)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()  # only the main thread sets handlers
+    previous = [signal.signal(s, on_signal) for s in signals] if main_thread else []
+    demo = None
     try:
-        demo.launch(server_name=host, server_port=port, share=share, auth=LoginGuard(auth).login if auth else None,
-                    auth_message="Log in to vote" if auth else None, show_error=False, quiet=False,
-                    footer_links=["gradio", "settings"], run_history=False, theme=gr.themes.Soft(),
-                    app_kwargs={"middleware": [Middleware(OnlyThePage)]})
-    except OSError as e:  # a port in use, an address this machine does not have
-        raise RecipeError(f"cannot serve the arena on {host}:{port or '7860-7959'}: {e}") from None
+        demo = build_app(arena)
+        demo.queue(default_concurrency_limit=4, api_open=False)
+        try:
+            demo.launch(server_name=host, server_port=port, share=share, auth=LoginGuard(auth).login if auth else None,
+                        auth_message="Log in to vote" if auth else None, show_error=False, quiet=False,
+                        footer_links=["gradio", "settings"], run_history=False, theme=gr.themes.Soft(),
+                        app_kwargs={"middleware": [Middleware(OnlyThePage)]}, prevent_thread_lock=True)
+        except OSError as e:  # a port in use, an address this machine does not have
+            raise RecipeError(f"cannot serve the arena on {host}:{port or '7860-7959'}: {e}") from None
+        while demo.is_running and not stop.wait(0.2):
+            pass
+        if stop.is_set():
+            print("Interrupted: closing the server.", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in zip(signals, previous):
+            signal.signal(s, handler)
+        if demo is not None:
+            demo.close(verbose=False)

@@ -252,15 +252,18 @@ def main(argv=None) -> int:
                           "(--auth_file or --auth_env), or --allow_anonymous to take anonymous votes (rate-limited "
                           f"to --anonymous_votes_per_minute {args.anonymous_votes_per_minute} per session and per "
                           "address)")
-    arena = build_arena(args)
-    if not auth and (args.share or args.host not in LOOPBACK):
-        print(f"warning: anonymous votes from anyone who reaches {args.host if not args.share else 'the link'} "
-              f"(--allow_anonymous), at most {args.anonymous_votes_per_minute} a minute per session and per "
-              "address", file=sys.stderr)
-    print(f"Votes: {arena.store.path} ({arena.store.count()} so far); model names are shown after each vote")
-    from sft_hf.evaluation.arena.app import serve
+    from sft_hf.evaluation.arena.guards import sigterm_as_ctrl_c
 
-    serve(arena, args.host, args.port, args.share, auth)
+    with sigterm_as_ctrl_c():  # from here SIGTERM is Ctrl-C: while models load, the server starts or serves
+        arena = build_arena(args)
+        if not auth and (args.share or args.host not in LOOPBACK):
+            print(f"warning: anonymous votes from anyone who reaches {args.host if not args.share else 'the link'} "
+                  f"(--allow_anonymous), at most {args.anonymous_votes_per_minute} a minute per session and per "
+                  "address", file=sys.stderr)
+        print(f"Votes: {arena.store.path} ({arena.store.count()} so far); model names are shown after each vote")
+        from sft_hf.evaluation.arena.app import serve
+
+        serve(arena, args.host, args.port, args.share, auth)
     print(f"Stopped. {arena.store.count()} votes in {arena.store.path}; "
           f"`sft-hf arena --leaderboard {arena.store.path}` prints the ratings")
     return 0

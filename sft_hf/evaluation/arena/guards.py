@@ -6,6 +6,7 @@ and the routes the page does not need shut.
                   wrong password, so a script tries a few passwords a minute, not thousands
     OnlyThePage   ASGI middleware: POST only where the page itself posts (its event queue, the login form); a
                   script calling a handler directly (/gradio_api/run, /api, /call) or uploading a file gets 404
+    sigterm_as_ctrl_c  SIGTERM (kill, systemd, docker stop) ends the arena as Ctrl-C does, summary included
 
 No gradio import: the guards are tested without a server.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
+import signal
 import threading
 import time
 
@@ -129,3 +132,18 @@ class OnlyThePage:
                         "body": b'{"detail": "Not found: this arena answers its own page only"}'})
             return
         await self.app(scope, receive, send)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does: whatever Ctrl-C would print or
+    keep, SIGTERM does too."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
