@@ -76,13 +76,14 @@ class Battles:
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, weights: np.ndarray, reg: float = 0.0, tol: float = 1e-10,
-                 max_iterations: int = 100) -> np.ndarray:
+                 max_iterations: int = 100, start: np.ndarray | None = None) -> np.ndarray:
     """Coefficients θ maximising  Σ_n w_n (y_n log σ(x_n·θ) + (1 - y_n) log(1 - σ(x_n·θ))) - reg/2 · |θ|²  for each
     row of `weights` (rounds, rows) at once: Newton's method with step halving, so a bootstrap's thousand refits cost
     a few matrix products per step instead of a thousand solver runs. y may be soft (a tie is 1/2, one row weighing
     half a win and half a loss, as Chatbot Arena's fits count it). Where the votes fix no finite maximum (a model
     that won every vote) the coefficients grow until the gradient is below tol · the row's weight, as any
-    optimiser's would: far apart and arbitrary (finite_ratings_problem says so)."""
+    optimiser's would: far apart and arbitrary (finite_ratings_problem says so). `start`: where every row's search
+    begins (a bootstrap's refits start at the fit on all votes, a few steps away), else 0."""
     from scipy.special import expit
 
     X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
@@ -92,15 +93,14 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, weights: np.ndarray, reg: float =
     scale = W.sum(axis=1) + reg
     ridge = np.eye(k) * (reg + 1e-12 * scale.max())  # a tiny ridge: models that never met leave H singular
 
-    def loss(theta):
-        z = theta @ X.T
-        penalty = reg / 2 * (theta ** 2).sum(axis=1)
-        return (W * (y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z))).sum(axis=1) + penalty
+    def loss(theta, z):  # at logits z = θ·x: -Σ w (y log σ(z) + (1 - y) log σ(-z)) = Σ w (log(1 + e^z) - y z)
+        return (W * (np.logaddexp(0, z) - y * z)).sum(axis=1) + reg / 2 * (theta ** 2).sum(axis=1)
 
-    theta = np.zeros((rounds, k))
-    current = loss(theta)
+    theta = np.zeros((rounds, k)) if start is None else np.tile(start, (rounds, 1)).astype(float)
+    z = theta @ X.T
+    current = loss(theta, z)
     for _ in range(max_iterations):
-        p = expit(theta @ X.T)
+        p = expit(z)
         gradient = (W * (p - y)) @ X + reg * theta
         active = np.abs(gradient).max(axis=1) > tol * scale
         if not active.any():
@@ -110,12 +110,13 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, weights: np.ndarray, reg: float =
         t = np.ones(rounds)
         for _ in range(40):  # halve the step where the loss would rise (far from the optimum Newton overshoots)
             trial = theta - t[:, None] * step
-            new = loss(trial)
+            trial_z = trial @ X.T
+            new = loss(trial, trial_z)
             rose = new > current + 1e-12 * np.abs(current)
             if not rose.any():
                 break
             t[rose] /= 2
-        theta, current = trial, new
+        theta, z, current = trial, trial_z, new
     return theta
 
 
@@ -123,7 +124,11 @@ BATCH = 250  # bootstrap refits per fit_logistic call: bounds the (rounds, rows)
 
 
 def fit_logistic_batches(X, y, weights, reg: float = 0.0) -> np.ndarray:
-    return np.concatenate([fit_logistic(X, y, weights[k:k + BATCH], reg) for k in range(0, len(weights), BATCH)])
+    """fit_logistic on weights[0] (all the votes), then on the other rows (bootstrap samples), BATCH at a time,
+    each starting from the first fit."""
+    first = fit_logistic(X, y, weights[:1], reg)
+    rest = [fit_logistic(X, y, weights[k:k + BATCH], reg, start=first[0]) for k in range(1, len(weights), BATCH)]
+    return np.concatenate([first, *rest])
 
 
 def bradley_terry_design(battles: "Battles") -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +169,8 @@ def bootstrap_ratings(battles: Battles, rounds: int = 1000, seed: int = 0) -> tu
     the votes do not determine (see finite_ratings_problem)."""
     rng = np.random.default_rng(seed)
     samples = rng.multinomial(battles.num_votes, battles.counts / battles.counts.sum(), size=rounds)
-    ratings = fit_bradley_terry(battles, samples).reshape(rounds, len(battles.models))
+    # the fit on all votes first: fit_logistic_batches starts every refit from it
+    ratings = fit_bradley_terry(battles, np.vstack([battles.counts, samples]))[1:].reshape(rounds, len(battles.models))
     undetermined = np.mean([not strongly_connected(battles.win_weights(counts)) for counts in samples])
     return ratings, float(undetermined)
 

@@ -161,6 +161,8 @@ class VoteStore:
     created when new or empty, upgraded from schema version 1 in place. VoteStore(path, create=False) only reads
     (--leaderboard, --export, --agreement): a missing file is an error, not a new database."""
 
+    columns = COLUMNS[SCHEMA_VERSION]  # an older file read without upgrading has fewer
+
     def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
         if not create and not self.path.is_file():
@@ -188,8 +190,6 @@ class VoteStore:
                 conn.execute("ROLLBACK")
         except sqlite3.DatabaseError as e:  # a file this user cannot write, a full disk, a lock held too long
             raise RecipeError(f"--votes {self.path}: cannot write it ({e}); no vote would be kept") from None
-
-    columns = COLUMNS[SCHEMA_VERSION]
 
     @staticmethod
     def _create(conn: sqlite3.Connection) -> None:
