@@ -228,10 +228,11 @@ def format_board(board) -> str:
         rows.append(f"| {rank} | {name_md(s.model)} | {s.rating:.0f} | {s.lower:.0f} to {s.upper:.0f} | "
                     f"{s.votes} | {s.wins} | {s.losses} | {s.ties} | {s.bothbad} |"
                     + (f" {s.style_rating:.0f} | {s.style_lower:.0f} to {s.style_upper:.0f} |" if style else ""))
+    counted = f"{board.num_votes} votes" + (f" {voters}" if (voters := voters_line(board)) else "")
     text = "\n".join(rows) + (
-        f"\n\n{board.num_votes} votes {voters_line(board)}. Bradley-Terry ratings as Chatbot Arena computes them: "
-        f"400 points = 10:1 odds, mean 1000, a tie half a win for each side (both bad too); 95% intervals from "
-        f"{board.rounds} bootstrap resamples (seed {board.seed}).")
+        f"\n\n{counted}. Bradley-Terry ratings as Chatbot Arena computes them: 400 points = 10:1 odds, mean 1000, a "
+        f"tie half a win for each side (both bad too); 95% intervals from {board.rounds} bootstrap resamples (seed "
+        f"{board.seed}).")
     if style:
         from sft_hf.evaluation.style_control import format_coefficients
 
