@@ -700,8 +700,8 @@ def test_anonymous_sessions_are_rate_limited(tmp_path):
     for _ in range(3):
         assert "Your vote" in vote_as(tab)[0]
         now[0] += 1
-    text, votable = vote_as(tab)
-    assert "**Not counted yet:** anonymous voters can vote 3 times a minute" in text and "in 57 s" in text  # the first of the three, 3 s ago, frees a slot
+    text, votable = vote_as(tab)  # the first of the three, 3 s ago, frees a slot in 57 s
+    assert "**Not counted yet:** anonymous voters can vote 3 times a minute" in text and "in 57 s" in text
     assert votable  # the battle stays on the page: vote again later
     other_tab = voter_of(request(None, session="b", address="203.0.113.7"))  # a new tab from the same address
     assert "Not counted yet" in vote_as(other_tab)[0]

@@ -1,4 +1,4 @@
-"""Style-controlled Bradley-Terry ratings: Chatbot Arena's style control (LMSYS, "Does style matter?", 2024;
+"""Style-controlled Bradley-Terry ratings: Chatbot Arena's style control (LMSYS blog, "Does style matter?";
 lm-sys/FastChat fastchat/serve/monitor/rating_systems.py, compute_style_control).
 
 People prefer longer, more formatted answers, so a model can climb the leaderboard on style alone. Style control
