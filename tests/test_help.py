@@ -28,3 +28,24 @@ def test_help_runs_and_prints_usage(name):
     assert done.returncode == 0, f"{name} --help exited {done.returncode}:\n{done.stderr[-3000:]}"
     assert re.search(r"^usage: ", done.stdout, re.MULTILINE | re.IGNORECASE), done.stdout[:500]
     assert "Traceback" not in done.stderr
+
+
+def test_no_help_string_in_the_repository_has_a_bare_percent_sign():
+    """Every `help=` argument and `"help":` field (dataclass metadata that HfArgumentParser hands to argparse):
+    a `%` must be `%%` or a format such as `%(default)s`, also in scripts no test runs with --help."""
+    import ast
+
+    bare = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        if any(part.startswith(".") for part in path.relative_to(ROOT).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            values = [node.value] if isinstance(node, ast.keyword) and node.arg == "help" else []
+            if isinstance(node, ast.Dict):
+                values += [v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "help"]
+            for value in values:
+                for part in ast.walk(value):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str) and \
+                            re.search(r"%(?![(])", part.value.replace("%%", "")):
+                        bare.append(f"{path.relative_to(ROOT)}:{part.lineno}: {part.value!r}")
+    assert not bare, "\n".join(bare)
