@@ -7,8 +7,10 @@ votes once in the browser and saves a screenshot of the page with the names reve
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,6 +48,39 @@ def write_response_files(folder: Path, names: tuple[str, str], n: int = 4) -> li
     return specs
 
 
+@contextlib.contextmanager
+def read_only(path: Path):
+    """The file cannot be written by this process while inside: chmod for a user, `chattr +i` for root (whom
+    permissions do not stop). Skips the test where neither works."""
+    path = Path(path)
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o444)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)
+        return
+    import pytest
+
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("running as root without chattr +i: cannot make a file read-only")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def http(method: str, url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, str]:
+    """(status, body) of one plain HTTP request, as a script would send it (no browser, no Gradio client)."""
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace")
+
+
 class ArenaServer:
     """`python -m sft_hf arena ARGS --port P` in a subprocess; ready once its page answers."""
 
@@ -81,6 +116,13 @@ class ArenaServer:
         if not self.log.closed:
             self.log.flush()
         return self.log_path.read_text()
+
+    def end(self, signum: int, timeout: float = 60) -> int:
+        """Sends the signal and waits for the server to end; its exit code."""
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout)
+        self.log.close()
+        return code
 
     def stop(self) -> None:
         if self.process.poll() is None:

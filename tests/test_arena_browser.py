@@ -151,3 +151,65 @@ def test_login_required_and_the_voter_recorded(tmp_path):
             assert conn.execute("SELECT winner, voter FROM votes").fetchall() == [("tie", "alice")]
     finally:
         server.stop()
+
+
+def test_a_vote_that_cannot_be_written_is_told_and_stops_the_page(tmp_path):
+    """The votes file turns read-only while the arena runs: the voter reads that the vote was not saved, the buttons
+    go grey, and every page loaded afterwards says votes are stopped. Also: the page's only POSTs are its event queue
+    (every other POST route is shut), and the leaderboard tab shows the style-controlled ratings beside the plain."""
+    from playwright.sync_api import sync_playwright
+
+    from arena_helpers import read_only
+    from sft_hf.evaluation.arena.guards import PAGE_POSTS
+    from sft_hf.evaluation.arena.votes import Vote, VoteStore
+
+    specs = write_response_files(tmp_path, NAMES, n=3)
+    votes = tmp_path / "votes.sqlite"
+    server = ArenaServer(["--responses", *specs, "--votes", str(votes), "--style_control", "--bootstrap_rounds",
+                          "50"], tmp_path / "server.log")
+    try:
+        with sync_playwright() as playwright:
+            context = launch_chromium(playwright, str(tmp_path / "profile"))
+            page = context.new_page()
+            posts = []
+            page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+            page.goto(server.url)
+            wait_for_battle(page)
+            page.click("#vote-a")
+            assert "Your vote: A is better" in wait_for_reveal(page)
+
+            store = VoteStore(votes)  # more votes, with answers of different lengths, for the style fit
+            for k in range(16):
+                store.add(Vote(f"extra-{k}", NAMES[k % 2], NAMES[1 - k % 2], ["model_a", "model_b"][k % 3 == 0],
+                               "q", "long answer " * (1 + 5 * (k % 2)), "short"))
+            page.get_by_role("tab", name="Leaderboard").click()
+            page.wait_for_function("() => document.querySelectorAll('#arena-leaderboard table tbody tr').length == 2",
+                                   timeout=30_000)
+            header = page.inner_text("#arena-leaderboard table thead")
+            assert "style-controlled" in header
+            board = page.inner_text("#arena-leaderboard")
+            assert "17 votes" in board and "Style coefficients" in board and "Limits: one vote per voter" in board
+
+            page.get_by_role("tab", name="Vote").click()
+            page.click("#arena-next")
+            page.wait_for_function("() => document.querySelector('#arena-reveal')?.innerText.trim() === '' && "
+                                   "!document.querySelector('#vote-b').disabled", timeout=30_000)
+            with read_only(votes):
+                page.click("#vote-b")
+                page.wait_for_function("() => document.querySelector('#arena-reveal')?.innerText"
+                                       ".includes('could not be saved')", timeout=30_000)
+                text = page.inner_text("#arena-reveal")
+                assert "this arena has stopped taking votes" in text and "tell the person running" in text
+                assert all(page.is_disabled(f"#vote-{k}") for k in ("a", "b", "tie", "bothbad"))
+                assert not any(name in text for name in NAMES)  # not counted, not revealed
+            page.reload()
+            page.wait_for_function("() => document.querySelector('#arena-reveal')?.innerText"
+                                   ".includes('stopped taking votes')", timeout=30_000)
+            assert page.is_disabled("#vote-a")
+            context.close()
+        assert "cannot be written (attempt to write a readonly database)" in server.output()
+        assert posts and {re.sub(r"^https?://[^/]+", "", url).split("?")[0] for url in posts} <= set(PAGE_POSTS)
+        with sqlite3.connect(votes) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 17
+    finally:
+        server.stop()

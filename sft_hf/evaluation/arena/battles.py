@@ -2,7 +2,9 @@
 input) or live answers (local model folders, OpenAI-compatible servers), and the battles drawn from them.
 
 A Battle lives on the server only (the page's gr.State): the browser gets the two responses and never a model name
-until its vote is stored. Which model sits on the left is drawn at random for every battle (seedable).
+until its vote is stored, and it is bound to the voter it was shown to. Which model sits on the left is drawn for
+every battle from the system's randomness (random.SystemRandom: nothing a voter sees predicts the next draw), or
+from --seed's generator when a repeatable arena is asked for.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from itertools import combinations
 from pathlib import Path
 
 from sft_hf.errors import DataError, RecipeError
+from sft_hf.evaluation.arena.votes import matchup_key
 from sft_hf.evaluation.responses import check_responses, default_name, is_conversation, join_by_prompt, \
     prompt_turns, read_records
 
@@ -35,6 +38,11 @@ class Battle:
     response_a: str
     response_b: str
     source: str  # "files" or "live"
+    served_to: str | None = None  # the voter it was shown to (Arena.voter_of: a login, or an anonymous session)
+
+    @property
+    def matchup(self) -> str:
+        return matchup_key(self.instruction, self.input, self.model_a, self.model_b)
 
 
 # ---------------------------------------------------------------------------------------------- saved responses
@@ -111,10 +119,12 @@ def load_response_columns(columns: list[ResponseColumn]) -> list[Prompt]:
 
 
 def battle_rngs(seed: int | None) -> tuple[random.Random, random.Random]:
-    """(the deck's generator, the live battles'): one each, so each is guarded by its own user's lock, and both from
-    the one --seed, so the battles drawn from saved responses are the same whether live ones come in between."""
+    """(the deck's generator, the live battles'): the system's randomness (os.urandom) without a seed, so no number
+    of revealed battles predicts the next; with --seed one generator each, so each is guarded by its own user's
+    lock, both from the one seed, so the battles drawn from saved responses are the same whether live ones come in
+    between."""
     if seed is None:
-        return random.Random(), random.Random()
+        return random.SystemRandom(), random.SystemRandom()
     return random.Random(seed), random.Random(seed + 1)
 
 
@@ -127,13 +137,29 @@ class BattleDeck:
         self.prompts, self.models, self.rng = prompts, models, rng
         self.deck: list[tuple[int, tuple[str, str]]] = []
         self.lock = threading.Lock()
+        self.size = len(prompts) * len(models) * (len(models) - 1) // 2  # matchups: prompts × pairs
 
-    def draw(self) -> Battle:
+    def matchup(self, card: tuple[int, tuple[str, str]]) -> str:
+        prompt = self.prompts[card[0]]
+        return matchup_key(prompt.instruction, prompt.input, *card[1])
+
+    def draw(self, skip: set[str] = frozenset()) -> Battle | None:
+        """The next battle whose matchup is not in `skip` (what this voter already voted on; the cards skipped
+        stay in the deck for other voters), or None when the voter has voted on every one."""
+        if len(skip) >= self.size and all(self.matchup((p, pair)) in skip for p in range(len(self.prompts))
+                                           for pair in combinations(self.models, 2)):
+            return None
         with self.lock:
-            if not self.deck:
-                self.deck = [(p, pair) for p in range(len(self.prompts)) for pair in combinations(self.models, 2)]
-                self.rng.shuffle(self.deck)
-            p, pair = self.deck.pop()
+            for _ in range(2):  # this pass's cards, then a new pass's
+                if not self.deck:
+                    self.deck = [(p, pair) for p in range(len(self.prompts)) for pair in combinations(self.models, 2)]
+                    self.rng.shuffle(self.deck)
+                found = next((k for k in range(len(self.deck) - 1, -1, -1)
+                              if not skip or self.matchup(self.deck[k]) not in skip), None)
+                if found is not None:
+                    break
+                self.deck = []  # every card left was skipped: a new pass
+            p, pair = self.deck.pop(found)
             left, right = self.rng.sample(pair, 2)  # which model sits on the left: random per battle
         prompt = self.prompts[p]
         return Battle(new_battle_id(), prompt.instruction, prompt.input, left, right, prompt.responses[left],

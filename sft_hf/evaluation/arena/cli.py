@@ -4,16 +4,19 @@
     sft-hf arena --responses "m1=eval-example-data.json:model 1 response" "m2=eval-example-data.json:model 2 response"
     sft-hf arena --model base=builtin:tiny-llama --model tuned=outputs/default
     sft-hf arena --model tuned=outputs/default --openai big=llama3@http://localhost:8000/v1
-    sft-hf arena --leaderboard arena_votes.sqlite [--plot winrates.png]
+    sft-hf arena --leaderboard arena_votes.sqlite [--plot winrates.png] [--style_control]
     sft-hf arena --votes arena_votes.sqlite --export votes.jsonl
+    sft-hf arena --agreement outputs/pairwise/pairwise_verdicts.json --votes arena_votes.sqlite
 
 The page binds 127.0.0.1 unless --host says otherwise; --share (a public Gradio link) only when asked; a login
 (--auth_file, --auth_env) takes passwords from a file or an environment variable, never from the command line.
+Without a login people vote anonymously, which the page allows only on loopback unless --allow_anonymous.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import stat
 import sys
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 from sft_hf.errors import RecipeError
+from sft_hf.evaluation.arena.guards import LOOPBACK
 
 DEFAULT_VOTES = "arena_votes.sqlite"
 
@@ -43,9 +47,12 @@ def parse_args(argv):
                          help="prompt template for --model folders (default: the folder's sft_template.json, "
                               "else alpaca)")
     sources.add_argument("--max_new_tokens", type=int, default=256, help="answer length of live models")
-    parser.add_argument("--votes", default=None, help=f"the votes database (SQLite; default {DEFAULT_VOTES})")
+    sources.add_argument("--max_prompt_chars", type=int, default=4000,
+                         help="longest instruction a voter may type for live models (default 4000 characters)")
+    parser.add_argument("--votes", default=None, help=f"the votes database (SQLite; default {DEFAULT_VOTES}); "
+                                                      "with --agreement also a JSONL export")
     parser.add_argument("--seed", type=int, default=None,
-                        help="seed for the battles drawn (prompt, pair, sides); default: random")
+                        help="seed for the battles drawn (prompt, pair, sides); default: the system's randomness")
     server = parser.add_argument_group("the web page")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     server.add_argument("--port", type=int, default=None, help="port (default: the first free from 7860)")
@@ -53,12 +60,28 @@ def parse_args(argv):
     server.add_argument("--auth_file", default=None, help="log in required: a file of user:password lines")
     server.add_argument("--auth_env", default=None, help="log in required: an environment variable holding "
                                                          "user:password")
+    server.add_argument("--allow_anonymous", action="store_true",
+                        help="accept votes without a login on a non-loopback --host or with --share")
+    server.add_argument("--anonymous_votes_per_minute", type=int, default=10,
+                        help="rate limit for voters without a login, per browser session and per remote address "
+                             "(default 10)")
     results = parser.add_argument_group("results (no page)")
     results.add_argument("--leaderboard", default=None, metavar="VOTES",
                          help="print the ratings of a votes database (or a JSONL export) and exit")
-    results.add_argument("--plot", default=None, help="with --leaderboard: save the win-rate matrix as this PNG")
+    results.add_argument("--style_control", action="store_true",
+                         help="also style-controlled ratings (Chatbot Arena's: length and markdown as their own "
+                              "terms), with --leaderboard and on the page's leaderboard")
+    results.add_argument("--plot", default=None, help="with --leaderboard: save the win-rate matrix as this PNG; "
+                                                      "with --agreement: the confusion matrix (default agreement.png "
+                                                      "next to the verdicts)")
     results.add_argument("--export", default=None, metavar="OUT.jsonl",
                          help="write the votes as JSON lines in Chatbot Arena's battle form and exit")
+    results.add_argument("--agreement", default=None, metavar="VERDICTS.json",
+                         help="how often the pairwise judge (recipes/evaluate.py's pairwise_verdicts.json) agrees "
+                              "with the votes (--votes) on the same prompts and models; writes agreement.json")
+    results.add_argument("--judge_names", nargs=2, default=None, metavar=("MODEL", "BASELINE"),
+                         help="with --agreement: the arena's names of the judge's two sides (default: the names "
+                              "in the verdicts file)")
     results.add_argument("--bootstrap_rounds", type=int, default=1000, help="resamples for the 95%% intervals")
     results.add_argument("--bootstrap_seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -101,7 +124,7 @@ def show_leaderboard(args) -> int:
     from sft_hf.evaluation.arena.votes import read_battles
 
     battles = read_battles(args.leaderboard)
-    board = compute_leaderboard(battles, args.bootstrap_rounds, args.bootstrap_seed)
+    board = compute_leaderboard(battles, args.bootstrap_rounds, args.bootstrap_seed, args.style_control)
     print(format_leaderboard(board, args.leaderboard))
     if args.plot and board.standings:
         print(f"Win-rate matrix: {plot_win_rates(battles, [s.model for s in board.standings], args.plot)}")
@@ -113,6 +136,7 @@ def build_arena(args):
         load_response_columns
     from sft_hf.evaluation.arena.votes import VoteStore
 
+    store = VoteStore(args.votes or DEFAULT_VOTES)  # checked first: a file that would lose votes stops the start
     deck_rng, live_rng = battle_rngs(args.seed)
     deck = live = None
     if args.responses:
@@ -140,22 +164,77 @@ def build_arena(args):
                           "with --model name=folder / --openai name=model@url (two or more)")
     from sft_hf.evaluation.arena.app import Arena
 
-    store = VoteStore(args.votes or DEFAULT_VOTES)
-    return Arena(store, deck, live, live_rng, args.bootstrap_rounds, args.bootstrap_seed)
+    return Arena(store, deck, live, live_rng, args.bootstrap_rounds, args.bootstrap_seed,
+                 max_prompt_chars=args.max_prompt_chars, anonymous_votes_per_minute=args.anonymous_votes_per_minute,
+                 style_control=args.style_control)
 
 
-def check_output_folder(flag: str, path: str | None) -> None:
-    """The folder an output file goes into exists: one line now, not a traceback after the votes are read."""
-    if path and not Path(path).parent.is_dir():
-        raise RecipeError(f"{flag} {path}: folder {Path(path).parent} does not exist")
+def show_agreement(args) -> int:
+    from sft_hf.evaluation.agreement import compute_agreement, format_agreement, plot_agreement, read_verdicts
+    from sft_hf.evaluation.arena.votes import read_battles
+
+    verdicts = read_verdicts(args.agreement)
+    if args.judge_names:
+        verdicts["model"], verdicts["baseline"] = args.judge_names
+    report = compute_agreement(verdicts, read_battles(args.votes or DEFAULT_VOTES), args.bootstrap_rounds,
+                               args.bootstrap_seed)
+    print(format_agreement(report))
+    folder = Path(args.agreement).parent
+    (folder / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot = plot_agreement(report, args.plot or folder / "agreement.png")
+    print(f"Wrote {folder / 'agreement.json'} and {plot}")
+    return 0
+
+
+def check_output(flag: str, path: str | None, inputs: list[str]) -> None:
+    """An output file goes into a folder that exists, and over nothing it would destroy: not one of the files this
+    command reads (the votes file, above all), not any existing SQLite database. One line, before anything is
+    read."""
+    if not path:
+        return
+    from sft_hf.evaluation.arena.votes import is_sqlite_file
+
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise RecipeError(f"{flag} {path}: folder {out.parent} does not exist")
+    for given in inputs:
+        if given and (out.resolve() == Path(given).resolve()
+                      or out.exists() and Path(given).exists() and os.path.samefile(out, given)):
+            raise RecipeError(f"{flag} {path}: that is the file this command reads ({given}); writing there would "
+                              "destroy it. Give another file name")
+    if out.exists() and is_sqlite_file(out):
+        raise RecipeError(f"{flag} {path}: an existing SQLite database (a votes file?); refusing to overwrite it. "
+                          "Give another file name")
+
+
+def response_file(spec: str) -> str:
+    """The file of a --responses spec (name=file.json or name=file.json:column)."""
+    location = spec.partition("=")[2] or spec
+    return location.rsplit(":", 1)[0] if ":" in location and not Path(location).is_file() else location
 
 
 def main(argv=None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.bootstrap_rounds < 0:
         raise RecipeError(f"--bootstrap_rounds {args.bootstrap_rounds}: must be 0 or more")
-    check_output_folder("--export", args.export)
-    check_output_folder("--plot", args.plot)
+    for flag in ("max_prompt_chars", "anonymous_votes_per_minute"):
+        if getattr(args, flag) < 1:
+            raise RecipeError(f"--{flag} {getattr(args, flag)}: must be 1 or more")
+    if args.plot and not (args.leaderboard or args.agreement):
+        raise RecipeError("--plot goes with --leaderboard (the win-rate matrix) or --agreement (the confusion "
+                          "matrix)")
+    if args.judge_names and not args.agreement:
+        raise RecipeError("--judge_names goes with --agreement")
+    inputs = [args.votes or DEFAULT_VOTES, args.leaderboard, args.agreement,
+              *(response_file(spec) for spec in args.responses)]
+    if args.agreement:
+        inputs.append(str(Path(args.agreement).parent / "agreement.json"))  # never the votes file, either
+        check_output("--plot", args.plot or str(Path(args.agreement).parent / "agreement.png"), inputs[:-1])
+        check_output("--agreement (its agreement.json)", inputs[-1], inputs[:-1])
+    check_output("--export", args.export, inputs)
+    check_output("--plot", args.plot, inputs)
+    if args.agreement:
+        return show_agreement(args)
     if args.export:
         from sft_hf.evaluation.arena.votes import export_jsonl, open_votes
 
@@ -167,15 +246,24 @@ def main(argv=None) -> int:
     auth = read_auth(args)
     if importlib.util.find_spec("gradio") is None:
         raise RecipeError("the arena page needs gradio: pip install 'sft-hf[arena]'")
-    arena = build_arena(args)
-    if not auth and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
-        where = "a public gradio.live link" if args.share else f"{args.host}"
-        print(f"warning: serving on {where} without a login: anyone who reaches it can vote "
-              "(--auth_file or --auth_env adds one)", file=sys.stderr)
-    print(f"Votes: {arena.store.path} ({arena.store.count()} so far); model names are shown after each vote")
-    from sft_hf.evaluation.arena.app import serve
+    if not auth and not args.allow_anonymous and (args.share or args.host not in LOOPBACK):
+        where = "a public gradio.live link" if args.share else f"--host {args.host}"
+        raise RecipeError(f"serving on {where} without a login: anyone who reaches it could vote. Add a login "
+                          "(--auth_file or --auth_env), or --allow_anonymous to take anonymous votes (rate-limited "
+                          f"to --anonymous_votes_per_minute {args.anonymous_votes_per_minute} per session and per "
+                          "address)")
+    from sft_hf.evaluation.arena.guards import sigterm_as_ctrl_c
 
-    serve(arena, args.host, args.port, args.share, auth)
+    with sigterm_as_ctrl_c():  # from here SIGTERM is Ctrl-C: while models load, the server starts or serves
+        arena = build_arena(args)
+        if not auth and (args.share or args.host not in LOOPBACK):
+            print(f"warning: anonymous votes from anyone who reaches {args.host if not args.share else 'the link'} "
+                  f"(--allow_anonymous), at most {args.anonymous_votes_per_minute} a minute per session and per "
+                  "address", file=sys.stderr)
+        print(f"Votes: {arena.store.path} ({arena.store.count()} so far); model names are shown after each vote")
+        from sft_hf.evaluation.arena.app import serve
+
+        serve(arena, args.host, args.port, args.share, auth)
     print(f"Stopped. {arena.store.count()} votes in {arena.store.path}; "
           f"`sft-hf arena --leaderboard {arena.store.path}` prints the ratings")
     return 0

@@ -15,12 +15,15 @@ No gradio here: `sft-hf arena --leaderboard` starts fast and the maths is testab
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sft_hf.evaluation.win_rate import CONFIDENCE, bootstrap_interval
+
+if TYPE_CHECKING:  # style_control imports this module
+    from sft_hf.evaluation.style_control import StyleControlled
 
 SCALE, BASE, MEAN_RATING = 400, 10, 1000  # Chatbot Arena's scale: 400 points per factor of 10 in the odds
 
@@ -36,6 +39,9 @@ class Standing:
     losses: int
     ties: int  # "tie" votes
     bothbad: int  # "tie (bothbad)" votes, counted as ties in the rating
+    style_rating: float | None = None  # style-controlled (sft_hf/evaluation/style_control.py), when asked for
+    style_lower: float | None = None
+    style_upper: float | None = None
 
 
 @dataclass
@@ -45,6 +51,8 @@ class Leaderboard:
     rounds: int
     seed: int
     warning: str | None = None  # why the ratings are not determined by the votes (see finite_ratings_problem)
+    voters: dict | None = None  # who voted (count_voters)
+    style: StyleControlled | None = None  # the style-controlled fit, with its coefficients
 
 
 class Battles:
@@ -71,28 +79,92 @@ class Battles:
         return weights
 
 
-def fit_bradley_terry(battles: Battles, counts: np.ndarray | None = None) -> np.ndarray:
-    """Ratings (mean 1000) of battles.models from the votes, or from `counts` votes per cell (a bootstrap sample)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+def fit_logistic(X: np.ndarray, y: np.ndarray, weights: np.ndarray, reg: float = 0.0, tol: float = 1e-10,
+                 max_iterations: int = 100, start: np.ndarray | None = None) -> np.ndarray:
+    """Coefficients θ maximising  Σ_n w_n (y_n log σ(x_n·θ) + (1 - y_n) log(1 - σ(x_n·θ))) - reg/2 · |θ|²  for each
+    row of `weights` (rounds, rows) at once: Newton's method with step halving, so a bootstrap's thousand refits cost
+    a few matrix products per step instead of a thousand solver runs. y may be soft (a tie is 1/2, one row weighing
+    half a win and half a loss, as Chatbot Arena's fits count it). Where the votes fix no finite maximum (a model
+    that won every vote) the coefficients grow until the gradient is below tol · the row's weight, as any
+    optimiser's would: far apart and arbitrary (finite_ratings_problem says so). `start`: where every row's search
+    begins (a bootstrap's refits start at the fit on all votes, a few steps away), else 0."""
+    from scipy.special import expit
 
-    weights = battles.win_weights(battles.counts if counts is None else counts)
+    X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
+    W = np.atleast_2d(np.asarray(weights, dtype=float))
+    rounds, k = len(W), X.shape[1]
+    outer = (X[:, :, None] * X[:, None, :]).reshape(len(X), k * k)  # per row x xᵀ, flattened: H = (w p(1-p)) @ outer
+    scale = W.sum(axis=1) + reg
+    ridge = np.eye(k) * (reg + 1e-12 * scale.max())  # a tiny ridge: models that never met leave H singular
+
+    def loss(theta, z):  # at logits z = θ·x: -Σ w (y log σ(z) + (1 - y) log σ(-z)) = Σ w (log(1 + e^z) - y z)
+        return (W * (np.logaddexp(0, z) - y * z)).sum(axis=1) + reg / 2 * (theta ** 2).sum(axis=1)
+
+    theta = np.zeros((rounds, k)) if start is None else np.tile(start, (rounds, 1)).astype(float)
+    z = theta @ X.T
+    current = loss(theta, z)
+    for _ in range(max_iterations):
+        p = expit(z)
+        gradient = (W * (p - y)) @ X + reg * theta
+        active = np.abs(gradient).max(axis=1) > tol * scale
+        if not active.any():
+            break
+        hessian = ((W * p * (1 - p)) @ outer).reshape(rounds, k, k) + ridge
+        step = np.linalg.solve(hessian, gradient[..., None])[..., 0] * active[:, None]
+        t = np.ones(rounds)
+        for _ in range(40):  # halve the step where the loss would rise (far from the optimum Newton overshoots)
+            trial = theta - t[:, None] * step
+            trial_z = trial @ X.T
+            new = loss(trial, trial_z)
+            rose = new > current + 1e-12 * np.abs(current)
+            if not rose.any():
+                break
+            t[rose] /= 2
+        theta, z, current = trial, trial_z, new
+    return theta
+
+
+BATCH = 250  # bootstrap refits per fit_logistic call: bounds the (rounds, rows) arrays held at once
+
+
+def fit_logistic_batches(X, y, weights, reg: float = 0.0) -> np.ndarray:
+    """fit_logistic on weights[0] (all the votes), then on the other rows (bootstrap samples), BATCH at a time,
+    each starting from the first fit."""
+    first = fit_logistic(X, y, weights[:1], reg)
+    rest = [fit_logistic(X, y, weights[k:k + BATCH], reg, start=first[0]) for k in range(1, len(weights), BATCH)]
+    return np.concatenate([first, *rest])
+
+
+def bradley_terry_design(battles: "Battles") -> tuple[np.ndarray, np.ndarray]:
+    """One row per cell (model_a, model_b, outcome): +ln 10 in model_a's column, -ln 10 in model_b's, the first
+    model's column left out (its rating is the reference: without a penalty the ratings are fixed only up to a
+    shift); the label 1, 1/2 or 0."""
     n = len(battles.models)
-    design, labels, sample_weight = [], [], []
-    for i, j in battles.pairs:
-        row = np.zeros(n)
-        row[i], row[j] = math.log(BASE), -math.log(BASE)
-        design += [row, row]
-        labels += [1, 0]  # i beat j, j beat i
-        sample_weight += [weights[i, j], weights[j, i]]
-    if not any(sample_weight):
-        return np.full(n, float(MEAN_RATING))
-    with warnings.catch_warnings():  # votes that fix no finite rating: finite_ratings_problem says so instead
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        fit = LogisticRegression(fit_intercept=False, C=np.inf, tol=1e-6).fit(
-            np.array(design), np.array(labels), sample_weight=np.array(sample_weight))
-    ratings = SCALE * fit.coef_[0]
-    return ratings - ratings.mean() + MEAN_RATING
+    X = np.zeros((len(battles.cells), n))
+    rows = np.arange(len(battles.cells))
+    X[rows, battles.cells[:, 0]] += math.log(BASE)
+    X[rows, battles.cells[:, 1]] -= math.log(BASE)
+    return X[:, 1:], battles.cells[:, 2] / 2
+
+
+def to_ratings(coefficients: np.ndarray) -> np.ndarray:
+    """Chatbot Arena's scale: 400 · coefficient, shifted to a mean of 1000 (per row)."""
+    ratings = SCALE * coefficients
+    return ratings - ratings.mean(axis=-1, keepdims=True) + MEAN_RATING
+
+
+def fit_bradley_terry(battles: Battles, counts: np.ndarray | None = None) -> np.ndarray:
+    """Ratings (mean 1000) of battles.models from the votes; with `counts` (votes per cell, one row per bootstrap
+    sample) a (samples, models) array of refits."""
+    n = len(battles.models)
+    weights = battles.counts[None, :] if counts is None else np.atleast_2d(counts)
+    if n < 2:
+        ratings = np.full((len(weights), n), float(MEAN_RATING))
+    else:
+        X, y = bradley_terry_design(battles)
+        theta = fit_logistic_batches(X, y, weights)
+        ratings = to_ratings(np.column_stack([np.zeros(len(theta)), theta]))
+    return ratings[0] if counts is None or np.ndim(counts) == 1 else ratings
 
 
 def bootstrap_ratings(battles: Battles, rounds: int = 1000, seed: int = 0) -> tuple[np.ndarray, float]:
@@ -101,7 +173,8 @@ def bootstrap_ratings(battles: Battles, rounds: int = 1000, seed: int = 0) -> tu
     the votes do not determine (see finite_ratings_problem)."""
     rng = np.random.default_rng(seed)
     samples = rng.multinomial(battles.num_votes, battles.counts / battles.counts.sum(), size=rounds)
-    ratings = np.array([fit_bradley_terry(battles, counts) for counts in samples]).reshape(rounds, len(battles.models))
+    # the fit on all votes first: fit_logistic_batches starts every refit from it
+    ratings = fit_bradley_terry(battles, np.vstack([battles.counts, samples]))[1:].reshape(rounds, len(battles.models))
     undetermined = np.mean([not strongly_connected(battles.win_weights(counts)) for counts in samples])
     return ratings, float(undetermined)
 
@@ -146,7 +219,24 @@ def loser_of(battle: dict) -> str | None:
     return {"model_a": battle["model_b"], "model_b": battle["model_a"]}.get(battle["winner"])
 
 
-def compute_leaderboard(battles: list[dict], rounds: int = 1000, seed: int = 0) -> Leaderboard:
+def count_voters(battles: list[dict]) -> dict:
+    """Who voted, from each battle's `judge` (a login name, "anonymous-<session>" for an anonymous browser session
+    of this arena, "anonymous" when neither was recorded; Chatbot Arena's files hold a user id): how many voters,
+    how many of them anonymous sessions, and the most votes from one voter (where stuffing would show)."""
+    per_voter: dict[str, int] = {}
+    for b in battles:
+        judge = b.get("judge")
+        if judge and judge != "anonymous":
+            per_voter[judge] = per_voter.get(judge, 0) + 1
+    top = max(per_voter, key=per_voter.get, default=None)
+    return {"voters": len(per_voter), "anonymous_sessions": sum(j.startswith("anonymous-") for j in per_voter),
+            "unattributed": len(battles) - sum(per_voter.values()), "most_from_one": per_voter.get(top, 0)}
+
+
+def compute_leaderboard(battles: list[dict], rounds: int = 1000, seed: int = 0,
+                        style_control: bool = False) -> Leaderboard:
+    """Ratings, intervals and counts; with style_control also the style-controlled ratings (their answers needed:
+    conversation_a/b as the votes file and its export hold them)."""
     if not battles:
         return Leaderboard([], 0, rounds, seed)
     table = Battles(battles)
@@ -161,13 +251,22 @@ def compute_leaderboard(battles: list[dict], rounds: int = 1000, seed: int = 0) 
         bothbad = sum(b["winner"] == "tie (bothbad)" for b in mine)
         standings.append(Standing(model, float(ratings[k]), float(lower[k]), float(upper[k]), len(mine), wins,
                                   len(mine) - wins - ties - bothbad, ties, bothbad))
+    style = None
+    if style_control:
+        from sft_hf.evaluation.style_control import fit_style_controlled
+
+        style = fit_style_controlled(battles, rounds, seed)
+        for s in standings:
+            k = style.models.index(s.model)
+            s.style_rating, s.style_lower, s.style_upper = (float(style.ratings[k]), float(style.lower[k]),
+                                                            float(style.upper[k]))
     standings.sort(key=lambda s: (-s.rating, s.model))
     warning = finite_ratings_problem(table)
     if warning is None and undetermined > (1 - CONFIDENCE) / 2:  # more than each end of the interval leaves out
         warning = (f"in {undetermined:.0%} of the bootstrap resamples a model (or a group of models) won or lost every "
                    "vote it had, so those refits have no finite ratings: the far ends of the 95% intervals are "
                    "arbitrary; collect more votes")
-    return Leaderboard(standings, len(battles), rounds, seed, warning)
+    return Leaderboard(standings, len(battles), rounds, seed, warning, count_voters(battles), style)
 
 
 def win_rate_matrix(battles: list[dict], models: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +311,20 @@ def plot_win_rates(battles: list[dict], models: list[str], path) -> str:
     return str(path)
 
 
+def voters_line(board: Leaderboard) -> str:
+    """"from 12 voters (3 anonymous sessions); most from one voter: 40 (18%)", or "" when no vote names its voter."""
+    v = board.voters
+    if not v or not v["voters"]:
+        return ""
+    line = f"from {v['voters']} voters ({v['anonymous_sessions']} anonymous sessions"
+    line += f", {v['unattributed']} votes without a voter)" if v["unattributed"] else ")"
+    return line + f"; most from one voter: {v['most_from_one']} ({v['most_from_one'] / board.num_votes:.0%})"
+
+
+def style_ranks(board: Leaderboard) -> list[Standing]:
+    return sorted(board.standings, key=lambda s: (-s.style_rating, s.model))
+
+
 def format_leaderboard(board: Leaderboard, source: str = "") -> str:
     """The leaderboard as text for the terminal (`sft-hf arena --leaderboard`)."""
     if not board.standings:
@@ -229,6 +342,20 @@ def format_leaderboard(board: Leaderboard, source: str = "") -> str:
         interval = f"{s.lower:.0f} to {s.upper:.0f}"
         lines.append(f"{rank:>4}  {s.model:<{width}}  {s.rating:>6.0f}  {interval:>13}  {s.votes:>5}  {s.wins:>4}  "
                      f"{s.losses:>6}  {s.ties:>4}  {s.bothbad:>8}")
+    if board.style is not None:
+        lines.append("Style-controlled (Chatbot Arena's style control: length, headers, lists and bold as their own "
+                     "terms; ratings at equal style)")
+        lines.append(f"{'rank':>4}  {'model':<{width}}  {'rating':>6}  {'95% interval':>13}  {'plain rank':>10}")
+        plain = {s.model: k for k, s in enumerate(board.standings, 1)}
+        for rank, s in enumerate(style_ranks(board), 1):
+            interval = f"{s.style_lower:.0f} to {s.style_upper:.0f}"
+            lines.append(f"{rank:>4}  {s.model:<{width}}  {s.style_rating:>6.0f}  {interval:>13}  {plain[s.model]:>10}")
+        from sft_hf.evaluation.style_control import format_coefficients
+
+        lines.append(f"style coefficients (logit per standard deviation, 95% interval): "
+                     f"{format_coefficients(board.style)}")
+    if voters := voters_line(board):
+        lines.append(f"Votes {voters}")
     if board.warning:
         lines.append(f"warning: {board.warning}")
     return "\n".join(lines)
