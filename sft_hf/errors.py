@@ -111,6 +111,9 @@ def run_cli(main, argv=None) -> int:
     except KeyboardInterrupt as e:
         _print_error("interrupted", prefix="\n", cause=e)
         return 130
+    except BrokenPipeError:  # `sft-hf train --help | head`: the reader has gone, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is flushing at exit
+        return 0
     return code if isinstance(code, int) else 0  # a main that returns its exit code (sft-hf commands) keeps it
 
 

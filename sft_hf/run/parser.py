@@ -176,7 +176,8 @@ def print_help(command: Command, show_all: bool = False, key: str | None = None)
         print(textwrap.fill(f.metadata.get("help", ""), 118, initial_indent="  ", subsequent_indent="  "))
         return
     lines = ["usage: " + command.usage.format(prog=command.prog), "",
-             textwrap.fill(command.summary, 118), ""]
+             "\n\n".join(paragraph if paragraph.startswith(" ") else textwrap.fill(paragraph, 118)
+                          for paragraph in command.summary.split("\n\n")), ""]
     for cls in command.dataclass_types:  # keys a class inherits (TrainingArguments') only when common
         inherited = {f.name for base in cls.__mro__[1:] if is_dataclass(base) for f in fields(base)}
         names = [f.name for f in fields(cls) if f.init and (f.name not in inherited or f.name in command.common)]

@@ -14,77 +14,91 @@ Without a login people vote anonymously, which the page allows only on loopback 
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import stat
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft_hf.errors import RecipeError
 from sft_hf.evaluation.arena.guards import LOOPBACK
+from sft_hf.run.parser import Command, parse_command
 
 DEFAULT_VOTES = "arena_votes.sqlite"
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="sft-hf arena", allow_abbrev=False, description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
-    sources = parser.add_argument_group("what to compare (two or more models)")
-    sources.add_argument("--responses", nargs="+", action="extend", default=[], metavar="NAME=FILE[:COLUMN]",
-                         help="saved responses of one model: a JSON(L) list of records with instruction, input and "
-                              "the response column (default model_response, as recipes/evaluate.py writes)")
-    sources.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
-                         help="a local model folder (or builtin:tiny-llama) that answers prompts typed on the page")
-    sources.add_argument("--openai", action="append", default=[], metavar="NAME=MODEL@URL",
-                         help="a model on an OpenAI-compatible server, e.g. big=llama3@http://localhost:8000/v1")
-    sources.add_argument("--api_key_env", default="OPENAI_API_KEY",
-                         help="environment variable holding the servers' API key (read per request, never stored)")
-    sources.add_argument("--template", default=None,
-                         help="prompt template for --model folders (default: the folder's sft_template.json, "
-                              "else alpaca)")
-    sources.add_argument("--max_new_tokens", type=int, default=256, help="answer length of live models")
-    sources.add_argument("--max_prompt_chars", type=int, default=4000,
-                         help="longest instruction a voter may type for live models (default 4000 characters)")
-    parser.add_argument("--votes", default=None, help=f"the votes database (SQLite; default {DEFAULT_VOTES}); "
-                                                      "with --agreement also a JSONL export")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed for the battles drawn (prompt, pair, sides); default: the system's randomness")
-    server = parser.add_argument_group("the web page")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    server.add_argument("--port", type=int, default=None, help="port (default: the first free from 7860)")
-    server.add_argument("--share", action="store_true", help="also a public gradio.live link (anyone with it votes)")
-    server.add_argument("--auth_file", default=None, help="log in required: a file of user:password lines")
-    server.add_argument("--auth_env", default=None, help="log in required: an environment variable holding "
-                                                         "user:password")
-    server.add_argument("--allow_anonymous", action="store_true",
-                        help="accept votes without a login on a non-loopback --host or with --share")
-    server.add_argument("--anonymous_votes_per_minute", type=int, default=10,
-                        help="rate limit for voters without a login, per browser session and per remote address "
-                             "(default 10)")
-    results = parser.add_argument_group("results (no page)")
-    results.add_argument("--leaderboard", default=None, metavar="VOTES",
-                         help="print the ratings of a votes database (or a JSONL export) and exit")
-    results.add_argument("--style_control", action="store_true",
-                         help="also style-controlled ratings (Chatbot Arena's: length and markdown as their own "
-                              "terms), with --leaderboard and on the page's leaderboard")
-    results.add_argument("--plot", default=None, help="with --leaderboard: save the win-rate matrix as this PNG; "
-                                                      "with --agreement: the confusion matrix (default agreement.png "
-                                                      "next to the verdicts)")
-    results.add_argument("--export", default=None, metavar="OUT.jsonl",
-                         help="write the votes as JSON lines in Chatbot Arena's battle form and exit")
-    results.add_argument("--agreement", default=None, metavar="VERDICTS.json",
-                         help="how often the pairwise judge (recipes/evaluate.py's pairwise_verdicts.json) agrees "
-                              "with the votes (--votes) on the same prompts and models; writes agreement.json")
-    results.add_argument("--judge_names", nargs=2, default=None, metavar=("MODEL", "BASELINE"),
-                         help="with --agreement: the arena's names of the judge's two sides (default: the names "
-                              "in the verdicts file)")
-    results.add_argument("--bootstrap_rounds", type=int, default=1000, help="resamples for the 95%% intervals")
-    results.add_argument("--bootstrap_seed", type=int, default=0)
-    return parser.parse_args(argv)
+@dataclass
+class ArenaArguments:
+    _argument_group_name = "arena"
+    # what to compare (two or more models)
+    responses: list[str] = field(default_factory=list, metadata={
+        "action": "extend", "metavar": "NAME=FILE[:COLUMN]",
+        "help": "Saved responses of one model: a JSON(L) list of records with instruction, input and the response "
+                "column (default model_response, as recipes/evaluate.py writes)."})
+    model: list[str] = field(default_factory=list, metadata={
+        "action": "extend", "metavar": "NAME=FOLDER",
+        "help": "A local model folder (or builtin:tiny-llama) that answers prompts typed on the page."})
+    openai: list[str] = field(default_factory=list, metadata={
+        "action": "extend", "metavar": "NAME=MODEL@URL",
+        "help": "A model on an OpenAI-compatible server, e.g. big=llama3@http://localhost:8000/v1."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "Environment variable holding the servers' API key (read per request, never stored)."})
+    template: str | None = field(default=None, metadata={
+        "help": "Prompt template for --model folders (default: the folder's sft_template.json, else alpaca)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Answer length of live models."})
+    max_prompt_chars: int = field(default=4000, metadata={
+        "help": "Longest instruction a voter may type for live models, in characters."})
+    votes: str | None = field(default=None, metadata={
+        "help": f"The votes database (SQLite; default {DEFAULT_VOTES}); with --agreement also a JSONL export."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Seed for the battles drawn (prompt, pair, sides); default: the system's randomness."})
+    # the web page
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (default loopback only)."})
+    port: int | None = field(default=None, metadata={"help": "Port (default: the first free from 7860)."})
+    share: bool = field(default=False, metadata={"help": "Also a public gradio.live link (anyone with it votes)."})
+    auth_file: str | None = field(default=None, metadata={"help": "Log in required: a file of user:password lines."})
+    auth_env: str | None = field(default=None, metadata={
+        "help": "Log in required: an environment variable holding user:password."})
+    allow_anonymous: bool = field(default=False, metadata={
+        "help": "Accept votes without a login on a non-loopback --host or with --share."})
+    anonymous_votes_per_minute: int = field(default=10, metadata={
+        "help": "Rate limit for voters without a login, per browser session and per remote address."})
+    # results (no page)
+    leaderboard: str | None = field(default=None, metadata={
+        "metavar": "VOTES", "help": "Print the ratings of a votes database (or a JSONL export) and exit."})
+    style_control: bool = field(default=False, metadata={
+        "help": "Also style-controlled ratings (Chatbot Arena's: length and markdown as their own terms), with "
+                "--leaderboard and on the page's leaderboard."})
+    plot: str | None = field(default=None, metadata={
+        "help": "With --leaderboard: save the win-rate matrix as this PNG; with --agreement: the confusion matrix "
+                "(default agreement.png next to the verdicts)."})
+    export: str | None = field(default=None, metadata={
+        "metavar": "OUT.jsonl", "help": "Write the votes as JSON lines in Chatbot Arena's battle form and exit."})
+    agreement: str | None = field(default=None, metadata={
+        "metavar": "VERDICTS.json",
+        "help": "How often the pairwise judge (recipes/evaluate.py's pairwise_verdicts.json) agrees with the votes "
+                "(--votes) on the same prompts and models; writes agreement.json."})
+    judge_names: list[str] | None = field(default=None, metadata={
+        "metavar": "NAME", "help": "With --agreement: the arena's names of the judge's two sides, MODEL BASELINE "
+                                   "(default: the names in the verdicts file)."})
+    bootstrap_rounds: int = field(default=1000, metadata={"help": "Resamples for the 95-percent intervals."})
+    bootstrap_seed: int = 0
+
+
+ARENA = Command(
+    prog="sft-hf arena", dataclass_types=(ArenaArguments,), usage="{prog} [--<key> <value> ...]",
+    summary=__doc__.split("\n")[0] + "\n" + "\n".join(__doc__.split("\n")[1:]).rstrip())
+
+
+def parse_args(argv) -> ArenaArguments:
+    args, _ = parse_command(ARENA, argv)
+    if args.judge_names is not None and len(args.judge_names) != 2:
+        raise RecipeError(f"--judge_names takes two names (the judge's model, then its baseline), got "
+                          f"{len(args.judge_names)}: {args.judge_names}")
+    return args
 
 
 def read_auth(args) -> list[tuple[str, str]] | None:
