@@ -1,4 +1,4 @@
-"""Greedy generation for evaluation: generated tokens/s and responses/s (issue 15, item 6).
+"""Greedy generation for evaluation: generated tokens/s and responses/s (the evaluation step of a run).
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_generate.py                 # 110 test prompts, ≤ 256 new tokens, 3 repeats
     HF_HUB_OFFLINE=1 python benchmarks/bench_generate.py --quick         # 16 prompts, ≤ 64 new tokens, 1 repeat

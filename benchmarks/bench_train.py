@@ -1,4 +1,4 @@
-"""Trained tokens per second: sft-hf vs TRL's SFTTrainer on the same offline workload, side by side (issue 5).
+"""Trained tokens per second: sft-hf vs TRL's SFTTrainer on the same offline workload, side by side.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py                      # W1, 3 repeats, full epoch (~15 min)
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py --quick              # W1, 1 repeat, 25% of the epoch (~3 min)
@@ -76,7 +76,7 @@ ABLATIONS = {
     "sft-hf default - logits only where trained": dict(kind="ours", flags=["--logits_where_trained", "false"]),
     "sft-hf default - tcmalloc (glibc malloc)": dict(kind="ours", flags=[], system_malloc=True),
     "sft-hf padded (eager attention)": dict(kind="ours", flags=["--attn_implementation", "eager"]),
-    # issue 25's levers, one at a time (in-process only: `patches` are applied in the child)
+    # the CPU bf16 levers (speed/), one at a time (in-process only: `patches` are applied in the child)
     "sft-hf default - fused cross-entropy": dict(kind="ours", flags=["--fused_cross_entropy", "false"]),
     "sft-hf default - matmul attention (SDPA flash)": dict(kind="ours", flags=[], patches=["flash_attention"]),
     "sft-hf default - sparse embedding gradient": dict(kind="ours", flags=[], patches=["dense_embedding_gradient"]),
@@ -90,7 +90,7 @@ BF16_CONTENDERS = {
     "sft-hf bf16": dict(kind="ours", flags=["--precision", "bf16"], bf16=True),  # bf16 weights, fp32 masters on CPU
     "sft-hf bf16 autocast": dict(kind="ours", flags=["--precision", "bf16-autocast"], bf16=True),
     # the sft-hf default of 2026-12-01 on such a CPU: bf16 autocast, SDPA's flash kernel, the stock head and loss
-    "sft-hf bf16 autocast without the issue-25 levers": dict(
+    "sft-hf bf16 autocast without the bf16 levers": dict(
         kind="ours", flags=["--precision", "bf16-autocast", "--fused_cross_entropy", "false"],
         patches=["flash_attention", "dense_embedding_gradient"], bf16=True),
     "TRL bf16 autocast padding_free (no checkpointing)": dict(
@@ -209,7 +209,7 @@ def _build_trl(model_dir: str, config: dict, n_records: int, output_dir: str, at
 
 def _loss_records(workload: str) -> list[dict]:
     """W1/W2: the first 256 training examples (a random model learns them first). W3/W4: chapter 7's 55 validation
-    records (the last 5%), the validation loss the issue compares bf16 and fp32 by."""
+    records (the last 5%), the validation loss bf16 and fp32 are compared by."""
     from benchmarks.workloads import DATA_FILE
 
     if workload in ("W3", "W4"):
@@ -309,7 +309,7 @@ def run_one(name: str, workload: str, fraction: float, threads: int | None) -> d
 # ----------------------------------------------------------------------------------------------------------------
 def matmul_flops(seconds: float = 1.5, n: int = 1024) -> dict[str, float]:
     """The best fp32 n×n @ n×n FLOP/s of this machine right now (all threads), through `torch.matmul` (MKL on a
-    CPU: the issue's roofline) and, on a CPU, through oneDNN (the best fp32 GEMM in the same torch wheel)."""
+    CPU: the roofline) and, on a CPU, through oneDNN (the best fp32 GEMM in the same torch wheel)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -443,15 +443,14 @@ def run_child(name: str, opts) -> dict:
 
 def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_tflops: float | None = None,
               workload: str = "W1") -> str:
-    """The markdown table, then how the sft-hf default compares with the issue's targets.
+    """The markdown table, then how the sft-hf default compares with its targets.
 
-    Two rooflines: 6 × parameters × tokens/s over the best `torch.matmul` rate measured in the run (the issue's
-    definition) and over the best fp32 GEMM of any kernel measured (oneDNN on CPUs where it beats MKL)."""
+    Two rooflines: 6 × parameters × tokens/s over the best `torch.matmul` rate measured in the run and over the best fp32 GEMM of any kernel measured (oneDNN on CPUs where it beats MKL)."""
     import torch
 
     # noise only ever slows a matmul down: the best measurement is the machine's rate
     matmul = max(f["torch.matmul"] for f in flops)
-    best_gemm = max(max(f.values()) for f in flops)  # bf16 where native: the issue-15 roofline
+    best_gemm = max(max(f.values()) for f in flops)  # bf16 where native: the bf16 roofline
     rates = {name: [r["tokens_per_second"] for r in rs] for name, rs in runs.items()}
     medians = {name: statistics.median(v) for name, v in rates.items()}
     trl_best = max((n for n in TRL_BEST_CANDIDATES if n in medians), key=medians.get, default=None)
@@ -491,7 +490,7 @@ def summarize(runs: dict[str, list[dict]], flops: list[dict[str, float]], peak_t
     for ours in [n for n in ("sft-hf default", "sft-hf default · accelerate launch") if n in medians]:
         checks = []
         if trl_best:
-            target = "2×" if workload in ("W3", "W4") else "1.5×"  # issue 15 on the real model, issue 5 on W1
+            target = "2×" if workload in ("W3", "W4") else "1.5×"  # the targets: 2× on the real model, 1.5× on W1
             checks.append(f"{medians[ours] / medians[trl_best]:.2f}× TRL's best ({trl_best}; target ≥ {target})")
         if TRL_DEFAULTS in medians:
             checks.append(f"{medians[ours] / medians[TRL_DEFAULTS]:.1f}× TRL's defaults (target ≥ 15×)")
@@ -553,7 +552,7 @@ def main(argv=None):
     parser.add_argument("--skip-data", action="store_true", help="skip the data-preparation comparison")
     parser.add_argument("--emulate-avx2-cpu", action="store_true",
                         help="cap oneDNN and ATen at AVX2 (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY) in every process: "
-                             "a CPU without AVX-512 and native bf16, like the one issue 5 measured TRL's defaults on")
+                             "a CPU without AVX-512 and native bf16, like the one TRL's defaults were first measured on")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)

