@@ -41,6 +41,8 @@ from sft_hf.run.config import format_recipe, parse_recipe_and_values, save_recip
 from sft_hf.run.checkpoints import (  # noqa: E402
     RECIPE_FILE, check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint)
 from sft_hf.run.outputs import logged_train_loss, plot_loss_curve, save_template  # noqa: E402
+from sft_hf.run import peers  # noqa: E402
+from sft_hf.run.preemption import StopOnSignal  # noqa: E402
 from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction, run_cli  # noqa: E402
 from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, atomic_save, check_output_dir  # noqa: E402
 from sft_hf.speed.threads import set_cpu_threads  # noqa: E402
@@ -67,6 +69,7 @@ def main(argv=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     model_args, data_args, args, recipe = parse_recipe_and_values(argv)
+    stop_on_signal = StopOnSignal()  # SIGTERM / SIGUSR1: a complete checkpoint at the end of the step, exit 143
     # The Hub push runs once at the end (sft_hf/run/hub.py), not from Trainer at start-up and at every checkpoint; the
     # token is kept out of `args`, which Trainer pickles into training_args.bin.
     push_to_hub, hub_token = args.push_to_hub, args.hub_token
@@ -83,6 +86,8 @@ def main(argv=None):
     if args.process_index == 0:
         logger.info("recipe: %s", format_recipe(recipe))
     check_output_dir(args, is_main=args.process_index == 0)  # before any work: a second run must not clobber the first
+    peers.apply_ddp_timeout(args)  # on CPUs too (transformers passes it to GPU process groups only)
+    peers.watch_peers(args)  # a process that dies ends the run within dead_rank_timeout, naming it
     # `true` / `latest` → the newest checkpoint in output_dir that was completely written
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume:  # with the values it was trained with, else a mix of old optimizer state and new schedule
@@ -93,7 +98,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
     raw = load_recipe_splits(data_args, template)
-    with args.main_process_first(desc="tokenize"):
+    with peers.main_process_first(args, desc="tokenize"):  # the others wait without ddp_timeout's limit
         tokenized = tokenize_dataset(raw, tokenizer, template, args.max_length, data_args.dataset_num_proc,
                                      verbose=args.process_index == 0, trained_turns=args.trained_turns)
     if "messages" in raw["train"].column_names and not args.completion_only_loss:
@@ -115,7 +120,7 @@ def main(argv=None):
         eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
         processing_class=tokenizer,
         data_collator=collator,
-        callbacks=[StopOnNonFiniteLoss()],  # stops at a NaN/inf gradient before it is applied
+        callbacks=[StopOnNonFiniteLoss(), stop_on_signal],  # stop at a NaN/inf gradient before it is applied
         recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
     )
     if args.eval_exact_match and args.baseline_exact_match:
@@ -136,6 +141,7 @@ def main(argv=None):
                 if bar is not None:
                     bar.close()
         raise Interrupted(interrupted_training_message(args.output_dir, trainer.state)) from None
+    stop_on_signal.raise_if_stopped(trainer)  # a SIGTERM stopped training at a saved checkpoint: the run ends there
 
     # 4. Save the model in standard HF format first: an evaluation that fails or is interrupted loses no training.
     if trainer.is_fsdp_enabled:  # sharded checkpoints while training, one full state dict `from_pretrained` reads
@@ -150,6 +156,7 @@ def main(argv=None):
     if trainer.is_world_process_zero():  # a replaced run's card and metrics described its model, not this one
         for name in RUN_RESULTS:
             Path(args.output_dir, name).unlink(missing_ok=True)
+    stop_on_signal.restore()  # the model is saved: a SIGTERM during the evaluation stops at once
 
     # 5. Validation loss and exact match after training (on every process), then metrics, loss curve and card.
     metrics = {}
