@@ -20,8 +20,9 @@ with the processes (MASTER_ADDR:MASTER_PORT), from a thread, which also watches:
 The first process to see a death writes it into the store; every process reads it there, and one per machine prints
 one line naming the dead rank and the newest complete checkpoint to resume from. Each then exits with code 4, from
 the watching thread (`os._exit`), as its main thread may be blocked in a collective that would never return. When gloo
-raises in the main thread first ("Connection closed by peer"), the traceback waits for the watcher's verdict. The
-watch ends once the run has left its process group: no collective can wait on a dead process after that.
+raises in the main thread first ("Connection closed by peer"), the traceback waits until the watcher has either found
+the dead process or seen every heartbeat move (then nobody died, and the error is shown as it is). The watch ends once
+the run has left its process group: no collective can wait on a dead process after that.
 
 Long data preparation. `TrainingArguments.main_process_first` makes the other processes wait for the main one in a
 barrier, which has the process-group timeout: a tokenization longer than `ddp_timeout` killed them ("rank 0
@@ -98,10 +99,11 @@ def is_communication_error(error: BaseException) -> bool:
 
 class PeerWatch:
     """This process's heartbeat and its watch over the others (see the module's docstring). `on_verdict(line)` ends
-    the process; by default it exits with code 4."""
+    the process (by default: exit code 4); the watch lasts while `running()` (by default: while the process group
+    exists)."""
 
     def __init__(self, store, rank: int, world_size: int, local_rank: int, local_world_size: int, timeout: float,
-                 output_dir: str, on_verdict=None):
+                 output_dir: str, on_verdict=None, running=None):
         self.store, self.rank, self.world_size, self.timeout = store, rank, world_size, timeout
         self.local_rank, self.output_dir = local_rank, output_dir
         self.interval = min(5.0, timeout / 6)
@@ -112,11 +114,13 @@ class PeerWatch:
         self.neighbours = [r for r in range(first, min(first + local_world_size, world_size)) if r != rank]
         self.peers: dict[int, dict] = {}  # rank → what it published: host, machine, pid, local_rank
         self.on_verdict = on_verdict or (lambda line: os._exit(PEER_DIED_EXIT_CODE))
+        self.running = running or dist.is_initialized
         self.others = [r for r in range(world_size) if r != rank]
         self.failed_collective = threading.Event()  # the main thread's collective failed: did a process die?
         self.all_alive = threading.Event()  # no: every process's heartbeat moved since then
         self._beats_at_failure: dict[int, int] = {}
         self._stop = threading.Event()
+        self._store_gone = False
         self.thread = threading.Thread(target=self._run, name="sft-hf peer watch", daemon=True)
         self._previous_hook = None
 
@@ -131,18 +135,13 @@ class PeerWatch:
 
     def leave(self) -> None:
         """This process ends through Python (its own error, Ctrl-C, SIGTERM): not a death for the others to report."""
-        if self._stop.is_set():
+        if self._stop.is_set() or self._store_gone:
             return
         self._stop.set()
         try:
             self.store.set(f"left/{self.rank}", "1")
         except Exception:  # the store is gone already: the run is over
             pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._previous_hook is not None and sys.excepthook == self._excepthook:
-            sys.excepthook = self._previous_hook
 
     # -- the watching thread ------------------------------------------------------------------------------------
 
@@ -151,7 +150,7 @@ class PeerWatch:
         left: dict[int, float] = {}  # rank → when its "left" mark was first seen
         last_tick = time.monotonic()
         while not self._stop.wait(self.interval):
-            if not dist.is_initialized():  # the run left its process group: no collective can wait on a peer now
+            if not self.running():  # the run left its process group: no collective can wait on a peer now
                 return
             now = time.monotonic()
             if now - last_tick > 3 * self.interval:  # this thread did not run for a while: no heartbeat is stale
@@ -162,7 +161,8 @@ class PeerWatch:
             except Exception as error:  # the store went with the launcher of rank 0's machine
                 if self._stop.is_set():
                     return
-                verdict = {"rank": 0, "text": f"rank 0's machine is gone (its launcher held the store at "
+                self._store_gone = True  # nothing to tell it when this process leaves
+                verdict = {"rank": None, "text": f"the launcher of rank 0's machine is gone (it held the store at "
                                               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, "
                                               f"which stopped answering: {type(error).__name__})"}
             if verdict and not self._stop.is_set():
@@ -218,10 +218,10 @@ class PeerWatch:
                   "--resume_from_checkpoint true to go on from it" if checkpoint else
                   "no checkpoint was saved yet (save_strategy: steps keeps them)")
         line = f"error: {verdict['text']}; the run stops. {resume}"
-        dead = verdict["rank"]
+        dead = verdict["rank"]  # None: no process is known dead, the store is
         # one line per machine: from its first process, or its second when the first is the dead one
         first_here = self.rank - self.local_rank
-        if self.local_rank == (1 if dead == first_here and dead in self.neighbours else 0):
+        if self.local_rank == (1 if dead is not None and dead == first_here and dead in self.neighbours else 0):
             print(line, file=sys.stderr, flush=True)
         self.on_verdict(line)
 
@@ -252,7 +252,7 @@ def watch_peers(args) -> PeerWatch | None:
     timeout = getattr(args, "dead_rank_timeout", 0) or 0
     if args.world_size <= 1 or timeout <= 0:
         return None
-    store = run_store()
+    store = run_store(timeout)  # a store that does not answer for that long is gone with rank 0's machine
     if store is None:
         logger.info("dead_rank_timeout: no MASTER_ADDR/MASTER_PORT store to beat into (not started by torchrun): a "
                     "dead process is noticed only at the process-group timeout (ddp_timeout)")

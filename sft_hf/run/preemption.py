@@ -21,8 +21,10 @@ checkpoint, or a fresh start when there is none).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -63,10 +65,13 @@ class StopOnSignal(TrainerCallback):
         self.training: bool | None = None  # None: not started yet, True: in the training loop, False: finished
         self.stopped_step: int | None = None
         self._previous = {}
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
 
     def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked worker (DataLoader, datasets.map): it serves batches until the end
+            return
         name = signal.Signals(signum).name
         if self.received:  # a launcher forwarding the same SIGTERM, an impatient scheduler: the save goes on
             logger.warning("%s again: still stopping (the checkpoint being written completes)", name)
@@ -114,6 +119,10 @@ class StopOnSignal(TrainerCallback):
         if not self.stopped:
             return
         self.restore()
+        trainer.accelerator.wait_for_everyone()  # every process leaves the group together, as at the end of a run
+        # gloo's worker threads free the last all-reduce (its tensors need the GIL) a moment after it completes; torch
+        # tears the group down at exit holding the GIL and waiting for those threads: give them that moment
+        time.sleep(1)
         trainer.accelerator.end_training()
         command = ("run the same command" if resumes_latest(trainer.args.resume_from_checkpoint)
                    else "run the same command with --resume_from_checkpoint true")

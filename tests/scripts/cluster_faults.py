@@ -3,13 +3,14 @@ test_multinode.py). Environment variables choose it:
 
   FAULT=<action> FAULT_STEP=k [FAULT_RANK=r]   at the end of optimizer step k, on rank r (default: every rank):
       sigterm-self, sigusr1-self        signal this process, then go on (the handler sets its flag at once)
-      sigterm-launcher                  signal the launcher (this process's parent), wait until it forwarded it
+      sigterm-launcher, sigusr1-launcher  signal the launcher (this process's parent), wait until it forwards it
       wait                              write FAULT_DIR/step-k-rank-r, then wait (up to 60 s) for a signal from outside
       sigkill-self, sigstop-self        die, or freeze like a machine that stopped answering
   SIGTERM_WHILE_SAVING=self|launcher   a second SIGTERM while the checkpoint of step FAULT_STEP is written
   TOKENIZE_SECONDS=s                   the main process's tokenization takes s seconds longer (each split)
   TOKENIZE_LOG=path                    each tokenization (one per split, per process that runs it) appends its rank
   PROCESS_LOG=path                     each process appends "rank world_size MASTER_ADDR:MASTER_PORT"
+  BLOCK_SIGNALS_RANK=r                 rank r never sees SIGTERM / SIGUSR1 (blocked): it stops only if it agrees
 """
 import os
 import runpy
@@ -44,8 +45,8 @@ def on_step_end_with_fault(self, args, state, control):
     if FAULT and ON_THIS_RANK and state.global_step == STEP:
         if FAULT in ("sigterm-self", "sigusr1-self"):
             os.kill(os.getpid(), signal.SIGTERM if FAULT == "sigterm-self" else signal.SIGUSR1)
-        elif FAULT == "sigterm-launcher":
-            os.kill(os.getppid(), signal.SIGTERM)
+        elif FAULT in ("sigterm-launcher", "sigusr1-launcher"):
+            os.kill(os.getppid(), signal.SIGTERM if FAULT == "sigterm-launcher" else signal.SIGUSR1)
             wait_for_signal(self.callbacks, 60)
         elif FAULT == "wait":
             Path(os.environ["FAULT_DIR"], f"step-{STEP}-rank-{RANK}").write_text("waiting\n")
@@ -80,6 +81,8 @@ def slow_tokenize_batch(*args, **kwargs):
     return tokenize_batch(*args, **kwargs)
 
 
+if os.environ.get("BLOCK_SIGNALS_RANK") == str(RANK):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
 if os.environ.get("PROCESS_LOG"):
     with open(os.environ["PROCESS_LOG"], "a") as log:
         log.write(f"{RANK} {os.environ.get('WORLD_SIZE')} {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}\n")
