@@ -146,8 +146,8 @@ def test_slurm_job_saves_at_sigusr1_requeues_and_the_requeued_job_ends_like_an_u
     job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does 120 s before the time limit
     out_text, err = job.communicate(timeout=300)
     assert job.returncode == 143, err[-4000:]
-    assert error_lines(err) == [f"error: stopped by SIGUSR1 at step {step} of {STEPS}: {out}/checkpoint-{step} is "
-                                "saved and complete; run the same command to go on from it"]
+    assert error_lines(err) == [(f"error: stopped by SIGUSR1 at step {step} of {STEPS}: {out}/checkpoint-{step} is "
+                                 "saved and complete; run the same command to go on from it")]
     assert err.count("SIGUSR1: finishing this optimizer step") == 1  # rank 1's: rank 0 stopped because they agreed
     assert "SIGTERM again: still stopping" in err
     assert "requeueing job 4242" in out_text

@@ -52,12 +52,12 @@ def test_a_process_whose_heartbeat_stops_is_named_with_the_checkpoint_to_resume_
     (tmp_path / "checkpoint-4").mkdir()
     mark_complete(tmp_path / "checkpoint-4", 4)
     publish(store, 1, pid=4242)  # on another machine: only its heartbeat tells, and it beat once
-    peers, verdicts, done = watch(store, tmp_path, rank=0)
+    _, verdicts, done = watch(store, tmp_path, rank=0)
     assert done.wait(30)
-    assert verdicts == [f"error: rank 1 (pid 4242 on node-7) gave no sign of life for 0.6 s (dead_rank_timeout): its "
-                        f"machine froze, died or lost the network; the run stops. {tmp_path}/checkpoint-4 is the "
-                        "newest complete checkpoint: run the same command with --resume_from_checkpoint true to go on "
-                        "from it"]
+    assert verdicts == [(f"error: rank 1 (pid 4242 on node-7) gave no sign of life for 0.6 s (dead_rank_timeout): its "
+                         f"machine froze, died or lost the network; the run stops. {tmp_path}/checkpoint-4 is the "
+                         "newest complete checkpoint: run the same command with --resume_from_checkpoint true to go on "
+                         "from it")]
     assert json.loads(store.get("verdict"))["rank"] == 1  # for every other process to read
 
 
@@ -65,10 +65,10 @@ def test_a_process_of_this_machine_is_dead_when_its_pid_is_gone(store, tmp_path,
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     publish(store, 0, pid=gone.pid, machine=machine_id(), host="here")
-    peers, verdicts, done = watch(store, tmp_path, rank=1, local_world_size=2, timeout=6)  # its pid tells first
+    _, verdicts, done = watch(store, tmp_path, rank=1, local_world_size=2, timeout=6)  # its pid tells first
     assert done.wait(30)
-    line = ("error: rank 0 (pid %d on here) died: its process is gone (killed by the OOM killer or a signal?); the "
-            "run stops. no checkpoint was saved yet (save_strategy: steps keeps them)" % gone.pid)
+    line = (f"error: rank 0 (pid {gone.pid} on here) died: its process is gone (killed by the OOM killer or a "
+            "signal?); the run stops. no checkpoint was saved yet (save_strategy: steps keeps them)")
     assert verdicts == [line]
     assert capfd.readouterr().err.strip() == line  # printed by rank 1: the first process of its machine is the dead one
 
@@ -90,7 +90,7 @@ def test_when_the_store_stops_answering_rank_0s_launcher_is_gone(tmp_path, monke
     client = dist.PrefixStore("sft_hf/0", dist.TCPStore("127.0.0.1", server.port, is_master=False,
                                                         wait_for_workers=False, timeout=timedelta(seconds=6)))
     publish(client, 0, pid=4242)
-    peers, verdicts, done = watch(client, tmp_path, rank=1, timeout=6)
+    _, verdicts, done = watch(client, tmp_path, rank=1, timeout=6)
     del server  # the launcher that held it died (accelerate launch dies of a SIGUSR1 it does not handle)
     assert done.wait(30)
     assert verdicts[0].startswith("error: the launcher of rank 0's machine is gone (it held the store at ")
@@ -100,7 +100,7 @@ def test_when_the_store_stops_answering_rank_0s_launcher_is_gone(tmp_path, monke
 
 def test_a_failed_collective_with_every_process_alive_is_shown_as_it_is(store, tmp_path):
     publish(store, 1, pid=4242)
-    peers, verdicts, done = watch(store, tmp_path, rank=0, timeout=6)
+    peers, verdicts, _ = watch(store, tmp_path, rank=0, timeout=6)
     peers.failed_collective.set()
     for _ in range(400):  # rank 1 beats on
         store.add("beat/1", 1)

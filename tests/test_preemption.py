@@ -42,8 +42,8 @@ def test_sigterm_at_a_random_step_saves_a_checkpoint_and_the_same_command_goes_o
                     env={"FAULT": "sigterm-launcher", "FAULT_STEP": str(step), "SIGTERM_WHILE_SAVING": "launcher"})
     assert result.returncode == 143, result.stderr[-3000:]
     assert error_lines(result.stderr) == [
-        f"error: stopped by SIGTERM at step {step} of {STEPS}: {out}/checkpoint-{step} is saved and complete; run the "
-        "same command to go on from it"]
+        (f"error: stopped by SIGTERM at step {step} of {STEPS}: {out}/checkpoint-{step} is saved and complete; run the "
+         "same command to go on from it")]
     assert result.stderr.strip().splitlines()[-1] == error_lines(result.stderr)[0]  # the launcher adds nothing
     assert "SIGTERM again: still stopping" in result.stderr  # the second one came while the checkpoint was written
     assert (out / f"checkpoint-{step}" / COMPLETE_MARKER).is_file()
@@ -91,3 +91,13 @@ def test_signal_before_training_stops_at_once_and_during_training_at_the_step_en
     finally:
         stopper.restore()
     assert {sig: signal.getsignal(sig) for sig in previous} == previous
+
+    # a run that ended in an error never restores: once its StopOnSignal is gone, the handler from before answers
+    received = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        StopOnSignal()  # not kept: collected at once
+        signal.raise_signal(signal.SIGUSR1)
+        assert received == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous[signal.SIGUSR1])

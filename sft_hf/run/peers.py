@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 # How a collective fails when a peer is gone (gloo: "Connection closed by peer ... typically caused by a remote worker
 # crashing"): such an error in the main thread waits for the watcher's verdict before it is printed.
-COMMUNICATION_ERROR = re.compile(r"gloo|nccl|connection (closed|reset) by peer|broken pipe|remote worker", re.I)
+COMMUNICATION_ERROR = re.compile(r"gloo|nccl|connection (closed|reset) by peer|broken pipe|remote worker",
+                                 re.IGNORECASE)
 
 
 def run_store(timeout: float = 300.0):
@@ -140,7 +141,7 @@ class PeerWatch:
         self._stop.set()
         try:
             self.store.set(f"left/{self.rank}", "1")
-        except Exception:  # the store is gone already: the run is over
+        except RuntimeError:  # the store is gone already (torch's DistError): the run is over
             pass
 
     # -- the watching thread ------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class PeerWatch:
             last_tick = now
             try:
                 verdict = self._check(now, changed, left)
-            except Exception as error:  # the store went with the launcher of rank 0's machine
+            except RuntimeError as error:  # the store went with the launcher of rank 0's machine (DistError)
                 if self._stop.is_set():
                     return
                 self._store_gone = True  # nothing to tell it when this process leaves

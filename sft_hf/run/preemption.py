@@ -20,11 +20,13 @@ checkpoint, or a fresh start when there is none).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -64,10 +66,12 @@ class StopOnSignal(TrainerCallback):
         self.agreed = 0  # the signal every process stopped for (another process may have been the one to get it)
         self.training: bool | None = None  # None: not started yet, True: in the training loop, False: finished
         self.stopped_step: int | None = None
-        self._previous = {}
         self._pid = os.getpid()
+        self._installed = {}  # signal → (our handler, the one before)
         if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
-            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+            for sig in signals:
+                handler = functools.partial(_dispatch, weakref.ref(self), signal.getsignal(sig))
+                self._installed[sig] = (handler, signal.signal(sig, handler))
 
     def _on_signal(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked worker (DataLoader, datasets.map): it serves batches until the end
@@ -132,6 +136,20 @@ class StopOnSignal(TrainerCallback):
 
     def restore(self) -> None:
         """The handlers from before (a process that trains again, or goes on with other work, gets them back)."""
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
+        for sig, (handler, previous) in self._installed.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._installed = {}
+
+
+def _dispatch(stopper_ref, previous, signum, frame) -> None:
+    """The handler installed: the StopOnSignal's while it exists; once it is gone (its run ended in an error, before
+    `restore`), the one from before, so that a process that goes on is not left with a stale one."""
+    stopper = stopper_ref()
+    if stopper is not None:
+        return stopper._on_signal(signum, frame)
+    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    else:
+        signal.raise_signal(signum)  # SIG_DFL: end as without sft-hf; SIG_IGN: ignored

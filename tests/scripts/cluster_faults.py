@@ -85,7 +85,7 @@ if os.environ.get("BLOCK_SIGNALS_RANK") == str(RANK):
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
 if os.environ.get("PROCESS_LOG"):
     with open(os.environ["PROCESS_LOG"], "a") as log:
-        log.write(f"{RANK} {os.environ.get('WORLD_SIZE')} {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}\n")
+        log.write(f"{RANK} {os.environ['WORLD_SIZE']} {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}\n")
 CallbackHandler.on_step_end = on_step_end_with_fault
 Trainer._save_rng_state = save_rng_state_with_sigterm
 tokenization._tokenize_batch = slow_tokenize_batch
