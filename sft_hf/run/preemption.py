@@ -122,12 +122,13 @@ class StopOnSignal(TrainerCallback):
         The final save and evaluation are for a finished run."""
         if not self.stopped:
             return
-        self.restore()
-        trainer.accelerator.wait_for_everyone()  # every process leaves the group together, as at the end of a run
-        # gloo's worker threads free the last all-reduce (its tensors need the GIL) a moment after it completes; torch
-        # tears the group down at exit holding the GIL and waiting for those threads: give them that moment
-        time.sleep(1)
+        if trainer.accelerator.num_processes > 1:
+            trainer.accelerator.wait_for_everyone()  # every process leaves the group together, as a finished run does
+            # gloo's worker threads free the last all-reduce (its tensors need the GIL) a moment after it completes;
+            # torch tears the group down at exit holding the GIL and waiting for those threads: give them that moment
+            time.sleep(1)
         trainer.accelerator.end_training()
+        self.restore()
         command = ("run the same command" if resumes_latest(trainer.args.resume_from_checkpoint)
                    else "run the same command with --resume_from_checkpoint true")
         raise Preempted(f"stopped by {signal.Signals(self.agreed).name} at step {self.stopped_step} of "
