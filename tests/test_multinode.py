@@ -1,7 +1,7 @@
 """Two machines on one box: `accelerate launch` started twice through accelerate_configs/multi_node.yaml trains like one
 process with gradient accumulation 2, and accelerate_configs/slurm_multinode.sh, run under a fake SLURM (its
-variables, and stub `srun` / `scontrol` / `sbatch` that do their work here), saves a checkpoint on SIGUSR1, requeues
-itself and goes on from that checkpoint to the very same model."""
+variables, and stub `srun` / `scontrol` / `sbatch` that do their work here), saves a checkpoint on SIGUSR1 and
+requeues itself, saves one on a SIGTERM at a random step, and goes on from them to the very same model."""
 import json
 import os
 import random
@@ -129,36 +129,51 @@ def test_the_slurm_script_outside_a_job_makes_its_log_folder_and_submits_itself(
     assert (tmp_path / "slurm.log").read_text() == f"sbatch {SCRIPT} --config recipes/x.yaml\n"
 
 
-def test_slurm_job_saves_at_sigusr1_requeues_and_the_requeued_job_ends_like_an_uninterrupted_run(
+def test_slurm_job_saves_on_sigusr1_or_sigterm_requeues_itself_and_ends_like_an_uninterrupted_run(
         assets, two_machines, tmp_path):
-    step = random.Random(34).randint(3, STEPS - 1)
+    """Three jobs of the same script: SIGUSR1 before the time limit (saved, requeued), SIGTERM to one process at a
+    random step (saved, not requeued: a cancelled or preempted job is SLURM's to requeue), then to the end."""
+    rng = random.Random(34)
+    first = rng.randint(2, 3)
+    second = rng.randint(first + 1, STEPS - 1)
     out = tmp_path / "run"
     env = dict(fake_slurm(tmp_path), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2",
                GPUS_PER_NODE="1", MAIN_PORT=str(free_port()), ACCELERATE_CONFIG=str(CONFIGS / "multi_node.yaml"),
                TRAIN_SCRIPT=str(ROOT / "tests" / "scripts" / "cluster_faults.py"))
-    # rank 1 waits at the end of `step` for the signal; rank 0 never sees it (blocked), so both stop only if they
-    # agree; and a SIGTERM comes on top while the checkpoint is written
-    fault = dict(FAULT="wait", FAULT_STEP=str(step), FAULT_RANK="1", FAULT_DIR=str(tmp_path), BLOCK_SIGNALS_RANK="0",
-                 SIGTERM_WHILE_SAVING="self")
-    job = subprocess.Popen(["bash", SCRIPT, *recipe(assets, out)], env={**env, **fault}, cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(tmp_path / f"step-{step}-rank-1", job)
-    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does 120 s before the time limit
-    out_text, err = job.communicate(timeout=300)
-    assert job.returncode == 143, err[-4000:]
-    assert error_lines(err) == [(f"error: stopped by SIGUSR1 at step {step} of {STEPS}: {out}/checkpoint-{step} is "
+
+    def job(fault=None):
+        return subprocess.Popen(["bash", SCRIPT, *recipe(assets, out)], env={**env, **(fault or {})}, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # rank 1 waits at the end of step `first` for the signal; rank 0 never sees it (blocked), so both stop only if
+    # they agree; and a SIGTERM comes on top while the checkpoint is written
+    running = job(dict(FAULT="wait", FAULT_STEP=str(first), FAULT_RANK="1", FAULT_DIR=str(tmp_path),
+                       BLOCK_SIGNALS_RANK="0", SIGTERM_WHILE_SAVING="self"))
+    wait_for(tmp_path / f"step-{first}-rank-1", running)
+    running.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does 120 s before the time limit
+    out_text, err = running.communicate(timeout=300)
+    assert running.returncode == 143, err[-4000:]
+    assert error_lines(err) == [(f"error: stopped by SIGUSR1 at step {first} of {STEPS}: {out}/checkpoint-{first} is "
                                  "saved and complete; run the same command to go on from it")]
     assert err.count("SIGUSR1: finishing this optimizer step") == 1  # rank 1's: rank 0 stopped because they agreed
     assert "SIGTERM again: still stopping" in err
     assert "requeueing job 4242" in out_text
     assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n"
-    assert (out / f"checkpoint-{step}" / COMPLETE_MARKER).is_file() and (tmp_path / "logs").is_dir()
+    assert (out / f"checkpoint-{first}" / COMPLETE_MARKER).is_file() and (tmp_path / "logs").is_dir()
 
-    requeued = subprocess.run(["bash", SCRIPT, *recipe(assets, out)], env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)  # the same job again
-    assert requeued.returncode == 0, requeued.stderr[-4000:]
-    assert f"resuming from {out}/checkpoint-{step}" in requeued.stderr
-    assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n"  # finished: not requeued again
+    running = job(dict(FAULT="sigterm-self", FAULT_STEP=str(second), FAULT_RANK="1"))  # the requeued job
+    out_text, err = running.communicate(timeout=300)
+    assert running.returncode == 143, err[-4000:]
+    assert f"resuming from {out}/checkpoint-{first}" in err
+    assert error_lines(err) == [(f"error: stopped by SIGTERM at step {second} of {STEPS}: {out}/checkpoint-{second} "
+                                 "is saved and complete; run the same command to go on from it")]
+    assert "requeueing" not in out_text and (tmp_path / "slurm.log").read_text() == "requeue 4242\n"
+
+    running = job()  # submitted again
+    out_text, err = running.communicate(timeout=300)
+    assert running.returncode == 0, err[-4000:]
+    assert f"resuming from {out}/checkpoint-{second}" in err
+    assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n"  # finished: not requeued
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == STEPS
     straight = two_machines / "two"
     assert train_losses(out) == train_losses(straight)  # bit for bit

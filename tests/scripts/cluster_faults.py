@@ -4,8 +4,9 @@ test_multinode.py). Environment variables choose it:
   FAULT=<action> FAULT_STEP=k [FAULT_RANK=r]   at the end of optimizer step k, on rank r (default: every rank):
       sigterm-self, sigusr1-self        signal this process, then go on (the handler sets its flag at once)
       sigterm-launcher, sigusr1-launcher  signal the launcher (this process's parent), wait until it forwards it
-      wait                              write FAULT_DIR/step-k-rank-r, then wait (up to 60 s) for a signal from outside
+      wait                              wait (up to 60 s) for a signal from outside
       sigkill-self, sigstop-self        die, or freeze like a machine that stopped answering
+  FAULT_DIR=path                       the fault writes FAULT_DIR/step-k-rank-r first (when, for the test)
   SIGTERM_WHILE_SAVING=self|launcher   a second SIGTERM while the checkpoint of step FAULT_STEP is written
   TOKENIZE_SECONDS=s                   the main process's tokenization takes s seconds longer (each split)
   TOKENIZE_LOG=path                    each tokenization (one per split, per process that runs it) appends its rank
@@ -43,13 +44,14 @@ on_step_end = CallbackHandler.on_step_end
 
 def on_step_end_with_fault(self, args, state, control):
     if FAULT and ON_THIS_RANK and state.global_step == STEP:
+        if os.environ.get("FAULT_DIR"):  # its time (the file's), e.g. to measure how long the others take to stop
+            Path(os.environ["FAULT_DIR"], f"step-{STEP}-rank-{RANK}").write_text(f"{FAULT}\n")
         if FAULT in ("sigterm-self", "sigusr1-self"):
             os.kill(os.getpid(), signal.SIGTERM if FAULT == "sigterm-self" else signal.SIGUSR1)
         elif FAULT in ("sigterm-launcher", "sigusr1-launcher"):
             os.kill(os.getppid(), signal.SIGTERM if FAULT == "sigterm-launcher" else signal.SIGUSR1)
             wait_for_signal(self.callbacks, 60)
         elif FAULT == "wait":
-            Path(os.environ["FAULT_DIR"], f"step-{STEP}-rank-{RANK}").write_text("waiting\n")
             wait_for_signal(self.callbacks, 60)
         elif FAULT in ("sigkill-self", "sigstop-self"):
             os.kill(os.getpid(), signal.SIGKILL if FAULT == "sigkill-self" else signal.SIGSTOP)
