@@ -54,8 +54,8 @@ def test_a_process_whose_heartbeat_stops_is_named_with_the_checkpoint_to_resume_
     publish(store, 1, pid=4242)  # on another machine: only its heartbeat tells, and it beat once
     _, verdicts, done = watch(store, tmp_path, rank=0)
     assert done.wait(30)
-    assert verdicts == [(f"error: rank 1 (pid 4242 on node-7) gave no sign of life for 0.6 s (dead_rank_timeout): its "
-                         f"machine froze, died or lost the network; the run stops. {tmp_path}/checkpoint-4 is the "
+    assert verdicts == [(f"error: rank 1 (pid 4242 on node-7) gave no sign of life for 0.5 s (dead_rank_timeout 0.6): "
+                         f"its machine froze, died or lost the network; the run stops. {tmp_path}/checkpoint-4 is the "
                          "newest complete checkpoint: run the same command with --resume_from_checkpoint true to go on "
                          "from it")]
     assert json.loads(store.get("verdict"))["rank"] == 1  # for every other process to read
@@ -188,7 +188,7 @@ def test_a_frozen_machine_ends_the_run_within_dead_rank_timeout(assets, tmp_path
     assert code == 4, err[-3000:]  # sft-hf launch: its process's exit code
     [line] = error_lines(err)
     assert line.startswith("error: rank 1 (pid ") and line.endswith(
-        f"gave no sign of life for 6 s (dead_rank_timeout): its machine froze, died or lost the network; the run "
+        f"gave no sign of life for 5 s (dead_rank_timeout 6): its machine froze, died or lost the network; the run "
         f"stops. {tmp_path}/run/checkpoint-4 is the newest complete checkpoint: run the same command with "
         "--resume_from_checkpoint true to go on from it")
     assert os.listdir(tmp_path / "run") == ["checkpoint-4"]

@@ -107,7 +107,9 @@ class PeerWatch:
                  output_dir: str, on_verdict=None, running=None):
         self.store, self.rank, self.world_size, self.timeout = store, rank, world_size, timeout
         self.local_rank, self.output_dir = local_rank, output_dir
-        self.interval = min(5.0, timeout / 6)
+        # a death is seen up to one check late, and acted on at the next: the run stops within `timeout` of it
+        self.interval = min(5.0, timeout / 12)
+        self.silence = timeout - 2 * self.interval
         self.machine = machine_id()
         # rank 0 watches everyone's heartbeat, the others rank 0's; the processes of this machine by their pids
         self.beats_watched = list(range(1, world_size)) if rank == 0 else [0]
@@ -154,7 +156,7 @@ class PeerWatch:
             if not self.running():  # the run left its process group: no collective can wait on a peer now
                 return
             now = time.monotonic()
-            if now - last_tick > 3 * self.interval:  # this thread did not run for a while: no heartbeat is stale
+            if now - last_tick > max(3 * self.interval, 5.0):  # this process was frozen too: start the clocks again
                 changed.clear()
             last_tick = now
             try:
@@ -180,7 +182,7 @@ class PeerWatch:
         for rank in dict.fromkeys(self.neighbours + beats_watched):
             if self.store.check([f"left/{rank}"]):
                 since = left.setdefault(rank, now)
-                if failed or now - since >= self.timeout:
+                if failed or now - since >= self.silence:
                     return self._publish(rank, "ended with an error of its own (see its message), and the others "
                                                "cannot go on without it")
                 continue
@@ -192,9 +194,9 @@ class PeerWatch:
                 seen = changed.get(rank)
                 if seen is None or seen[0] != count:
                     changed[rank] = (count, now)
-                elif now - seen[1] >= self.timeout:
-                    return self._publish(rank, f"gave no sign of life for {self.timeout:g} s (dead_rank_timeout): "
-                                               "its machine froze, died or lost the network")
+                elif now - seen[1] >= self.silence:
+                    return self._publish(rank, f"gave no sign of life for {self.silence:g} s (dead_rank_timeout "
+                                               f"{self.timeout:g}): its machine froze, died or lost the network")
                 if failed:
                     moved &= count > self._beats_at_failure.setdefault(rank, count)
         if failed and moved:  # the failure was not a death: it is the error to show
@@ -233,7 +235,7 @@ class PeerWatch:
             # this process ends now, with this error or the watcher's verdict: a launcher's SIGTERM adds nothing
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
             self.failed_collective.set()
-            deadline = time.monotonic() + self.timeout + 2 * self.interval
+            deadline = time.monotonic() + self.timeout + self.interval
             while self.thread.is_alive() and not self.all_alive.is_set() and time.monotonic() < deadline:
                 self.all_alive.wait(0.1)  # a verdict ends the process from the watching thread
         self._previous_hook(kind, error, traceback)
