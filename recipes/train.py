@@ -120,7 +120,7 @@ def main(argv=None):
         eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
         processing_class=tokenizer,
         data_collator=collator,
-        callbacks=[StopOnNonFiniteLoss(), stop_on_signal],  # stop at a NaN/inf gradient before it is applied
+        callbacks=[StopOnNonFiniteLoss(), stop_on_signal],  # NaN/inf gradient: stop before it applies; SIGTERM
         recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
     )
     if args.eval_exact_match and args.baseline_exact_match:

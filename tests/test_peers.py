@@ -184,8 +184,9 @@ def test_a_frozen_machine_ends_the_run_within_dead_rank_timeout(assets, tmp_path
     finally:
         for process in psutil.Process(machines[1].pid).children(recursive=True):
             process.kill()  # the frozen one
-        finish(machines[1])
+        frozen_code, _ = finish(machines[1])
     assert code == 4, err[-3000:]  # sft-hf launch: its process's exit code
+    assert frozen_code == 128 + 9  # a process killed by SIGKILL, as a shell reports it
     [line] = error_lines(err)
     assert line.startswith("error: rank 1 (pid ") and line.endswith(
         f"gave no sign of life for 5 s (dead_rank_timeout 6): its machine froze, died or lost the network; the run "

@@ -13,9 +13,8 @@ Signals. The launch runs in a thread: accelerate and torchrun install their sign
 so here they install none, and the main thread decides:
 - SIGTERM, SIGUSR1 (a scheduler about to stop the job) are forwarded to the training processes, which save a
   checkpoint at the end of their step and exit 143 (sft_hf/run/preemption.py), and the launcher waits for them as
-  long as they take: the scheduler's own kill is the only deadline. `accelerate launch` gives one process 5 s
-  before a SIGKILL, several 30 s (torchrun; TORCH_ELASTIC_SHUTDOWN_TIMEOUT), and dies of a SIGUSR1 it does not
-  forward, leaving the processes behind;
+  long as they take: the scheduler's own kill is the only deadline. `accelerate launch` SIGKILLs them a few seconds
+  after forwarding a SIGTERM, and dies of a SIGUSR1 without forwarding it (docs/scale.md has the details);
 - Ctrl-C: the first is the script's, which says what was kept and how to go on, then exits 130 (a terminal sends it
   to the launcher's process group, where one process is; torchrun starts several in sessions of their own, so it is
   forwarded to those); a second Ctrl-C stops the processes at once.
