@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -33,7 +34,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft_hf.errors import Preempted
+from sft_hf.errors import Interrupted, Preempted
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class StopOnSignal(TrainerCallback):
             logger.warning("%s again: still stopping (the checkpoint being written completes)", name)
             return
         self.received = signum
+        if isinstance(sys.exc_info()[1], (KeyboardInterrupt, Interrupted)):  # Ctrl-C is ending the run already
+            return  # (accelerate launch follows it with a SIGTERM): its line says what is kept
         if self.training is None:
             raise Preempted(f"stopped by {name} before training started: nothing was trained, so nothing is saved; "
                             "run the same command to start")
