@@ -11,11 +11,13 @@ with the processes (MASTER_ADDR:MASTER_PORT), from a thread, which also watches:
 
 - rank 0 watches every process, the others watch rank 0 (the store's load grows with the processes, not their square);
 - a process of the same machine (same kernel and pid namespace) is dead as soon as its pid is gone;
-- a process whose heartbeat has not moved for `dead_rank_timeout` seconds (60 by default) is dead: a frozen machine,
-  a lost network;
+- a process whose heartbeat has not moved for `dead_rank_timeout` less two beats is dead (a frozen machine, a lost
+  network): the heartbeats come every `dead_rank_timeout` / 12 seconds (at most 5), and a death is seen up to one
+  beat late, so the run stops within `dead_rank_timeout` of it;
 - a process that ended through Python (its own error, Ctrl-C, SIGTERM) says so first: the others take it for dead
-  only if they are still running `dead_rank_timeout` seconds later, or at once if a collective failed meanwhile;
-- the store itself gone means the machine of rank 0 (whose launcher holds it) is gone.
+  only if they are still running that long after, or at once if a collective failed meanwhile;
+- the store itself gone (no answer within `dead_rank_timeout`) means the launcher that held it, on rank 0's machine,
+  is gone.
 
 The first process to see a death writes it into the store; every process reads it there, and one per machine prints
 one line naming the dead rank and the newest complete checkpoint to resume from. Each then exits with code 4, from
