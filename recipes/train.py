@@ -188,8 +188,7 @@ def main(argv=None):
         print(json.dumps({k: v for k, v in metrics.items() if "exact_match" in k or "loss" in k}, indent=2))
     # Every process leaves the process group together: a gloo process that exits without destroying it can abort
     # at interpreter teardown ("terminate called without an active exception", pytorch/pytorch#190489).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    peers.leave_process_group(trainer.accelerator)  # and without hanging in it (sft_hf/run/peers.py)
     if push_to_hub and trainer.is_world_process_zero():
         card = hub.build_model_card(args.output_dir, args.hub_model_id, model_args, data_args, args, template, metrics,
                                     recipe)

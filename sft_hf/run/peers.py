@@ -243,6 +243,19 @@ class PeerWatch:
         self._previous_hook(kind, error, traceback)
 
 
+def leave_process_group(accelerator) -> None:
+    """Every process leaves the process group together, at the end of a run or at a SIGTERM's checkpoint.
+
+    gloo's worker threads free a finished collective's tensors a moment after it completes, and need the GIL for it;
+    torch destroys the group (when its last reference goes: DDP's, as the run's objects are freed) holding the GIL and
+    waiting for those threads. A process that got there first hung at exit, now and then, on a loaded machine; a
+    moment without the GIL lets them finish."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(1)
+    accelerator.end_training()
+
+
 def apply_ddp_timeout(args) -> None:
     """transformers hands `ddp_timeout` to the process group on GPUs only: a CPU (gloo) run kept torch's 30 minutes
     whatever it asked for. The default group gets it here (once the arguments have set the group up)."""

@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import weakref
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft_hf.errors import Interrupted, Preempted
+from sft_hf.run.peers import leave_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +125,7 @@ class StopOnSignal(TrainerCallback):
         The final save and evaluation are for a finished run."""
         if not self.stopped:
             return
-        if trainer.accelerator.num_processes > 1:
-            trainer.accelerator.wait_for_everyone()  # every process leaves the group together, as a finished run does
-            # gloo's worker threads free the last all-reduce (its tensors need the GIL) a moment after it completes;
-            # torch tears the group down at exit holding the GIL and waiting for those threads: give them that moment
-            time.sleep(1)
-        trainer.accelerator.end_training()
+        leave_process_group(trainer.accelerator)  # all stopped at this step: they leave together
         self.restore()
         command = ("run the same command" if resumes_latest(trainer.args.resume_from_checkpoint)
                    else "run the same command with --resume_from_checkpoint true")
