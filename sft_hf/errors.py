@@ -1,6 +1,8 @@
-"""How a problem reaches the user: bad input as one line on stderr and exit code 2, a non-finite loss as exit code 3,
-never a traceback (unless SFT_HF_DEBUG=1 asks for it); secrets from the environment redacted there and in every log
-line.
+"""How a problem reaches the user: one line on stderr and an exit code, never a traceback (unless SFT_HF_DEBUG=1
+asks for it); secrets from the environment redacted there and in every log line.
+
+Exit codes: 2 bad input, 3 a non-finite loss, 4 another process of the run died (sft_hf/run/peers.py), 130 Ctrl-C,
+143 stopped by SIGTERM / SIGUSR1 after saving a checkpoint (sft_hf/run/preemption.py).
 
 Standard library only: a command that never trains (`recipes/evaluate.py --responses` asking a judge, `--help`)
 starts without importing torch or transformers' Trainer (about 8 s on 2 CPU cores).
@@ -36,6 +38,15 @@ class NonFiniteLossError(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C, with what was kept and how to go on: one line on stderr, exit code 130 (the shell's for SIGINT)."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 (a scheduler about to kill the job), with the checkpoint saved and how to go on: one line,
+    exit code 143 (128 + SIGTERM: what shells report for SIGTERM and schedulers retry)."""
+
+
+PREEMPTED_EXIT_CODE = 143
+PEER_DIED_EXIT_CODE = 4  # another process of the run died: sft_hf/run/peers.py says which one, then exits with it
 
 
 def did_you_mean(name: str, names, shown=repr) -> str:
@@ -93,10 +104,11 @@ def install_secret_redaction() -> None:
 
 
 def run_cli(main, argv=None) -> int:
-    """Runs `main(argv)`; bad input, a non-finite loss or Ctrl-C becomes one error on stderr and a non-zero exit code.
+    """Runs `main(argv)`; bad input, a non-finite loss, Ctrl-C or a SIGTERM becomes one error on stderr and a
+    non-zero exit code.
 
-    Under `accelerate launch` every process meets the same error (the same input; the non-finite flag is agreed),
-    so only the first process prints it."""
+    Under `accelerate launch` every process meets the same error (the same input; the non-finite and the SIGTERM flags
+    are agreed), so only the first process prints it."""
     try:
         code = main(argv)
     except UserError as e:
@@ -108,6 +120,9 @@ def run_cli(main, argv=None) -> int:
     except Interrupted as e:
         _print_error(e, prefix="\n")
         return 130
+    except Preempted as e:
+        _print_error(e, prefix="\n")
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt as e:
         _print_error("interrupted", prefix="\n", cause=e)
         return 130

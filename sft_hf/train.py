@@ -28,11 +28,12 @@ from sft_hf.lora import prepare_training_args
 from sft_hf.modeling import load_model, load_tokenizer
 from sft_hf.packing import pack_dataset
 from sft_hf.precision import settle_precision
-from sft_hf.run import hub
+from sft_hf.run import hub, peers
 from sft_hf.run.checkpoints import (
     RECIPE_FILE, check_resume_recipe, interrupted_training_message, resolve_resume_checkpoint)
 from sft_hf.run.config import format_recipe, parse_recipe_and_values, save_recipe
 from sft_hf.run.outputs import logged_train_loss, plot_loss_curve, save_template
+from sft_hf.run.preemption import StopOnSignal
 from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, StopOnSkippedSteps, atomic_save, check_output_dir
 from sft_hf.speed import allocator
 from sft_hf.speed.threads import run_on_cpu, set_cpu_threads
@@ -63,6 +64,7 @@ def main(argv=None):
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     model_args, data_args, args, recipe = parse_recipe_and_values(argv)
     prepare_training_args(model_args, args)  # LoRA: DDP without the unused-parameter search; sharded checkpointing
+    stop_on_signal = StopOnSignal()  # SIGTERM / SIGUSR1: a complete checkpoint at the end of the step, exit 143
     # The Hub push runs once at the end (sft_hf/run/hub.py), not from Trainer at start-up and at every checkpoint; the
     # token is kept out of `args`, which Trainer pickles into training_args.bin.
     push_to_hub, hub_token = args.push_to_hub, args.hub_token
@@ -80,6 +82,8 @@ def main(argv=None):
     if args.process_index == 0:
         logger.info("recipe: %s", format_recipe(recipe))
     check_output_dir(args, is_main=args.process_index == 0)  # before any work: a second run must not clobber the first
+    peers.apply_ddp_timeout(args)  # on CPUs too (transformers passes it to GPU process groups only)
+    peers.watch_peers(args)  # a process that dies ends the run within dead_rank_timeout, naming it
     # `true` / `latest` → the newest checkpoint in output_dir that was completely written
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume:  # with the values it was trained with, else a mix of old optimizer state and new schedule
@@ -90,7 +94,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
     raw = load_recipe_splits(data_args, template)
-    with args.main_process_first(desc="tokenize"):
+    with peers.main_process_first(args, desc="tokenize"):  # the others wait without ddp_timeout's limit
         tokenized = tokenize_dataset(raw, tokenizer, template, args.max_length, data_args.dataset_num_proc,
                                      verbose=args.process_index == 0, trained_turns=args.trained_turns)
     if "messages" in raw["train"].column_names and not args.completion_only_loss:
@@ -117,7 +121,8 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=collator,
         # stop at a NaN/inf gradient before it is applied, and an fp16 run whose every step overflows
-        callbacks=[StopOnNonFiniteLoss(), StopOnSkippedSteps()],
+        # and a SIGTERM / SIGUSR1 that asks for a checkpoint at the end of the step
+        callbacks=[StopOnNonFiniteLoss(), StopOnSkippedSteps(), stop_on_signal],
         recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
     )
     if args.eval_exact_match and args.baseline_exact_match:
@@ -138,6 +143,7 @@ def main(argv=None):
                 if bar is not None:
                     bar.close()
         raise Interrupted(interrupted_training_message(args.output_dir, trainer.state)) from None
+    stop_on_signal.raise_if_stopped(trainer)  # a SIGTERM stopped training at a saved checkpoint: the run ends there
 
     # 4. Save the model in standard HF format first: an evaluation that fails or is interrupted loses no training.
     if trainer.is_fsdp_enabled:  # sharded checkpoints while training, one full state dict `from_pretrained` reads
@@ -152,6 +158,7 @@ def main(argv=None):
     if trainer.is_world_process_zero():  # a replaced run's card and metrics described its model, not this one
         for name in RUN_RESULTS:
             Path(args.output_dir, name).unlink(missing_ok=True)
+    stop_on_signal.restore()  # the model is saved: a SIGTERM during the evaluation stops at once
 
     # 5. Validation loss and exact match after training (on every process), then metrics, loss curve and card.
     metrics = {}
@@ -183,8 +190,7 @@ def main(argv=None):
         print(json.dumps({k: v for k, v in metrics.items() if "exact_match" in k or "loss" in k}, indent=2))
     # Every process leaves the process group together: a gloo process that exits without destroying it can abort
     # at interpreter teardown ("terminate called without an active exception", pytorch/pytorch#190489).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    peers.leave_process_group(trainer.accelerator)  # and without hanging in it (sft_hf/run/peers.py)
     if push_to_hub and trainer.is_world_process_zero():
         card = hub.build_model_card(args.output_dir, args.hub_model_id, model_args, data_args, args, template, metrics,
                                     recipe)

@@ -41,7 +41,7 @@ RESUME_MAY_CHANGE = frozenset({
     "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "per_device_eval_batch_size", "max_eval_samples",
     "eval_exact_match", "baseline_exact_match", "max_new_tokens", "generation_batch_size", "eval_generation_samples",
     "num_sample_generations", "push_to_hub", "hub_model_id", "hub_private_repo", "cpu_threads",
-    "dataloader_num_workers", "dataset_num_proc", "onednn_linear",
+    "dataloader_num_workers", "dataset_num_proc", "onednn_linear", "ddp_timeout", "dead_rank_timeout",
 })
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 

@@ -180,6 +180,10 @@ class SFTArguments(TrainingArguments):
         default=None, metadata={"help": "Torch CPU threads. Default: OMP_NUM_THREADS when the user set it, else "
                                 "all cores of the node / the processes on it (accelerate launch's 1 is not taken)."},
     )
+    dead_rank_timeout: float = field(
+        default=60, metadata={"help": "Several processes: when one dies or stops answering, the others stop within "
+                              "this many seconds, with one line naming it (sft_hf/run/peers.py); 0 = off."},
+    )
     remove_unused_columns: bool = False  # our collator needs completion_mask
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace what a previous run left in a non-empty output_dir."}
