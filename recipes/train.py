@@ -29,12 +29,11 @@ from sft_hf import (  # noqa: E402
     get_template,
     load_model,
     load_tokenizer,
-    tokenize_dataset,
 )
 from sft_hf.run import hub  # noqa: E402
 from sft_hf.callbacks import BaselineExactMatchCallback, GenerationSamplesCallback  # noqa: E402
 from sft_hf.collator import recipe_collator  # noqa: E402
-from sft_hf.data import load_recipe_splits  # noqa: E402
+from sft_hf.run.training_data import prepare_training_data, source_results, track_data  # noqa: E402
 from sft_hf.evaluation.generation import request_text  # noqa: E402
 from sft_hf.templates import reference_answer  # noqa: E402
 from sft_hf.run.config import format_recipe, parse_recipe_and_values, save_recipe  # noqa: E402
@@ -89,14 +88,12 @@ def main(argv=None):
         check_resume_recipe(resume, recipe)
     set_seed(args.seed)
 
-    # 1. Data: load, split, template, tokenize (the main process first, the others reuse its datasets cache).
+    # 1. Data: load, split (or mix), template, tokenize, or open the stream (sft_hf/run/training_data.py).
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
-    raw = load_recipe_splits(data_args, template)
-    with args.main_process_first(desc="tokenize"):
-        tokenized = tokenize_dataset(raw, tokenizer, template, args.max_length, data_args.dataset_num_proc,
-                                     verbose=args.process_index == 0, trained_turns=args.trained_turns)
-    if "messages" in raw["train"].column_names and not args.completion_only_loss:
+    data = prepare_training_data(data_args, args, tokenizer, template, resume)
+    raw = data.raw
+    if data.is_chat and not args.completion_only_loss:
         logger.warning("chat data with completion_only_loss false: user, system and tool turns are trained too; "
                        "set completion_only_loss: true to train only the assistant replies")
     held_out = raw["test"] if len(raw["test"]) else raw["validation"]
@@ -111,13 +108,14 @@ def main(argv=None):
     trainer = InstructionTrainer(
         model=model,
         args=args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
         processing_class=tokenizer,
         data_collator=collator,
         callbacks=[StopOnNonFiniteLoss()],  # stops at a NaN/inf gradient before it is applied
         recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
     )
+    track_data(data, trainer)  # per-source counts and the stream position, saved with every checkpoint
     if args.eval_exact_match and args.baseline_exact_match:
         trainer.add_callback(BaselineExactMatchCallback(lambda model: measure_exact_match(
             model, tokenizer, held_out.to_list(), template, args, "Before training:")[0]))
@@ -159,6 +157,8 @@ def main(argv=None):
     if resume:  # Trainer's train_loss covers only the steps after the resume (0.0 when none were left)
         metrics["train_loss"] = logged_train_loss(trainer.state.log_history)
     metrics["train_trained_tokens"] = trainer.trained_tokens_total
+    if (sources := source_results(data, trainer)) is not None:  # records and tokens of each source
+        metrics["sources"] = sources
     try:
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
+from sft_hf.data import map_num_proc
 from sft_hf.templates import TRAINED_TURNS, ChatTemplate, Segment, Template, TemplateError, get_template
 
 logger = logging.getLogger(__name__)
@@ -185,12 +186,17 @@ def encode_records(records: list[dict], tokenizer, template: str | Template = "a
 def _tokenize_batch(batch: dict, indices: list[int], tokenizer, template: Template, max_length: int | None,
                     trained_turns: str = "all", split: str = "data") -> dict:
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    rows = [e.row() for e in encode_records(records, tokenizer, template, max_length, trained_turns, indices, split)
-            if e is not None]
-    return {key: [row[key] for row in rows] for key in ROW_COLUMNS}
+    encoded = encode_records(records, tokenizer, template, max_length, trained_turns, indices, split)
+    rows = [e.row() for e in encoded if e is not None]
+    out = {key: [row[key] for row in rows] for key in ROW_COLUMNS}
+    for key in CARRIED_COLUMNS:  # bookkeeping that follows each kept record (a mixture's source index)
+        if key in batch:
+            out[key] = [value for value, e in zip(batch[key], encoded) if e is not None]
+    return out
 
 
 ROW_COLUMNS = ("input_ids", "completion_mask", "prompt_length", "length", "truncated", "dropped_turns", "turns")
+CARRIED_COLUMNS = ("source",)
 
 
 @dataclass
@@ -234,6 +240,8 @@ def tokenize_dataset(
     (role and token count of each message, in order). Over-long conversations lose whole exchanges from the start
     (system prompt kept); then prompt tokens are cut from the left, after the leading special tokens, never reply
     tokens; examples whose reply + EOS alone exceed `max_length` are dropped. Statistics are printed per split.
+    A `source` column (a mixture's) follows each kept record. `num_proc`: processes for the map (default: every
+    usable core, once there are 1,000 records per process).
     """
     if isinstance(dataset, DatasetDict):
         return DatasetDict(
@@ -256,7 +264,7 @@ def tokenize_dataset(
         _tokenize_batch,
         batched=True,
         with_indices=True,
-        num_proc=num_proc if num_proc and num_proc > 1 and n_in >= 1000 * num_proc else None,
+        num_proc=map_num_proc(num_proc, n_in),
         remove_columns=dataset.column_names,
         fn_kwargs=dict(tokenizer=tokenizer, template=template, max_length=max_length, trained_turns=trained_turns,
                        split=split),
@@ -304,19 +312,21 @@ def min_response_length(dataset: Dataset, tokenizer, template: Template) -> int:
 
 
 def compute_stats(tokenized: Dataset, split: str, n_in: int) -> TokenizeStats:
-    lengths = np.asarray(tokenized["length"], dtype=np.int64)
-    table = tokenized.with_format("arrow")
-    masks = table[:]["completion_mask"] if len(tokenized) else None
+    """The split's statistics, in Arrow (no Python list of millions of lengths)."""
+    if not len(tokenized):
+        return TokenizeStats(split, n_in, 0, 0, n_in, 0.0, 0, 0.0, 0, 0, 0)
+    table = tokenized.with_format("arrow", columns=["length", "truncated", "dropped_turns", "completion_mask"])[:]
+    lengths = table.column("length").to_numpy()
     return TokenizeStats(
         split=split,
         examples_in=n_in,
         kept=len(tokenized),
-        truncated=int(np.sum(tokenized["truncated"])) if len(tokenized) else 0,
+        truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
         dropped=n_in - len(tokenized),
-        mean_length=float(lengths.mean()) if len(lengths) else 0.0,
-        max_length=int(lengths.max()) if len(lengths) else 0,
-        p95_length=float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
+        mean_length=float(lengths.mean()),
+        max_length=int(lengths.max()),
+        p95_length=float(np.percentile(lengths, 95)),
         tokens=int(lengths.sum()),
-        trained_tokens=int(pc.sum(pc.list_flatten(masks)).as_py() or 0) if masks is not None else 0,
-        dropped_turns=int(np.sum(tokenized["dropped_turns"])) if len(tokenized) else 0,
+        trained_tokens=int(pc.sum(pc.list_flatten(table.column("completion_mask"))).as_py() or 0),
+        dropped_turns=int(pc.sum(table.column("dropped_turns")).as_py() or 0),
     )

@@ -20,7 +20,8 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft_hf.run.checkpoints import RECIPE_FILE, mark_complete, rotate_checkpoints, unmark
-from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, has_varlen_attention, resolve_pad_token_id
+from sft_hf.collator import (IGNORE_INDEX, SOURCE_COUNTS, STREAM_POSITION, InstructionDataCollator,
+                             has_varlen_attention, resolve_pad_token_id)
 from sft_hf.run.config import save_recipe
 from sft_hf.speed import master_weights
 from sft_hf.speed.linear_cross_entropy import fused_head, linear_cross_entropy
@@ -112,6 +113,10 @@ class InstructionTrainer(Trainer):
         self._last_log_time: float | None = None
         self._paused_seconds = 0.0  # evaluation, saving and their callbacks since the last log: not training time
         self.trained_tokens_total = 0
+        # What the batches trained so far say about the data (sft_hf/streaming.py's DataStateCallback saves it):
+        # examples and trained tokens per mixture source, and the last streamed row trained on.
+        self.source_counts: torch.Tensor | None = None
+        self.stream_position: torch.Tensor | None = None
 
     # bf16 weights with fp32 master copies (speed/master_weights.py): the optimizer holds the fp32 truth, clips as it
     # reads the gradients, and gives the masters back to the model when training ends.
@@ -185,6 +190,10 @@ class InstructionTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._last_log_time is None:
             self._last_log_time = time.perf_counter()
+        if (counts := inputs.pop(SOURCE_COUNTS, None)) is not None:  # bookkeeping, not a model input
+            self.source_counts = counts if self.source_counts is None else self.source_counts + counts
+        if (position := inputs.pop(STREAM_POSITION, None)) is not None:
+            self.stream_position = position
         labels = inputs.get("labels")
         if labels is not None:
             # Counted on the batch's device and read only when logging: no host sync per step.
