@@ -164,17 +164,16 @@ def split_source(raw: DatasetDict, source: str, train_split_ratio: float, test_s
 def load_recipe_splits(data_args, template=None) -> DatasetDict:
     """The splits a recipe's `DataArguments` ask for; recipes/train.py, `sft-hf inspect` and `sft-hf report` share
     it. A `dataset_mixture` is loaded by sft_hf/mixture.py (each source split on its own, then mixed)."""
-    if getattr(data_args, "dataset_mixture", None):
+    if getattr(data_args, "dataset_mixture", None):  # samples are capped per source (held-out) or mixed (train)
         from sft_hf.mixture import load_mixture
 
-        raw = load_mixture(data_args, template)
-    else:
-        raw = load_instruction_dataset(
-            data_args.dataset_name, data_args.dataset_config, data_args.column_mapping,
-            data_args.train_split_ratio, data_args.test_split_ratio, data_args.shuffle_seed,
-            skip_bad_records=data_args.skip_bad_records, template=template,
-            num_proc=getattr(data_args, "dataset_num_proc", None),
-        )
+        return load_mixture(data_args, template)
+    raw = load_instruction_dataset(
+        data_args.dataset_name, data_args.dataset_config, data_args.column_mapping,
+        data_args.train_split_ratio, data_args.test_split_ratio, data_args.shuffle_seed,
+        skip_bad_records=data_args.skip_bad_records, template=template,
+        num_proc=getattr(data_args, "dataset_num_proc", None),
+    )
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
               "test": data_args.max_eval_samples}
     for split, limit in limits.items():

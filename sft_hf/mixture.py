@@ -224,7 +224,7 @@ def load_mixture(data_args, template: Template | None = None, num_proc: int | No
     else:
         result["train"] = concatenate(parts["train"])
     if data_args.max_train_samples and data_args.max_train_samples < len(result["train"]):  # a mixed sample
-        result["train"] = random_rows(result["train"], data_args.max_train_samples, [mixture.seed, -1])
+        result["train"] = random_rows(result["train"], data_args.max_train_samples, [mixture.seed, len(summaries)])
     for summary, taken in zip(summaries, source_counts(result["train"], len(summaries))):
         summary.taken = int(taken)
     result = DatasetDict({name: result[name] for name in ("train", "validation", "test")})
@@ -254,6 +254,9 @@ def to_shape(ds: Dataset, shape: str, label: str, num_proc: int | None = None) -
     has_messages = "messages" in ds.column_names
     if (shape == "messages") == has_messages:
         return ds
+    if not len(ds):  # (a map over no rows would leave no column at all)
+        return Dataset.from_dict({c: [] for c in (["messages"] if shape == "messages" else ["instruction", "input",
+                                                                                          "output"])})
     function = _alpaca_to_messages if shape == "messages" else _messages_to_alpaca
     keep = {"tools"} if shape == "messages" else set()  # chat sources' tool definitions stay with their records
     return ds.map(function, batched=True, remove_columns=[c for c in ds.column_names if c not in keep],
@@ -295,8 +298,11 @@ def random_rows(ds: Dataset, n: int, seed) -> Dataset:
 
 
 def with_source(ds: Dataset, index: int) -> Dataset:
-    column = pa.array(np.full(len(ds), index, dtype=np.int16))
-    return ds.add_column(SOURCE_COLUMN, column, feature=datasets.Value("int16"))
+    feature = datasets.Value("int16")
+    if not len(ds):  # (datasets cannot add a column to an empty slice of concatenated tables)
+        features = datasets.Features({**ds.features, SOURCE_COLUMN: feature})
+        return Dataset.from_dict({name: [] for name in features}, features=features)
+    return ds.add_column(SOURCE_COLUMN, pa.array(np.full(len(ds), index, dtype=np.int16)), feature=feature)
 
 
 def merged_features(all_features: list[datasets.Features]) -> datasets.Features:

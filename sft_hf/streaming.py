@@ -69,7 +69,10 @@ class SourceStream:
         self.source, self.index, self.template, self.shape = source, index, template, shape
         self.skip_bad_records, self.rank, self.world_size, self.skip_first = skip_bad_records, rank, world_size, skip_first
         raw = open_split(source, source.split)
-        self.columns = stream_columns(raw)
+        try:
+            self.columns = stream_columns(raw)
+        except Exception as e:  # noqa: BLE001 - Arrow cannot read the file's first chunk: name the bad lines
+            raise unreadable(source, template, e) from e
         self.mapping = _resolve_mapping(self.columns, source.column_mapping, source.label)
         self.schema = _check_schema([self.mapping.get(c, c) for c in self.columns], source.label, template)
         # one file is one shard: each process then reads it all and keeps every world_size-th record
@@ -108,7 +111,7 @@ class SourceStream:
             except StopIteration:
                 return None
             except Exception as e:  # noqa: BLE001 - Arrow cannot read the file: name the bad lines
-                raise self.unreadable(e) from e
+                raise unreadable(self.source, self.template, e) from e
             local, self.read = self.read, self.read + 1
             renamed = _rename(record, self.mapping)
             problem = record_problem(renamed, self.schema, self.template)
@@ -125,15 +128,18 @@ class SourceStream:
             if self.skipped <= 20 or self.skipped % 10_000 == 0:
                 logger.warning("skipping bad record %d of %s: %s", self.skipped, self.source.label, message)
 
-    def unreadable(self, error: Exception) -> DataError:
-        path = self.source.path
-        if Path(path).is_file() and FILE_BUILDERS.get(Path(path).suffix.lower()) == "json":
-            problems, _ = scan_json_file(path, self.source.column_mapping, self.template)
-            if problems:
-                return DataError(str(bad_records_error(path, problems)) + "\n  (a stream cannot skip a line Arrow "
-                                 "cannot read: fix it, or train without streaming, which can skip it)")
-        cause = error.__cause__ or error
-        return DataError(f"{self.source.label}: could not be read: {type(cause).__name__}: {cause}")
+
+
+def unreadable(source: Source, template, error: Exception) -> DataError:
+    """The error for a streamed file Arrow cannot read: a JSON file's bad lines (found by a scan), else the cause."""
+    path = source.path
+    if Path(path).is_file() and FILE_BUILDERS.get(Path(path).suffix.lower()) == "json":
+        problems, _ = scan_json_file(path, source.column_mapping, template)
+        if problems:
+            return DataError(str(bad_records_error(path, problems)) + "\n  (a stream cannot skip a line Arrow "
+                             "cannot read: fix it, or train without streaming, which skips it with skip_bad_records)")
+    cause = error.__cause__ or error
+    return DataError(f"{source.label}: could not be read: {type(cause).__name__}: {cause}")
 
 
 def open_split(source: Source, split: str) -> IterableDataset:
@@ -159,9 +165,7 @@ def open_streams(source: Source) -> datasets.IterableDatasetDict:
         if builder is None:
             raise DataError(f"{path}: unsupported file type; use one of {sorted(FILE_BUILDERS)}")
         args, kwargs = (builder,), {"data_files": {"train": path}}
-        if builder == "json":
-            kwargs["on_mixed_types"] = None
-        elif builder == "csv":  # every cell as text, as without streaming
+        if builder == "csv":  # every cell as text, as without streaming
             with open(path, encoding="utf-8-sig", newline="") as f:
                 header = next(csv.reader(f), [])
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
@@ -372,7 +376,10 @@ def held_out_records(source: Source, index: int, template, data_args) -> tuple[d
     stream then starts after them). Returns them and how many records the train stream skips."""
     limit = data_args.max_eval_samples
     probe = open_split(source, source.split)
-    columns = stream_columns(probe)
+    try:
+        columns = stream_columns(probe)
+    except Exception as e:  # noqa: BLE001 - Arrow cannot read the file's first chunk
+        raise unreadable(source, template, e) from e
     mapping = _resolve_mapping(columns, source.column_mapping, source.label)
     schema = _check_schema([mapping.get(c, c) for c in columns], source.label, template)
     out, skip = {"schema": schema}, 0
@@ -417,10 +424,20 @@ class DataStateCallback(TrainerCallback, ExportableState):
     stream is (`streams`, for an exact resume) and how many examples and tokens of each source were trained
     (`source_counts`), gathered from every process; `trainer` is the InstructionTrainer whose batches say both."""
 
-    def __init__(self, trainer=None, spec: StreamSpec | None = None, restored: dict | None = None):
+    def __init__(self, trainer=None, spec: StreamSpec | None = None, restored: dict | None = None,
+                 resumed_from: str | None = None):
         self.trainer, self.spec = trainer, spec
         self.restored = restored or {}  # what the checkpoint a run resumed from held
         self.streams, self.source_counts = self.restored.get("streams"), self.restored.get("source_counts")
+        # A streamed resume skips no batches (ignore_data_skip), so Trainer restores the random state before the
+        # dataloader starts, and starting it draws a seed: restored again before the first step, dropout then
+        # continues exactly as in a run never interrupted.
+        self.resync_rng_from = resumed_from if spec is not None else None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.resync_rng_from is not None:
+            self.trainer._load_rng_state(self.resync_rng_from)
+            self.resync_rng_from = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save or control.should_training_stop or args.save_strategy == "best":

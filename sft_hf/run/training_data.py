@@ -26,6 +26,7 @@ class TrainingData:
     sources: list[SourceSummary] | None = None  # a mixture's (or a stream's) sources
     stream: object | None = None  # the StreamSpec of a streamed run (positions, resume)
     restored: dict = field(default_factory=dict)  # the data state of the checkpoint this run resumes
+    resume: str | None = None  # that checkpoint
 
     @property
     def num_sources(self) -> int:
@@ -53,7 +54,7 @@ def prepare_training_data(data_args, args, tokenizer, template, resume: str | No
         args.accelerator_config.dispatch_batches = False  # each process reads its own shard of the stream
         with args.main_process_first(desc="tokenize"):
             validation = _tokenize(raw["validation"], tokenizer, template, args, data_args, verbose, "validation")
-        data = TrainingData(raw, train, validation, raw.sources, spec, restored)
+        data = TrainingData(raw, train, validation, raw.sources, spec, restored, resume)
     else:
         with args.main_process_first(desc="tokenize"):
             raw = load_recipe_splits(data_args, template)
@@ -63,7 +64,7 @@ def prepare_training_data(data_args, args, tokenizer, template, resume: str | No
         if sources:
             summarize_tokens(sources, tokenized["train"])
         validation = tokenized["validation"] if len(tokenized["validation"]) else None
-        data = TrainingData(raw, tokenized["train"], _without_source(validation), sources, None, restored)
+        data = TrainingData(raw, tokenized["train"], _without_source(validation), sources, None, restored, resume)
     if data.sources and verbose and data_args.dataset_mixture:
         for summary in data.sources:
             logger.info("source %s", summary.line())
@@ -89,7 +90,7 @@ def track_data(data: TrainingData, trainer) -> None:
 
     trainer.data_collator.num_sources = data.num_sources
     if data.sources or data.stream is not None:
-        trainer.add_callback(DataStateCallback(trainer, data.stream, data.restored))
+        trainer.add_callback(DataStateCallback(trainer, data.stream, data.restored, data.resume))
 
 
 def source_results(data: TrainingData, trainer, log: bool = True) -> list[dict] | None:
