@@ -5,7 +5,7 @@ batch 8, max_length 1024; each run in its own process with an empty datasets cac
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_data_scale.py                          # 100k and 400k records (≈ 15 min)
     HF_HUB_OFFLINE=1 python benchmarks/bench_data_scale.py --sizes 100k,400k,4M     # + 4 M records (640 MB; ≈ 1.5 h)
-    HF_HUB_OFFLINE=1 python benchmarks/bench_data_scale.py --update-docs            # also rewrite the tables in the docs
+    HF_HUB_OFFLINE=1 python benchmarks/bench_data_scale.py --update-docs            # and rewrite the docs' tables
 
 Columns. *first step*: seconds from starting the process to the first call of `Trainer.training_step` (imports, data
 loading, checks, templating, tokenizing, model load). *peak RSS*: the largest resident set of one process of the run
@@ -13,8 +13,9 @@ loading, checks, templating, tokenizing, model load). *peak RSS*: the largest re
 RSS growth*: the most the run's processes together (the main one and its map workers) grew while the data was being
 prepared (sft-hf: `prepare_training_data`; TRL: `load_dataset`, its formatting map and `SFTTrainer._prepare_dataset`),
 above what they held when that started, as proportional set size (PSS: pages a forked map worker shares with the main
-process are counted once); its anonymous part (Python objects, Arrow buffers; not file pages) in brackets. The generated files live in `$SFT_HF_CACHE/bench-data-scale` (default ~/.cache/sft_hf), never in the
-repository. TRL: `pip install "trl>=1.0"` (the [bench] extra).
+process are counted once); its anonymous part (Python objects, Arrow buffers; not file pages) in brackets. The
+generated files live in `$SFT_HF_CACHE/bench-data-scale` (default ~/.cache/sft_hf), never in the repository. TRL:
+`pip install "trl>=1.0"` (the [bench] extra).
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def write_records(path: Path, n: int, kind: str = "alpaca") -> Path:
                     record = {"messages": [{"role": "user", "content": user},
                                            {"role": "assistant", "content": r["output"]}]}
                 else:
-                    record = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": r["output"]}]}
+                    record = {"conversations": [{"from": "human", "value": user},
+                                                {"from": "gpt", "value": r["output"]}]}
             f.write(json.dumps(record) + "\n")
     partial.replace(path)
     return path
@@ -153,7 +155,7 @@ class Probe:
         def training_step(trainer, *args, **kwargs):
             if "first_step" not in self.result:
                 self.result["first_step"] = time.time()
-                out = original(trainer, *args, **kwargs)
+                original(trainer, *args, **kwargs)
                 Path(self.result_path).write_text(json.dumps(self.result))
                 os._exit(0)  # the first step is what is measured: no save, no evaluation
             return original(trainer, *args, **kwargs)
@@ -306,15 +308,16 @@ def conditions(opts, started: float) -> str:
             f"load average {load} at the end · Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, datasets {datasets.__version__}, TRL {trl_version} · "
             f"`dataset_num_proc {opts.num_proc}` for both · "
-            f"`python benchmarks/bench_data_scale.py --sizes {','.join(label(n).replace(' ', '') for n in opts.sizes)}`")
+            f"`python benchmarks/bench_data_scale.py --sizes {','.join(label(n).replace(' ', '') for n in opts.sizes)}"
+            "`")
 
 
 def table(rows: list[dict]) -> str:
     def mb(value):
         return f"{value / 2**20:,.0f} MB"
 
-    lines = ["| workload | records | sft-hf first step | TRL first step | TRL / sft-hf | sft-hf peak RSS | TRL peak RSS "
-             "| sft-hf data RSS growth (anon) | TRL data RSS growth (anon) |",
+    lines = ["| workload | records | sft-hf first step | TRL first step | TRL / sft-hf | sft-hf peak RSS "
+             "| TRL peak RSS | sft-hf data RSS growth (anon) | TRL data RSS growth (anon) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         ours, trl = row.get("sft-hf"), row.get("trl")

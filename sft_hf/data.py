@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
+from tqdm.auto import tqdm
 
 from sft_hf.errors import DataError
 from sft_hf.templates import Template, TemplateError, get_template, messages_to_alpaca
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_PREFIX = "builtin:"
 CHECK_BATCH = 1 << 16  # records per Arrow batch in the checks: bounded memory at any file size
+SCAN_PROGRESS_BYTES = 64 << 20  # a line-by-line scan of a larger file shows a progress bar
 
 
 def usable_cores() -> int:
@@ -87,7 +88,7 @@ def load_instruction_dataset(
     template = get_template(template) if template is not None else None
     skipped: list[str] = []
     raw = read_source(dataset_name, dataset_config, column_mapping, template, skip_bad_records, skipped, num_proc)
-    result = split_source(raw, dataset_name, train_split_ratio, test_split_ratio, shuffle_seed, skipped)
+    result = split_source(raw, dataset_name, train_split_ratio, test_split_ratio, shuffle_seed)
     result.skipped_records = skipped  # the messages of the dropped records (empty unless skip_bad_records)
     return result
 
@@ -144,7 +145,7 @@ def read_source(dataset_name: str, dataset_config: str | None, column_mapping: d
 
 
 def split_source(raw: DatasetDict, source: str, train_split_ratio: float, test_split_ratio: float,
-                 shuffle_seed: int | None = None, skipped: list[str] | None = None) -> DatasetDict:
+                 shuffle_seed: int | None = None) -> DatasetDict:
     """`train`, `validation` and `test`: the source's own, or chapter 7's split of a source with only a train split."""
     if "train" not in raw:
         raise DataError(f"{source}: no 'train' split (found {sorted(raw)})")
@@ -245,7 +246,7 @@ def _iter_json_values(path: str, problems: list[str]):
     lines; lines that do not parse are added to `problems`."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    if not path.endswith(".jsonl") and head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"[", b"{", b'"') :
+    if not path.endswith(".jsonl") and head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"[", b"{", b'"'):
         data = Path(path).read_bytes()  # a JSON document (a whole array) is parsed whole
         try:
             records = json.loads(_read_text(path, data))
@@ -258,8 +259,11 @@ def _iter_json_values(path: str, problems: list[str]):
                                 f"got a {type(records).__name__}")
             yield from ((r, None) for r in records)
             return
-    with open(path, "rb") as f:
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"Scanning {Path(path).name}",
+                                     disable=size < SCAN_PROGRESS_BYTES) as progress:
         for line_number, line in enumerate(f, start=1):
+            progress.update(len(line))
             line = line.rstrip(b"\r\n")
             try:
                 text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
@@ -324,6 +328,7 @@ def _cleaned_copy(path: str, column_mapping, template) -> tuple[list[str], list[
 def _load_csv_file(path: str) -> DatasetDict:
     """Every cell as text (pandas would read the answer "3" as an int, "2.50" as 2.5); undecodable bytes are named
     by line and byte."""
+    error = None
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), [])
@@ -336,7 +341,7 @@ def _load_csv_file(path: str) -> DatasetDict:
         except Exception as e:  # noqa: BLE001 - bad bytes are named below; any other error as it is
             error = e
     bad = first_undecodable_line(path)
-    if bad is not None:
+    if bad is not None or error is None:
         raise DataError(f"{path}: {bad}")
     cause = error.__cause__ or error
     raise DataError(f"{path}: could not be read as csv: {type(cause).__name__}: {cause}") from error

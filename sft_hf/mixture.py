@@ -157,6 +157,7 @@ class SourceSummary:
     trained_tokens: int = 0  # of which trained (one epoch)
     examples_trained: int = 0  # examples of it the run trained on (all epochs, all processes)
     tokens_trained: int = 0  # tokens of it the loss trained on (all epochs, all processes)
+    path: str = ""  # the source's path or Hub name (the model card lists Hub datasets)
 
     def line(self) -> str:
         if self.available:
@@ -194,7 +195,7 @@ def load_mixture(data_args, template: Template | None = None, num_proc: int | No
         raw = pick_splits(raw, source)
         train_ratio = source.train_split_ratio if source.train_split_ratio is not None else data_args.train_split_ratio
         test_ratio = source.test_split_ratio if source.test_split_ratio is not None else data_args.test_split_ratio
-        splits = split_source(raw, source.label, train_ratio, test_ratio, data_args.shuffle_seed, skipped)
+        splits = split_source(raw, source.label, train_ratio, test_ratio, data_args.shuffle_seed)
         loaded.append((source, splits, len(skipped)))
     shape = record_shape(template, ["messages" if "messages" in s["train"].column_names else "alpaca"
                                     for _, s, _ in loaded])
@@ -213,7 +214,7 @@ def load_mixture(data_args, template: Template | None = None, num_proc: int | No
             parts[name].append(with_source(ds, k))
         summaries.append(SourceSummary(source.label, source.share, len(splits["train"]),
                                        validation=len(parts["validation"][-1]), test=len(parts["test"][-1]),
-                                       skipped=skipped))
+                                       skipped=skipped, path=source.path))
     features = merged_features([ds.features for split in parts.values() for ds in split])
     parts = {name: [conform(ds, features) for ds in split] for name, split in parts.items()}
     result = DatasetDict(validation=concatenate(parts["validation"]), test=concatenate(parts["test"]))

@@ -67,7 +67,8 @@ class SourceStream:
     def __init__(self, source: Source, index: int, template: Template | None, shape: str, skip_bad_records: bool,
                  rank: int, world_size: int, skip_first: int = 0):
         self.source, self.index, self.template, self.shape = source, index, template, shape
-        self.skip_bad_records, self.rank, self.world_size, self.skip_first = skip_bad_records, rank, world_size, skip_first
+        self.skip_bad_records, self.skip_first = skip_bad_records, skip_first
+        self.rank, self.world_size = rank, world_size
         raw = open_split(source, source.split)
         try:
             self.columns = stream_columns(raw)
@@ -246,7 +247,8 @@ class BlockStates:
 
 class MixedDraws:
     """Which source each record comes from: by weight (sources that run out start again; LLaMA-Factory's
-    interleave_over), or in proportion to what is left of their counts (each record once per pass), or the one source."""
+    interleave_over), or in proportion to what is left of their counts (each record once per pass), or the one
+    source."""
 
     def __init__(self, streams: list[SourceStream], mixture: Mixture, seed, state: dict | None = None):
         self.streams, self.mixture = streams, mixture
@@ -332,21 +334,26 @@ def training_stream(spec: StreamSpec, world_size: int) -> IterableDataset:
 # The run's streamed data: training rows and materialized held-out splits
 
 
+def stream_mixture(data_args) -> Mixture:
+    """The recipe's sources as a Mixture (one source without dataset_mixture); what a stream cannot do, refused."""
+    if not data_args.dataset_mixture:
+        return Mixture([Source(data_args.dataset_name, data_args.dataset_config,
+                               column_mapping=data_args.column_mapping)])
+    mixture = parse_mixture(data_args.dataset_mixture)
+    if len(mixture.sources) > 1 and not mixture.interleaved and any(s.count is None for s in mixture.sources):
+        unsized = next(s.label for s in mixture.sources if s.count is None)
+        raise RecipeError(f"dataset_mixture with streaming: a stream's size is unknown, so every source takes a "
+                          f"count, or every source a weight ({unsized} has neither)")
+    if any(s.fraction is not None for s in mixture.sources):
+        raise RecipeError("dataset_mixture with streaming: a fraction needs the source's size, which a stream "
+                          "does not know; give a count or weights")
+    return mixture
+
+
 def load_streams(data_args, args, tokenizer, template: Template) -> tuple[IterableDataset, DatasetDict, StreamSpec]:
     """The training stream, the held-out splits as records (validation, test) and the spec that resumes use."""
     check_streaming_args(data_args, args)
-    if data_args.dataset_mixture:
-        mixture = parse_mixture(data_args.dataset_mixture)
-        if len(mixture.sources) > 1 and not mixture.interleaved and any(s.count is None for s in mixture.sources):
-            unsized = next(s.label for s in mixture.sources if s.count is None)
-            raise RecipeError(f"dataset_mixture with streaming: a stream's size is unknown, so every source takes a "
-                              f"count, or every source a weight ({unsized} has neither)")
-        if any(s.fraction is not None for s in mixture.sources):
-            raise RecipeError("dataset_mixture with streaming: a fraction needs the source's size, which a stream "
-                              "does not know; give a count or weights")
-    else:
-        mixture = Mixture([Source(data_args.dataset_name, data_args.dataset_config,
-                                  column_mapping=data_args.column_mapping)])
+    mixture = stream_mixture(data_args)
     held_out, skip_first = {"validation": [], "test": []}, []
     schemas = []
     for k, source in enumerate(mixture.sources):
@@ -364,10 +371,27 @@ def load_streams(data_args, args, tokenizer, template: Template) -> tuple[Iterab
     block = data_args.shuffle_buffer_size or UNSHUFFLED_BLOCK
     spec = StreamSpec(mixture, template, tokenizer, args.max_length, args.trained_turns, shape, block,
                       data_args.shuffle_buffer_size > 0, seed, data_args.skip_bad_records, skip_first)
-    raw.sources = [SourceSummary(s.label, s.share if len(mixture.sources) > 1 else "all", 0,
+    raw.sources = [SourceSummary(s.label, s.share if len(mixture.sources) > 1 else "all", 0, path=s.path,
                                  validation=sum(1 for _ in held_out["validation"][k]),
                                  test=sum(1 for _ in held_out["test"][k])) for k, s in enumerate(mixture.sources)]
     return training_stream(spec, args.world_size), raw, spec
+
+
+def first_records(data_args, template: Template, n: int) -> DatasetDict:
+    """The first `n` records a stream trains on (read in order, checked, in the run's shape) and its held-out
+    splits: what `sft-hf inspect` shows of a streaming recipe, without reading the rest."""
+    mixture = stream_mixture(data_args)
+    held_out = [held_out_records(source, k, template, data_args) for k, source in enumerate(mixture.sources)]
+    shape = record_shape(template, [splits["schema"] for splits, _ in held_out])
+    streams = [SourceStream(source, k, template, shape, data_args.skip_bad_records, 0, 1, skip)
+               for k, (source, (_, skip)) in enumerate(zip(mixture.sources, held_out))]
+    draws = MixedDraws(streams, mixture, [0])
+    train = [draws.next() for _ in range(n)]
+    splits = {"train": train}
+    for name in ("validation", "test"):
+        splits[name] = [to_shape(r, schema, shape, src.label) | {SOURCE_COLUMN: r[SOURCE_COLUMN]}
+                        for (parts, _), src in zip(held_out, mixture.sources) for r, schema in parts[name]][:n]
+    return DatasetDict({name: _records_dataset(records) for name, records in splits.items()})
 
 
 def held_out_records(source: Source, index: int, template, data_args) -> tuple[dict, int]:

@@ -168,7 +168,7 @@ def test_a_bad_record_names_its_source_line_and_field(tmp_path, files):
 
 
 @pytest.mark.parametrize("value, message", [
-    ([{"path": "a.jsonl", "fraction": 0.5, "count": 3}], r"give one of fraction, count or weight, not fraction and count"),
+    ([{"path": "a.jsonl", "fraction": 0.5, "count": 3}], r"give one of fraction, count or weight, not fraction and"),
     ([{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl"}], r"every source needs one \(b.jsonl has none\)"),
     ([{"path": "a.jsonl", "fracton": 0.5}], r"source 0: unknown key 'fracton'; did you mean 'fraction'\?"),
     ([{"path": "a.jsonl", "fraction": 1.5}], r"fraction must be a number in \(0, 1\], got 1.5"),
@@ -200,8 +200,14 @@ def test_the_recipe_key_from_yaml_and_from_the_command_line(tmp_path, files):
     *_, values = parse_recipe_and_values(["--config", str(recipe), "--learning_rate", "0.001"])
     save_recipe(values, tmp_path / "saved.yaml")
     assert parse_recipe(["--config", str(tmp_path / "saved.yaml")])[1].dataset_mixture == from_yaml.dataset_mixture
+    # on the command line, one replaces the recipe's other
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset_name": "x.jsonl",
+                                      "column_mapping": {"a": "b"}}))
+    _, replaced, _ = parse_recipe(["--config", str(recipe), "--dataset_mixture", json.dumps(sources)])
+    assert (replaced.dataset_name, replaced.column_mapping) == ("builtin:toy-tasks", None)
     with pytest.raises(RecipeError, match="give dataset_name or dataset_mixture, not both"):
-        parse_recipe(["--model_name_or_path", "m", "--dataset_name", "x.jsonl", "--dataset_mixture", json.dumps(sources)])
+        parse_recipe(["--model_name_or_path", "m", "--dataset_name", "x.jsonl",
+                      "--dataset_mixture", json.dumps(sources)])
     with pytest.raises(RecipeError, match="^--dataset_mixture without --model_name_or_path"):
         parse_recipe(["--dataset_mixture", json.dumps(sources)])
 

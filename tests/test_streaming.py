@@ -202,3 +202,18 @@ def test_streaming_without_max_steps_is_one_line(assets):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: streaming: true needs max_steps (a stream has no length to count epochs in)")
     assert not (tmp / "no_steps").exists()
+
+
+def test_inspect_shows_the_head_of_a_stream_as_training_reads_it(tmp_path, tiny_model_dir, capsys):
+    from sft_hf.cli import main as cli_main
+    from sft_hf.streaming import first_records
+
+    path = write_jsonl(tmp_path / "data.jsonl", records(40))
+    data_args = SimpleNamespace(dataset_name=path, dataset_config=None, column_mapping=None, dataset_mixture=None,
+                                max_eval_samples=3, skip_bad_records=False)
+    head = first_records(data_args, get_template("alpaca"), 2)
+    assert head["test"]["instruction"] == ["r 0", "r 1"] and head["validation"]["instruction"] == ["r 3", "r 4"]
+    assert head["train"]["instruction"] == ["r 6", "r 7"]  # where the run's stream starts (after 2 × 3 held out)
+    code = cli_main(["inspect", "--model_name_or_path", tiny_model_dir, "--dataset_name", path, "--streaming", "true",
+                     "--n", "2", "--html", str(tmp_path / "inspect.html"), "--output_dir", str(tmp_path)])
+    assert code == 0 and "2 examples:" in capsys.readouterr().out

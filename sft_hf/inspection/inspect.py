@@ -256,8 +256,9 @@ def render_html(views: list[ExampleView], meta: dict[str, object] | None = None,
 
 # ---------------------------------------------------------------------------------------------------- command
 
-def load_recipe_data(recipe_argv: list[str]):
-    """The recipe's arguments, tokenizer, template and raw splits, loaded the way recipes/train.py loads them."""
+def load_recipe_data(recipe_argv: list[str], first: int | None = None):
+    """The recipe's arguments, tokenizer, template and raw splits, loaded the way recipes/train.py loads them;
+    `first`: only that many records of each split are needed (a streaming recipe then reads only its head)."""
     from sft_hf.run.config import parse_recipe
     from sft_hf.data import load_recipe_splits
     from sft_hf.modeling import load_tokenizer
@@ -266,6 +267,10 @@ def load_recipe_data(recipe_argv: list[str]):
     model_args, data_args, args = parse_recipe(recipe_argv)
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
+    if data_args.streaming and first is not None:  # the head of the stream, not all of it
+        from sft_hf.streaming import first_records
+
+        return model_args, data_args, args, tokenizer, template, first_records(data_args, template, first)
     return model_args, data_args, args, tokenizer, template, load_recipe_splits(data_args, template)
 
 
@@ -281,7 +286,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no_labels", action="store_true", help="terminal: hide the label id after each token")
     own, recipe_argv = parser.parse_known_args(argv)
     datasets.disable_progress_bars()  # a handful of records: the bars would only clutter the view
-    model_args, data_args, args, tokenizer, template, raw = load_recipe_data(recipe_argv)
+    model_args, data_args, args, tokenizer, template, raw = load_recipe_data(recipe_argv, first=own.n)
     if own.split not in raw:
         parser.error(f"--split must be one of {sorted(raw)}")
     records = raw[own.split].select(range(min(own.n, len(raw[own.split]))))

@@ -28,6 +28,7 @@ DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml
 SUPERSEDES = {
     "num_train_epochs": ("max_steps",),
     "bf16": ("precision",), "fp16": ("precision",), "precision": ("bf16", "fp16"),
+    "dataset_mixture": ("dataset_name", "dataset_config", "column_mapping"), "dataset_name": ("dataset_mixture",),
 }
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key)$")  # hub_token: never logged nor saved
 logger = logging.getLogger("sft_hf")
@@ -133,7 +134,8 @@ class DataArguments:
                 try:
                     self.dataset_mixture = json.loads(self.dataset_mixture)
                 except json.JSONDecodeError as e:
-                    raise RecipeError(f"dataset_mixture is not valid JSON ({e}): {self.dataset_mixture!r:.80}") from None
+                    raise RecipeError(f"dataset_mixture is not valid JSON ({e}): {self.dataset_mixture!r:.80}") \
+                        from None
             parse_mixture(self.dataset_mixture)  # a bad source or key: one line now, not after loading the others
             if self.dataset_name != DataArguments.dataset_name:
                 raise RecipeError(f"give dataset_name or dataset_mixture, not both (dataset_name={self.dataset_name}); "

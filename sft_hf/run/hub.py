@@ -74,8 +74,8 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
     sources = (metrics or {}).get("sources") or []  # a mixture's (sft_hf/mixture.py), with what each gave the run
     mixture = bool(getattr(data_args, "dataset_mixture", None))
     dataset = data_args.dataset_name if _is_hub_id(data_args.dataset_name) and not mixture else None
-    hub_datasets = [s["label"].split("[")[0].split(":")[0] for s in sources] if mixture else [dataset] if dataset else []
-    hub_datasets = list(dict.fromkeys(d for d in hub_datasets if _is_hub_id(d)))
+    paths = [s["path"] for s in sources] if mixture else [dataset] if dataset else []
+    hub_datasets = list(dict.fromkeys(path for path in paths if _is_hub_id(path)))  # the card's `datasets:`
     metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     eval_results = [
         EvalResult(task_type="text-generation", dataset_type=dataset or "local", dataset_name=data_args.dataset_name
