@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, DatasetDict
 
-from sft_hf.data import template_fields, map_num_proc, read_source, split_source
+from sft_hf.data import fork_friendly, map_num_proc, read_source, split_source, template_fields
 from sft_hf.errors import DataError, RecipeError, did_you_mean
 from sft_hf.templates import Template, alpaca_to_messages, messages_to_alpaca
 
@@ -260,9 +260,10 @@ def to_shape(ds: Dataset, shape: str, label: str, num_proc: int | None = None) -
                                                                                           "output"])})
     function = _alpaca_to_messages if shape == "messages" else _messages_to_alpaca
     keep = {"tools"} if shape == "messages" else set()  # chat sources' tool definitions stay with their records
-    return ds.map(function, batched=True, remove_columns=[c for c in ds.column_names if c not in keep],
-                  fn_kwargs={"label": label}, num_proc=map_num_proc(num_proc, len(ds)),
-                  desc=f"{label}: records → {shape}")
+    processes = map_num_proc(num_proc, len(ds))
+    with fork_friendly(processes):
+        return ds.map(function, batched=True, remove_columns=[c for c in ds.column_names if c not in keep],
+                      fn_kwargs={"label": label}, num_proc=processes, desc=f"{label}: records → {shape}")
 
 
 def _alpaca_to_messages(batch: dict, label: str) -> dict:

@@ -118,16 +118,20 @@ class SourceStream:
             problem = record_problem(renamed, self.schema, self.template)
             if problem is None:
                 return to_shape(renamed, self.schema, self.shape, self.source.label) | {SOURCE_COLUMN: self.index}
-            index = self.record_index(local)
-            line = self.lines.of([index]).get(index) if self.lines else None  # a local file: one shard, exact index
-            where = f" (process {self.rank})" if self.world_size > 1 and not self.by_examples else ""
-            message = located_problem(self.source.label + where, index, line, problem, self.mapping)
+            self.skipped += 1
             if not self.skip_bad_records:
+                message = self.located(local, problem)
                 logger.error("%s", message)  # on the process that met it (run_cli prints on the first one only)
                 raise DataError(message)
-            self.skipped += 1
-            if self.skipped <= 20 or self.skipped % 10_000 == 0:
-                logger.warning("skipping bad record %d of %s: %s", self.skipped, self.source.label, message)
+            if self.skipped <= 20 or self.skipped % 10_000 == 0:  # (finding the line scans the file: not for each)
+                logger.warning("skipping bad record %d of %s: %s", self.skipped, self.source.label,
+                               self.located(local, problem))
+
+    def located(self, local: int, problem: str) -> str:
+        index = self.record_index(local)
+        line = self.lines.of([index]).get(index) if self.lines else None  # a local file: one shard, exact index
+        where = f" (process {self.rank})" if self.world_size > 1 and not self.by_examples else ""
+        return located_problem(self.source.label + where, index, line, problem, self.mapping)
 
 
 

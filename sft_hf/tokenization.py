@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
-from sft_hf.data import map_num_proc
+from sft_hf.data import fork_friendly, map_num_proc
 from sft_hf.templates import TRAINED_TURNS, ChatTemplate, Segment, Template, TemplateError, get_template
 
 logger = logging.getLogger(__name__)
@@ -260,16 +260,18 @@ def tokenize_dataset(
     n_in = len(dataset)
     split = split or (dataset.split and str(dataset.split)) or "data"  # split_dataset's parts all say "train"
     check_template_fits(template, tokenizer, max_length, dataset.column_names)
-    tokenized = dataset.map(
-        _tokenize_batch,
-        batched=True,
-        with_indices=True,
-        num_proc=map_num_proc(num_proc, n_in),
-        remove_columns=dataset.column_names,
-        fn_kwargs=dict(tokenizer=tokenizer, template=template, max_length=max_length, trained_turns=trained_turns,
-                       split=split),
-        desc=f"Tokenizing {split} with template {template.name!r}",
-    )
+    processes = map_num_proc(num_proc, n_in)
+    with fork_friendly(processes):
+        tokenized = dataset.map(
+            _tokenize_batch,
+            batched=True,
+            with_indices=True,
+            num_proc=processes,
+            remove_columns=dataset.column_names,
+            fn_kwargs=dict(tokenizer=tokenizer, template=template, max_length=max_length,
+                           trained_turns=trained_turns, split=split),
+            desc=f"Tokenizing {split} with template {template.name!r}",
+        )
     if len(tokenized) == 0:  # (checked first: a map that keeps no row has none of the new columns either)
         raise TemplateError(
             f"[{split}] no example is left after truncation to max_length={max_length}: every response + EOS is "

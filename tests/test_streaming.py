@@ -195,6 +195,31 @@ def test_two_processes_each_stream_their_own_share(assets):
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
 
 
+def test_two_processes_resume_their_own_stream_positions(assets):
+    """Each process's position is gathered into the checkpoint and given back to it: resumed from checkpoint-4, a
+    2-process streamed run trains steps 5-8 exactly as the run that went through."""
+    import shutil
+
+    _, data, tmp = assets
+    model = write_tiny_model(tmp / "model_for_two")
+    recipe = dict(max_steps=8, per_device_train_batch_size=2, streaming="true", shuffle_buffer_size=6,
+                  save_strategy="steps", save_steps=4, learning_rate=5e-3)
+    config = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
+    run_train(tiny_recipe_args(model, data, tmp / "through", **recipe), accelerate_config=config)
+    saved = json.loads((tmp / "through" / "checkpoint-4" / "trainer_state.json").read_text())
+    streams = saved["stateful_callbacks"]["DataStateCallback"]["attributes"]["streams"]
+    # 4 steps × 2 rows per process: the 8th row of each process's share, in block 1 (blocks of 6)
+    assert sorted(streams) == ["0", "1"] and all((s["block"], s["next"]) == (1, 2) for s in streams.values())
+    resumed = tmp / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp / "through" / "checkpoint-4", resumed / "checkpoint-4")
+    run_train(tiny_recipe_args(model, data, resumed, resume_from_checkpoint=str(resumed / "checkpoint-4"),
+                               **recipe), accelerate_config=config)
+    through, again = train_losses(tmp / "through"), train_losses(resumed)
+    assert len(through) == 8 and len(again) == 8  # the checkpoint's log history, then steps 5-8
+    torch.testing.assert_close(torch.tensor(again[4:]), torch.tensor(through[4:]), rtol=1e-6, atol=1e-6)
+
+
 def test_streaming_without_max_steps_is_one_line(assets):
     model, data, tmp = assets
     result = run_train(tiny_recipe_args(model, data, tmp / "no_steps", streaming="true"), check=False)
