@@ -215,14 +215,19 @@ def _load_file(builder: str, path: str, **kwargs) -> DatasetDict:
         raise DataError(f"{path}: could not be read as {builder}: {type(cause).__name__}: {cause}") from e
 
 
-def _quietly(function, *args, **kwargs):
-    """Runs `function` with datasets' error log off: a file Arrow cannot read is scanned and named by us."""
-    level = datasets.logging.get_verbosity()
+def _quietly(path: str, function, *args, **kwargs):
+    """Runs `function` with datasets' error log off (a file Arrow cannot read is scanned and named by us), and its
+    progress bar too for a small file (read in a moment; an error then ends the output alone)."""
+    level, bars = datasets.logging.get_verbosity(), datasets.utils.are_progress_bars_disabled()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    if Path(path).stat().st_size < SCAN_PROGRESS_BYTES:
+        datasets.disable_progress_bars()
     try:
         return function(*args, **kwargs)
     finally:
         datasets.logging.set_verbosity(level)
+        if not bars:
+            datasets.enable_progress_bars()
 
 
 def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -> DatasetDict:
@@ -230,7 +235,7 @@ def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -
     is scanned line by line for every bad line and record. With `skip_bad_records`, the good records of such a file
     are written to a cleaned copy in the datasets cache as they are scanned, and Arrow reads that."""
     try:
-        raw = _quietly(datasets.load_dataset, "json", data_files={"train": path}, on_mixed_types=None)
+        raw = _quietly(path, datasets.load_dataset, "json", data_files={"train": path}, on_mixed_types=None)
         if all(_valid_utf8(ds) for ds in raw.values()):  # Arrow's JSON reader keeps bytes that are not UTF-8
             return raw
     except Exception:  # noqa: BLE001 - malformed JSON, bad bytes, mixed types: the scan names them
@@ -354,7 +359,7 @@ def _load_csv_file(path: str) -> DatasetDict:
     if header is not None:
         features = datasets.Features({column: datasets.Value("string") for column in header})
         try:
-            return _quietly(datasets.load_dataset, "csv", data_files={"train": path}, features=features)
+            return _quietly(path, datasets.load_dataset, "csv", data_files={"train": path}, features=features)
         except Exception as e:  # noqa: BLE001 - bad bytes are named below; any other error as it is
             error = e
     bad = first_undecodable_line(path)
