@@ -158,6 +158,7 @@ def read_source(dataset_name: str, dataset_config: str | None, column_mapping: d
     if sum(len(ds) for ds in raw.values()) == 0:
         detail = f" ({len(skipped)} bad records skipped; the first: {skipped[0]})" if skipped else ""
         raise DataError(f"{source}: no usable record left{detail}")
+    pa.default_memory_pool().release_unused()  # Arrow keeps what reading freed for reuse; forked workers would too
     return raw
 
 
