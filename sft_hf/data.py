@@ -66,8 +66,7 @@ def map_num_proc(num_proc: int | None, n_records: int) -> int | None:
 @contextlib.contextmanager
 def fork_friendly(num_proc: int | None):
     """Around a `Dataset.map` with worker processes: Python's garbage collector is kept off the objects that exist
-    now, so forked workers do not copy the parent's pages by walking them (measured: the workers of a 2-process
-    tokenization grew by 200 MB instead of 360 MB)."""
+    now, so forked workers do not copy the parent's pages by walking them (docs/data.md#large-files)."""
     if not num_proc or num_proc <= 1:
         yield
         return

@@ -200,8 +200,8 @@ CARRIED_COLUMNS = ("source",)
 
 
 def row_features(columns) -> Features:
-    """The map step's Arrow types: token ids as int32 and the mask as int8, not Python's int64 (the cache of millions
-    of rows is then about 2.5 times smaller, and so is what reading it maps into memory)."""
+    """The map step's Arrow types: token ids as int32 and the mask as int8, not Python's int64: the cache of millions
+    of rows, and what reading it maps into memory, shrink to less than half (docs/data.md#large-files)."""
     features = Features({
         "input_ids": List(Value("int32")), "completion_mask": List(Value("int8")), "prompt_length": Value("int32"),
         "length": Value("int32"), "truncated": Value("bool"), "dropped_turns": Value("int32"),
