@@ -14,6 +14,9 @@ from sft_hf.precision import settle_precision
 from sft_hf.speed.varlen_attention import NAME as VARLEN_ATTENTION
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and every HF loss) skips
+# Bookkeeping a batch carries besides the model's inputs; InstructionTrainer.training_step takes it out.
+SOURCE_COUNTS = "source_counts"  # (num_sources, 2): examples and trained tokens of each mixture source
+STREAM_POSITION = "stream_position"  # the last row's position in a stream, which a resume continues after
 
 
 @dataclass
@@ -32,6 +35,10 @@ class InstructionDataCollator:
     - `pad_to_multiple_of`: round the padded length up (tensor-core friendly shapes on GPU). Padding-free rows get
       a filler example (pad ids, never trained, attending only to itself) to reach the multiple.
     Rows without `completion_mask` train every non-padding token.
+
+    Bookkeeping for the trainer (never passed to the model): with `num_sources`, rows that carry a mixture's
+    `source` add `source_counts`, the examples and trained tokens (targets after the causal shift) of each source;
+    rows that carry a `stream_position` (streaming) add the last one's.
     """
 
     pad_token_id: int
@@ -39,19 +46,30 @@ class InstructionDataCollator:
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
     padding_free: bool = False
+    num_sources: int = 0
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        examples = [example for row in features for example in _unpack(row)]
         rows, labels = [], []
-        for f in (example for row in features for example in _unpack(row)):
+        for f in examples:
             ids = list(f["input_ids"])[: self.max_length]
             target = list(ids)
             if self.completion_only_loss and f.get("completion_mask") is not None:
                 target = [t if m else IGNORE_INDEX for t, m in zip(ids, f["completion_mask"])]
             rows.append(ids)
             labels.append(target)
-        if self.padding_free:
-            return self._flatten(rows, labels)
+        batch = self._flatten(rows, labels) if self.padding_free else self._pad(rows, labels)
+        if self.num_sources and examples[0].get("source") is not None:
+            counts = torch.zeros((self.num_sources, 2), dtype=torch.long)
+            for f, target in zip(examples, labels):
+                counts[f["source"], 0] += 1
+                counts[f["source"], 1] += sum(t != IGNORE_INDEX for t in target[1:])  # the first is never a target
+            batch[SOURCE_COUNTS] = counts
+        if features[-1].get(STREAM_POSITION) is not None:
+            batch[STREAM_POSITION] = torch.tensor(features[-1][STREAM_POSITION], dtype=torch.long)
+        return batch
 
+    def _pad(self, rows: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
         longest = max(len(r) for r in rows)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -89,12 +107,15 @@ class InstructionDataCollator:
 
 
 def _unpack(row: dict) -> list[dict]:
-    """A packed row's examples (by its `seq_lengths`), or the row itself."""
+    """A packed row's examples (by its `seq_lengths`; a mixture's `source`, one per example), or the row itself."""
     if "seq_lengths" not in row:
         return [row]
     examples, start = [], 0
-    for length in row["seq_lengths"]:
-        examples.append({k: row[k][start:start + length] for k in ("input_ids", "completion_mask") if k in row})
+    for k, length in enumerate(row["seq_lengths"]):
+        example = {key: row[key][start:start + length] for key in ("input_ids", "completion_mask") if key in row}
+        if row.get("source") is not None:
+            example["source"] = row["source"][k]
+        examples.append(example)
         start += length
     return examples
 

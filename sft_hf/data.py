@@ -4,22 +4,32 @@ Every record ends up in one of two shapes the templates understand:
 `instruction` / `input` / `output` (Alpaca; `prompt`/`completion` are renamed onto it) or `messages` (chat: OpenAI
 `role`/`content` messages, with `tool_calls` and `tool` turns; ShareGPT `conversations` of `from`/`value` are
 converted onto it).
-Every record is checked before anything is tokenized: bad ones raise one `DataError` that names, for each (up to 20),
-the file, the record (and line, for JSON lines) and the field; with `skip_bad_records=True` they are dropped and
-counted.
+
+Local files are read by `datasets`' own builders (Arrow, in chunks, memory-mapped from its cache): no Python object
+per record, so memory stays flat at any size, and a second run reads the cache. Every record is checked before anything
+is tokenized, in Arrow for Alpaca records and in a batched map for conversations; only when Arrow cannot read a file,
+or a check finds a bad value, is the file scanned line by line to name what is wrong. Bad records raise one
+`DataError` that names, for each (up to 20), the file, the record (and line, for JSON lines and CSV) and the field;
+with `skip_bad_records=True` they are dropped and counted.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
-import io
+import gc
+import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
+from tqdm.auto import tqdm
 
 from sft_hf.errors import DataError
 from sft_hf.templates import Template, TemplateError, get_template, messages_to_alpaca
@@ -28,6 +38,43 @@ logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_PREFIX = "builtin:"
+CHECK_BATCH = 1 << 16  # records per Arrow batch in the checks: bounded memory at any file size
+SCAN_PROGRESS_BYTES = 64 << 20  # a line-by-line scan of a larger file shows a progress bar
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_num_proc() -> int:
+    """Processes for the map steps (checks of conversations, ShareGPT conversion, templating + tokenizing) when
+    `dataset_num_proc` is not set: every usable core."""
+    return usable_cores()
+
+
+def map_num_proc(num_proc: int | None, n_records: int) -> int | None:
+    """`num_proc` for a `Dataset.map` over `n_records`: worker processes only when each gets at least 1,000 records
+    (starting one costs more than it saves below that)."""
+    num_proc = default_num_proc() if num_proc is None else num_proc
+    return num_proc if num_proc > 1 and n_records >= 1000 * num_proc else None
+
+
+@contextlib.contextmanager
+def fork_friendly(num_proc: int | None):
+    """Around a `Dataset.map` with worker processes: Python's garbage collector is kept off the objects that exist
+    now, so forked workers do not copy the parent's pages by walking them (docs/data.md#large-files)."""
+    if not num_proc or num_proc <= 1:
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def load_instruction_dataset(
@@ -40,6 +87,7 @@ def load_instruction_dataset(
     *,
     skip_bad_records: bool = False,
     template=None,
+    num_proc: int | None = None,
 ) -> DatasetDict:
     """Returns a DatasetDict with `train`, `validation` and `test` (the latter two possibly empty).
 
@@ -50,12 +98,24 @@ def load_instruction_dataset(
 
     Bad records (malformed JSON, undecodable bytes, missing or wrongly typed fields, empty outputs, fields the
     `template` uses but the record lacks) raise `DataError`; with `skip_bad_records=True` they are dropped instead,
-    logged, and listed in the result's `skipped_records` attribute.
+    logged, and listed in the result's `skipped_records` attribute. `num_proc`: processes for the map steps
+    (default: every usable core, for data of at least 1,000 records per process).
     """
-    source = dataset_name
     template = get_template(template) if template is not None else None
     skipped: list[str] = []
-    record_lines: dict[str, list[int]] = {}  # split → the file line each record starts on, where known (CSV)
+    raw = read_source(dataset_name, dataset_config, column_mapping, template, skip_bad_records, skipped, num_proc)
+    result = split_source(raw, dataset_name, train_split_ratio, test_split_ratio, shuffle_seed)
+    result.skipped_records = skipped  # the messages of the dropped records (empty unless skip_bad_records)
+    return result
+
+
+def read_source(dataset_name: str, dataset_config: str | None, column_mapping: dict[str, str] | None,
+                template: Template | None, skip_bad_records: bool, skipped: list[str],
+                num_proc: int | None = None) -> DatasetDict:
+    """Every split of one source, its columns renamed onto Alpaca's or `messages`, every record checked (bad ones
+    raise, or are dropped and their messages added to `skipped`)."""
+    source = dataset_name
+    record_lines: dict[str, RecordLines] = {}  # split → where its records start in the file, found on demand
     if dataset_name.startswith(BUILTIN_PREFIX):
         from sft_hf.builtin import chapter7_chat, toy
 
@@ -66,16 +126,14 @@ def load_instruction_dataset(
         builder = FILE_BUILDERS.get(Path(dataset_name).suffix.lower())
         if builder is None:
             raise DataError(f"{dataset_name}: unsupported file type; use one of {sorted(FILE_BUILDERS)}")
-        if builder == "json":  # parsed here first: errors can then name the line, and bad lines can be skipped
+        if builder == "json":
             raw = _load_json_file(dataset_name, column_mapping, template, skip_bad_records, skipped)
-        elif builder == "csv":  # every cell as text: pandas would read the answer "3" as an int, "2.50" as 2.5
-            reader = csv.reader(io.StringIO(_read_text(dataset_name)))  # bad bytes → the line number
-            header = next(reader, [])
-            record_lines["train"] = csv_record_lines(reader)
-            features = datasets.Features({column: datasets.Value("string") for column in header})
-            raw = _load_file(builder, dataset_name, features=features)
+        elif builder == "csv":
+            raw = _load_csv_file(dataset_name)
         else:
             raw = _load_file(builder, dataset_name)
+        if builder != "parquet":
+            record_lines["train"] = RecordLines(dataset_name, builder)
     elif not Path(dataset_name).exists() and (
         Path(dataset_name).suffix.lower() in FILE_BUILDERS or dataset_name.startswith((".", "/", "~"))
     ):
@@ -89,18 +147,25 @@ def load_instruction_dataset(
     raw = DatasetDict(
         {
             split: normalize_columns(ds, column_mapping, source, skip_bad_records, template, skipped,
-                                     record_lines.get(split))
+                                     record_lines.get(split), num_proc)
             for split, ds in raw.items()
         }
     )
-    if "train" not in raw:
-        raise DataError(f"{source}: no 'train' split (found {sorted(raw)})")
     if skipped:
         kept = sum(len(ds) for ds in raw.values())
         logger.warning(f"{source}: skipped {len(skipped)} bad records, kept {kept}; the first: {skipped[0]}")
     if sum(len(ds) for ds in raw.values()) == 0:
         detail = f" ({len(skipped)} bad records skipped; the first: {skipped[0]})" if skipped else ""
         raise DataError(f"{source}: no usable record left{detail}")
+    pa.default_memory_pool().release_unused()  # Arrow keeps what reading freed for reuse; forked workers would too
+    return raw
+
+
+def split_source(raw: DatasetDict, source: str, train_split_ratio: float, test_split_ratio: float,
+                 shuffle_seed: int | None = None) -> DatasetDict:
+    """`train`, `validation` and `test`: the source's own, or chapter 7's split of a source with only a train split."""
+    if "train" not in raw:
+        raise DataError(f"{source}: no 'train' split (found {sorted(raw)})")
     if set(raw) == {"train"}:
         raw = split_dataset(raw["train"], train_split_ratio, test_split_ratio, shuffle_seed)
     if len(raw["train"]) == 0 and train_split_ratio > 0:  # a ratio of 0: the caller only wants held-out splits
@@ -111,17 +176,21 @@ def load_instruction_dataset(
     for split in ("validation", "test"):
         if split not in raw:
             raw[split] = raw["train"].select([])
-    result = DatasetDict({k: raw[k] for k in ("train", "validation", "test")})
-    result.skipped_records = skipped  # the messages of the dropped records (empty unless skip_bad_records)
-    return result
+    return DatasetDict({k: raw[k] for k in ("train", "validation", "test")})
 
 
 def load_recipe_splits(data_args, template=None) -> DatasetDict:
-    """The splits a recipe's `DataArguments` ask for; recipes/train.py, `sft-hf inspect` and `sft-hf report` share it."""
+    """The splits a recipe's `DataArguments` ask for; recipes/train.py, `sft-hf inspect` and `sft-hf report` share
+    it. A `dataset_mixture` is loaded by sft_hf/mixture.py (each source split on its own, then mixed)."""
+    if getattr(data_args, "dataset_mixture", None):  # samples are capped per source (held-out) or mixed (train)
+        from sft_hf.mixture import load_mixture
+
+        return load_mixture(data_args, template)
     raw = load_instruction_dataset(
         data_args.dataset_name, data_args.dataset_config, data_args.column_mapping,
         data_args.train_split_ratio, data_args.test_split_ratio, data_args.shuffle_seed,
         skip_bad_records=data_args.skip_bad_records, template=template,
+        num_proc=getattr(data_args, "dataset_num_proc", None),
     )
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
               "test": data_args.max_eval_samples}
@@ -132,17 +201,220 @@ def load_recipe_splits(data_args, template=None) -> DatasetDict:
 
 
 @functools.cache  # asked once per record by record_problem; templates are frozen (hashable)
-def _template_fields(template: Template | None) -> frozenset[str]:
+def template_fields(template: Template | None) -> frozenset[str]:
     """Record fields a template reads besides instruction/input/output (e.g. `{context}` in a YAML template)."""
     return frozenset(template.fields() - {"instruction", "input", "output"}) if template is not None else frozenset()
 
 
 def _load_file(builder: str, path: str, **kwargs) -> DatasetDict:
+    """`datasets.load_dataset(builder)` on one file: Arrow, read in chunks and cached."""
     try:
         return datasets.load_dataset(builder, data_files={"train": path}, **kwargs)
     except Exception as e:  # datasets wraps parser errors deep inside; say which file
         cause = e.__cause__ or e
         raise DataError(f"{path}: could not be read as {builder}: {type(cause).__name__}: {cause}") from e
+
+
+def _quietly(path: str, function, *args, **kwargs):
+    """Runs `function` with datasets' error log off (a file Arrow cannot read is scanned and named by us), and its
+    progress bar too for a small file (read in a moment; an error then ends the output alone)."""
+    level, bars = datasets.logging.get_verbosity(), datasets.utils.are_progress_bars_disabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    if Path(path).stat().st_size < SCAN_PROGRESS_BYTES:
+        datasets.disable_progress_bars()
+    try:
+        return function(*args, **kwargs)
+    finally:
+        datasets.logging.set_verbosity(level)
+        if not bars:
+            datasets.enable_progress_bars()
+
+
+def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -> DatasetDict:
+    """Arrow reads the file (a field of mixed types is an error, not a silent JSON column); when it cannot, the file
+    is scanned line by line for every bad line and record. With `skip_bad_records`, the good records of such a file
+    are written to a cleaned copy in the datasets cache as they are scanned, and Arrow reads that."""
+    try:
+        raw = _quietly(path, datasets.load_dataset, "json", data_files={"train": path}, on_mixed_types=None)
+        if all(_valid_utf8(ds) for ds in raw.values()):  # Arrow's JSON reader keeps bytes that are not UTF-8
+            return raw
+    except Exception:  # noqa: BLE001 - malformed JSON, bad bytes, mixed types: the scan names them
+        pass
+    if not skip_bad_records:
+        problems, _ = scan_json_file(path, column_mapping, template)
+        if problems:
+            raise bad_records_error(path, problems)
+        return _load_file("json", path)  # Arrow's trouble was a field no check reads: kept as JSON, like datasets
+    problems, columns, cleaned = _cleaned_copy(path, column_mapping, template)
+    if not problems:
+        return _load_file("json", path)
+    skipped.extend(problems)
+    if not cleaned.stat().st_size:
+        return DatasetDict(train=Dataset.from_dict({c: [] for c in columns or ["instruction", "output"]}))
+    return _load_file("json", str(cleaned))
+
+
+def _valid_utf8(ds: Dataset) -> bool:
+    try:
+        for batch in ds.data.table.to_batches(max_chunksize=CHECK_BATCH):
+            batch.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _iter_json_values(path: str, problems: list[str]):
+    """(value, line) for each record of a JSON array (line None) or JSON lines file, streamed line by line for JSON
+    lines; lines that do not parse are added to `problems`."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not path.endswith(".jsonl") and head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"[", b"{", b'"'):
+        data = Path(path).read_bytes()  # a JSON document (a whole array) is parsed whole
+        try:
+            records = json.loads(_read_text(path, data))
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first value: JSON lines in a .json file
+                raise DataError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}") from None
+        else:
+            if not isinstance(records, list):
+                raise DataError(f"{path}: expected a JSON array of records (or one record per line), "
+                                f"got a {type(records).__name__}")
+            yield from ((r, None) for r in records)
+            return
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"Scanning {Path(path).name}",
+                                     disable=size < SCAN_PROGRESS_BYTES) as progress:
+        for line_number, line in enumerate(f, start=1):
+            progress.update(len(line))
+            line = line.rstrip(b"\r\n")
+            try:
+                text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}: {_bad_bytes(line, e).replace('line 1, ', f'line {line_number}, ')}")
+                continue
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}: line {line_number}, column {e.colno}: malformed JSON: {e.msg}")
+                continue
+            yield value, line_number
+
+
+def parse_json_records(path: str, problems: list[str]) -> list[tuple[object, int | None]]:
+    """(record, line) pairs from a JSON array or JSON lines; line is None for records of an array. Lines that do
+    not parse are added to `problems`. (For small files: response files, task files; training data is read by Arrow.)"""
+    return list(_iter_json_values(path, problems))
+
+
+def scan_json_file(path: str, column_mapping, template, clean_copy=None) -> tuple[list[str], list[str]]:
+    """Every bad line and record of a JSON file as messages (parse errors first, then records in file order), and
+    its columns. Two streamed passes: the columns (the union of the records' keys, which the mapping is resolved
+    against), then each record's check; `clean_copy`, a binary file, receives the good records as JSON lines."""
+    problems: list[str] = []
+    columns = list(dict.fromkeys(k for r, _ in _iter_json_values(path, problems) if isinstance(r, dict) for k in r))
+    if not columns:
+        if problems:
+            raise bad_records_error(path, problems)
+        raise DataError(f"{path}: no usable record left")
+    mapping = _resolve_mapping(columns, column_mapping, path)
+    schema = _check_schema([mapping.get(c, c) for c in columns], path, template)
+    for i, (record, line) in enumerate(_iter_json_values(path, [])):
+        mapped = _rename(record, mapping) if isinstance(record, dict) else record
+        problem = record_problem(mapped, schema, template)
+        if problem is not None:
+            problems.append(located_problem(path, i, line, problem, mapping))
+        elif clean_copy is not None:
+            clean_copy.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+    return problems, columns
+
+
+def _cleaned_copy(path: str, column_mapping, template) -> tuple[list[str], list[str], Path]:
+    """`scan_json_file`, writing the good records as JSON lines into the datasets cache under a name keyed by the
+    file's path, size and modification time, the mapping and the template: a re-run's copy has the same name, so
+    `datasets` reuses its Arrow cache."""
+    stat = Path(path).stat()
+    key = json.dumps([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, column_mapping,
+                      template.to_dict() if template is not None else None], sort_keys=True, default=str)
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "sft_hf_cleaned"
+    folder.mkdir(parents=True, exist_ok=True)
+    cleaned = folder / f"{Path(path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    partial = cleaned.with_suffix(f".{os.getpid()}.tmp")
+    with open(partial, "wb") as f:
+        problems, columns = scan_json_file(path, column_mapping, template, clean_copy=f)
+    os.replace(partial, cleaned)  # never a half-written copy under the final name
+    return problems, columns, cleaned
+
+
+def _load_csv_file(path: str) -> DatasetDict:
+    """Every cell as text (pandas would read the answer "3" as an int, "2.50" as 2.5); undecodable bytes are named
+    by line and byte."""
+    error = None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+    except UnicodeDecodeError:
+        header = None
+    if header is not None:
+        features = datasets.Features({column: datasets.Value("string") for column in header})
+        try:
+            return _quietly(path, datasets.load_dataset, "csv", data_files={"train": path}, features=features)
+        except Exception as e:  # noqa: BLE001 - bad bytes are named below; any other error as it is
+            error = e
+    bad = first_undecodable_line(path)
+    if bad is not None or error is None:
+        raise DataError(f"{path}: {bad}")
+    cause = error.__cause__ or error
+    raise DataError(f"{path}: could not be read as csv: {type(cause).__name__}: {cause}") from error
+
+
+def first_undecodable_line(path: str) -> str | None:
+    """"line 3, byte 10: not valid UTF-8 ...", for the first line of `path` that is not UTF-8; streamed."""
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                return _bad_bytes(line.rstrip(b"\r\n"), e).replace("line 1, ", f"line {line_number}, ")
+    return None
+
+
+class RecordLines:
+    """Where the records of a JSON lines or CSV file start: found by one streamed scan of the file, only for the
+    records an error names (a JSON array's records have no line of their own)."""
+
+    def __init__(self, path: str, builder: str):
+        self.path, self.builder = path, builder
+
+    def of(self, indices) -> dict[int, int]:
+        wanted = sorted(set(indices))
+        if not wanted:
+            return {}
+        if self.builder == "csv":
+            with open(self.path, encoding="utf-8-sig", newline="") as f:
+                reader = csv.reader(f)
+                next(reader, None)  # the header
+                starts = csv_record_starts(reader)
+                return _pick(starts, wanted)
+        with open(self.path, "rb") as f:
+            if f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+                return {}
+            f.seek(0)
+            starts = (n for n, line in enumerate(f, start=1) if line.strip())  # blank lines are no record
+            return _pick(starts, wanted)
+
+
+def _pick(starts, wanted: list[int]) -> dict[int, int]:
+    found, targets = {}, iter(wanted)
+    target = next(targets)
+    for index, line in enumerate(starts):
+        if index == target:
+            found[index] = line
+            target = next(targets, None)
+            if target is None:
+                break
+    return found
 
 
 def _read_text(path: str, data: bytes | None = None) -> str:
@@ -157,69 +429,6 @@ def _bad_bytes(data: bytes, e: UnicodeDecodeError) -> str:
     line = data.count(b"\n", 0, e.start) + 1
     column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
     return f"line {line}, byte {column}: not valid UTF-8 ({data[e.start:e.start + 4]!r}...); re-save the file as UTF-8"
-
-
-def parse_json_records(path: str, problems: list[str]) -> list[tuple[object, int | None]]:
-    """(record, line) pairs from a JSON array or JSON lines; line is None for records of an array. Lines that do
-    not parse are added to `problems`."""
-    data = Path(path).read_bytes()
-    if not path.endswith(".jsonl"):
-        try:
-            records = json.loads(_read_text(path, data))
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" after the first value: JSON lines in a .json file
-                raise DataError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}") from None
-        else:
-            if not isinstance(records, list):
-                raise DataError(f"{path}: expected a JSON array of records (or one record per line), "
-                                f"got a {type(records).__name__}")
-            return [(r, None) for r in records]
-    parsed = []
-    for line_number, line in enumerate(data.splitlines(), start=1):
-        try:
-            text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            problem = f"{path}: {_bad_bytes(line, e).replace('line 1, ', f'line {line_number}, ')}"
-        else:
-            if not text.strip():
-                continue
-            try:
-                parsed.append((json.loads(text), line_number))
-                continue
-            except json.JSONDecodeError as e:
-                problem = f"{path}: line {line_number}, column {e.colno}: malformed JSON: {e.msg}"
-        problems.append(problem)
-    return parsed
-
-
-def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -> DatasetDict:
-    problems: list[str] = []  # every bad line and record, so one run reports them all
-    parsed = parse_json_records(path, problems)
-    objects = [r for r, _ in parsed if isinstance(r, dict)]
-    if not objects:
-        if problems and not skip_bad_records:
-            raise bad_records_error(path, problems)
-        detail = f" ({len(problems)} bad records skipped; the first: {problems[0]})" if problems else ""
-        raise DataError(f"{path}: no usable record left{detail}")
-    columns = list(dict.fromkeys(k for r in objects for k in r))  # union of keys, in first-seen order
-    mapping = _resolve_mapping(columns, column_mapping, path)
-    renamed = [_rename(r, mapping) if isinstance(r, dict) else r for r, _ in parsed]
-    schema = _check_schema([mapping.get(c, c) for c in columns], path, template)
-    kept = []
-    for i, ((record, line), mapped) in enumerate(zip(parsed, renamed)):
-        problem = record_problem(mapped, schema, template)
-        if problem is None:
-            kept.append(record)
-            continue
-        problems.append(located_problem(path, i, line, problem, mapping))
-    if problems and not skip_bad_records:
-        raise bad_records_error(path, problems)
-    skipped.extend(problems)
-    if not problems:  # the common case: let `datasets` read (and cache) the file itself
-        return _load_file("json", path)
-    if not kept:
-        return DatasetDict(train=Dataset.from_dict({c: [] for c in columns or ["instruction", "output"]}))
-    return DatasetDict(train=Dataset.from_dict({c: [r.get(c) for r in kept] for c in columns}))
 
 
 MAX_REPORTED_RECORDS = 20  # bad records listed in one error; the rest are counted
@@ -246,14 +455,13 @@ def located_problem(source: str, index: int, line: int | None, problem: str, map
     return f"{source}: record {index}" + (f" (line {line})" if line else "") + f", {problem}"
 
 
-def csv_record_lines(reader) -> list[int]:
+def csv_record_starts(reader):
     """The line each record of a csv.reader (past its header) starts on: a quoted cell may span several lines."""
-    starts, end = [], reader.line_num
+    end = reader.line_num
     for row in reader:
         if row:  # a blank line is no record (datasets skips it too)
-            starts.append(end + 1)
+            yield end + 1
         end = reader.line_num
-    return starts
 
 
 def _resolve_mapping(columns: list[str], column_mapping: dict[str, str] | None, source: str) -> dict[str, str]:
@@ -281,7 +489,7 @@ def _check_schema(columns: list[str], source: str, template: Template | None) ->
             raise DataError(
                 f"{source}: records need field {field!r} (found {columns}); map yours with column_mapping"
             )
-    for field in sorted(_template_fields(template)):
+    for field in sorted(template_fields(template)):
         if schema != "alpaca":
             raise DataError(f"{source}: the template uses field {field!r}, which chat ({schema}) records cannot have")
         if field not in columns:
@@ -356,7 +564,7 @@ def record_problem(record, schema: str, template: Template | None = None) -> str
             except TemplateError as e:
                 problem = f"field {schema!r}: {e}"
         return problem
-    for field in ["instruction", "input", "output", *sorted(_template_fields(template))]:
+    for field in ["instruction", "input", "output", *sorted(template_fields(template))]:
         value = record.get(field)
         if value is None:
             if field != "input":  # an absent or null input just means "no input"
@@ -375,11 +583,16 @@ def split_dataset(ds: Dataset, train_ratio: float, test_ratio: float, shuffle_se
     n = len(ds)
     n_train, n_test = int(n * train_ratio), int(n * test_ratio)
     return DatasetDict(
-        # list(range(...)): datasets rejects an empty contiguous range that starts at len(ds)
-        train=ds.select(list(range(n_train))),
-        test=ds.select(list(range(n_train, n_train + n_test))),
-        validation=ds.select(list(range(n_train + n_test, n))),
+        train=_rows(ds, 0, n_train),
+        test=_rows(ds, n_train, n_train + n_test),
+        validation=_rows(ds, n_train + n_test, n),
     )
+
+
+def _rows(ds: Dataset, start: int, stop: int) -> Dataset:
+    """Records start..stop as a contiguous slice (no index list: a range of millions would be hashed element by
+    element for the fingerprint); datasets rejects an empty range that starts at len(ds), hence select([])."""
+    return ds.select(range(start, stop)) if stop > start else ds.select([])
 
 
 def normalize_columns(
@@ -389,39 +602,89 @@ def normalize_columns(
     skip_bad_records: bool = False,
     template: Template | None = None,
     skipped: list[str] | None = None,
-    lines: list[int] | None = None,
+    lines: RecordLines | None = None,
+    num_proc: int | None = None,
 ) -> Dataset:
     """Rename columns onto instruction/input/output (or messages) and check every record has what it needs."""
     mapping = _resolve_mapping(ds.column_names, column_mapping, source)
     ds = ds.rename_columns(mapping)
     schema = _check_schema(ds.column_names, source, template)
     if schema == "alpaca" and "input" not in ds.column_names:
-        ds = ds.add_column("input", [""] * len(ds))
-    ds = check_records(ds, source, schema, skip_bad_records, template, skipped, mapping, lines)
+        ds = ds.add_column("input", pa.array([""] * len(ds), pa.string()) if len(ds) else [])
+    ds = check_records(ds, source, schema, skip_bad_records, template, skipped, mapping, lines, num_proc)
     if schema == "conversations":  # ShareGPT → OpenAI messages: one shape for the templates
-        ds = ds.map(lambda r: {"messages": sharegpt_to_messages(r["conversations"])},
-                    remove_columns=["conversations"], desc="ShareGPT conversations → messages")
+        processes = map_num_proc(num_proc, len(ds))
+        with fork_friendly(processes):
+            ds = ds.map(_sharegpt_batch, batched=True, remove_columns=["conversations"], num_proc=processes,
+                        desc="ShareGPT conversations → messages")
     return ds
 
 
+def _sharegpt_batch(batch: dict) -> dict:
+    return {"messages": [sharegpt_to_messages(c) for c in batch["conversations"]]}
+
+
 def check_records(ds, source, schema="alpaca", skip_bad_records=False, template=None, skipped=None, mapping=None,
-                  lines=None):
-    """Fail early, naming file, record (and its line, when `lines` knows it) and field as the file names it (before
-    `mapping`), instead of deep inside a map worker; or drop bad records."""
-    bad, problems = set(), []
-    for start, batch in zip(range(0, len(ds), 1000), ds.iter(batch_size=1000)):
-        for i, values in enumerate(zip(*batch.values()), start=start):
-            problem = record_problem(dict(zip(batch, values)), schema, template)
-            if problem is not None:
-                bad.add(i)
-                line = lines[i] if lines and i < len(lines) else None
-                problems.append(located_problem(source, i, line, problem, mapping))
+                  lines: RecordLines | None = None, num_proc: int | None = None):
+    """Fail early, naming file, record (and its line, when `lines` can find it) and field as the file names it
+    (before `mapping`), instead of deep inside a map worker; or drop bad records.
+
+    Alpaca records are checked in Arrow, batch by batch; conversations by `record_problem` in a batched map (their
+    checks walk every message). Only the records found bad are read into Python, for their messages."""
+    if schema == "alpaca":
+        suspects = _alpaca_suspects(ds, template)
+    else:
+        processes = map_num_proc(num_proc, len(ds))
+        with fork_friendly(processes):
+            found = ds.map(_bad_conversations, batched=True, with_indices=True, remove_columns=ds.column_names,
+                           fn_kwargs=dict(schema=schema, template=template), num_proc=processes,
+                           desc=f"Checking {schema}")
+        suspects = found["index"] if "index" in found.column_names else []  # (a map that keeps no row)
+    bad, problems = [], []
+    if suspects:
+        found_lines = lines.of(suspects[:MAX_REPORTED_RECORDS] if not skip_bad_records else suspects) if lines else {}
+        for start in range(0, len(suspects), 1000):
+            chunk = suspects[start : start + 1000]
+            for i, record in zip(chunk, ds.select(chunk)):
+                problem = record_problem(record, schema, template)
+                if problem is not None:
+                    bad.append(i)
+                    problems.append(located_problem(source, i, found_lines.get(i), problem, mapping))
     if problems and not skip_bad_records:
         raise bad_records_error(source, problems)
     if skipped is not None:
         skipped.extend(problems)
-    return ds.select([i for i in range(len(ds)) if i not in bad]) if bad else ds
+    return ds.select(np.setdiff1d(np.arange(len(ds)), bad)) if bad else ds
 
 
-def default_num_proc() -> int:
-    return max(1, min(4, (os.cpu_count() or 1)))
+def _alpaca_suspects(ds: Dataset, template: Template | None) -> list[int]:
+    """Indices of the Alpaca records whose fields are missing, null, not text, or (output) blank: vectorised in
+    Arrow, over batches of CHECK_BATCH records. `record_problem` then has the last word on each."""
+    required = ["instruction", "output", *sorted(template_fields(template))]
+    columns = [c for c in [*required, "input"] if c in ds.column_names]
+    suspects = []
+    table = ds.with_format("arrow", columns=columns)
+    for start in range(0, len(ds), CHECK_BATCH):
+        batch = table[start : start + CHECK_BATCH]
+        bad = pa.array(np.zeros(batch.num_rows, dtype=bool))
+        for name in columns:
+            column = batch.column(name)
+            is_text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            if name == "input":  # null or absent means "no input"; anything else must be text
+                if not is_text and not pa.types.is_null(column.type):
+                    bad = pc.or_(bad, pc.is_valid(column))
+                continue
+            if not is_text:
+                bad = pa.array(np.ones(batch.num_rows, dtype=bool))
+                break
+            bad = pc.or_(bad, pc.is_null(column))
+            if name == "output":
+                bad = pc.or_kleene(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0))
+        bad = pc.fill_null(bad, True)
+        suspects.extend((np.flatnonzero(bad.to_numpy(zero_copy_only=False)) + start).tolist())
+    return suspects
+
+
+def _bad_conversations(batch: dict, indices: list[int], schema: str, template: Template | None) -> dict:
+    records = (dict(zip(batch, values)) for values in zip(*batch.values()))
+    return {"index": [i for i, r in zip(indices, records) if record_problem(r, schema, template) is not None]}

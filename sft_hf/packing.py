@@ -14,7 +14,8 @@ from collections import defaultdict, deque
 
 from datasets import Dataset
 
-PACKED_COLUMNS = ("input_ids", "completion_mask")  # concatenated per row; every other column describes one example
+PACKED_COLUMNS = ("input_ids", "completion_mask")  # concatenated per row
+PER_EXAMPLE_COLUMNS = ("source",)  # one value per example of the row (a mixture's source): kept as a list
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -49,14 +50,16 @@ def _pack_batch(batch: dict, max_length: int) -> dict:
     bins = best_fit_decreasing([len(ids) for ids in batch["input_ids"]], max_length)
     packed = {column: [[token for i in members for token in batch[column][i]] for members in bins]
               for column in PACKED_COLUMNS if column in batch}
+    packed.update({column: [[batch[column][i] for i in members] for members in bins]
+                   for column in PER_EXAMPLE_COLUMNS if column in batch})
     packed["seq_lengths"] = [[len(batch["input_ids"][i]) for i in members] for members in bins]
     packed["length"] = [sum(lengths) for lengths in packed["seq_lengths"]]
     return packed
 
 
 def pack_dataset(dataset: Dataset, max_length: int, verbose: bool = True) -> Dataset:
-    """Rows of whole examples (`input_ids`, `completion_mask`, `seq_lengths`, `length`), at most `max_length` tokens
-    each, from the rows of `tokenize_dataset`."""
+    """Rows of whole examples (`input_ids`, `completion_mask`, `seq_lengths`, `length`, and a mixture's `source` per
+    example), at most `max_length` tokens each, from the rows of `tokenize_dataset`."""
     if max_length is None:
         raise ValueError("packing needs max_length: the length of the rows examples are packed into")
     packed = dataset.map(_pack_batch, batched=True, batch_size=1000, remove_columns=dataset.column_names,

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import jinja2
 import numpy as np
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, List, Value
 
+from sft_hf.data import fork_friendly, map_num_proc
 from sft_hf.templates import TRAINED_TURNS, ChatTemplate, Segment, Template, TemplateError, get_template
 
 logger = logging.getLogger(__name__)
@@ -185,12 +186,30 @@ def encode_records(records: list[dict], tokenizer, template: str | Template = "a
 def _tokenize_batch(batch: dict, indices: list[int], tokenizer, template: Template, max_length: int | None,
                     trained_turns: str = "all", split: str = "data") -> dict:
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    rows = [e.row() for e in encode_records(records, tokenizer, template, max_length, trained_turns, indices, split)
-            if e is not None]
-    return {key: [row[key] for row in rows] for key in ROW_COLUMNS}
+    encoded = encode_records(records, tokenizer, template, max_length, trained_turns, indices, split)
+    rows = [e.row() for e in encoded if e is not None]
+    out = {key: [row[key] for row in rows] for key in ROW_COLUMNS}
+    for key in CARRIED_COLUMNS:  # bookkeeping that follows each kept record (a mixture's source index)
+        if key in batch:
+            out[key] = [value for value, e in zip(batch[key], encoded) if e is not None]
+    return out
 
 
 ROW_COLUMNS = ("input_ids", "completion_mask", "prompt_length", "length", "truncated", "dropped_turns", "turns")
+CARRIED_COLUMNS = ("source",)
+
+
+def row_features(columns) -> Features:
+    """The map step's Arrow types: token ids as int32 and the mask as int8, not Python's int64: the cache of millions
+    of rows, and what reading it maps into memory, shrink to less than half (docs/data.md#large-files)."""
+    features = Features({
+        "input_ids": List(Value("int32")), "completion_mask": List(Value("int8")), "prompt_length": Value("int32"),
+        "length": Value("int32"), "truncated": Value("bool"), "dropped_turns": Value("int32"),
+        "turns": List({"role": Value("string"), "length": Value("int32")}),
+    })
+    if "source" in columns:
+        features["source"] = Value("int16")
+    return features
 
 
 @dataclass
@@ -234,6 +253,8 @@ def tokenize_dataset(
     (role and token count of each message, in order). Over-long conversations lose whole exchanges from the start
     (system prompt kept); then prompt tokens are cut from the left, after the leading special tokens, never reply
     tokens; examples whose reply + EOS alone exceed `max_length` are dropped. Statistics are printed per split.
+    A `source` column (a mixture's) follows each kept record. `num_proc`: processes for the map (default: every
+    usable core, once there are 1,000 records per process).
     """
     if isinstance(dataset, DatasetDict):
         return DatasetDict(
@@ -252,16 +273,19 @@ def tokenize_dataset(
     n_in = len(dataset)
     split = split or (dataset.split and str(dataset.split)) or "data"  # split_dataset's parts all say "train"
     check_template_fits(template, tokenizer, max_length, dataset.column_names)
-    tokenized = dataset.map(
-        _tokenize_batch,
-        batched=True,
-        with_indices=True,
-        num_proc=num_proc if num_proc and num_proc > 1 and n_in >= 1000 * num_proc else None,
-        remove_columns=dataset.column_names,
-        fn_kwargs=dict(tokenizer=tokenizer, template=template, max_length=max_length, trained_turns=trained_turns,
-                       split=split),
-        desc=f"Tokenizing {split} with template {template.name!r}",
-    )
+    processes = map_num_proc(num_proc, n_in)
+    with fork_friendly(processes):
+        tokenized = dataset.map(
+            _tokenize_batch,
+            batched=True,
+            with_indices=True,
+            num_proc=processes,
+            remove_columns=dataset.column_names,
+            features=row_features(dataset.column_names),
+            fn_kwargs=dict(tokenizer=tokenizer, template=template, max_length=max_length,
+                           trained_turns=trained_turns, split=split),
+            desc=f"Tokenizing {split} with template {template.name!r}",
+        )
     if len(tokenized) == 0:  # (checked first: a map that keeps no row has none of the new columns either)
         raise TemplateError(
             f"[{split}] no example is left after truncation to max_length={max_length}: every response + EOS is "
@@ -304,19 +328,21 @@ def min_response_length(dataset: Dataset, tokenizer, template: Template) -> int:
 
 
 def compute_stats(tokenized: Dataset, split: str, n_in: int) -> TokenizeStats:
-    lengths = np.asarray(tokenized["length"], dtype=np.int64)
-    table = tokenized.with_format("arrow")
-    masks = table[:]["completion_mask"] if len(tokenized) else None
+    """The split's statistics, in Arrow (no Python list of millions of lengths)."""
+    if not len(tokenized):
+        return TokenizeStats(split, n_in, 0, 0, n_in, 0.0, 0, 0.0, 0, 0, 0)
+    table = tokenized.with_format("arrow", columns=["length", "truncated", "dropped_turns", "completion_mask"])[:]
+    lengths = table.column("length").to_numpy()
     return TokenizeStats(
         split=split,
         examples_in=n_in,
         kept=len(tokenized),
-        truncated=int(np.sum(tokenized["truncated"])) if len(tokenized) else 0,
+        truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
         dropped=n_in - len(tokenized),
-        mean_length=float(lengths.mean()) if len(lengths) else 0.0,
-        max_length=int(lengths.max()) if len(lengths) else 0,
-        p95_length=float(np.percentile(lengths, 95)) if len(lengths) else 0.0,
+        mean_length=float(lengths.mean()),
+        max_length=int(lengths.max()),
+        p95_length=float(np.percentile(lengths, 95)),
         tokens=int(lengths.sum()),
-        trained_tokens=int(pc.sum(pc.list_flatten(masks)).as_py() or 0) if masks is not None else 0,
-        dropped_turns=int(np.sum(tokenized["dropped_turns"])) if len(tokenized) else 0,
+        trained_tokens=int(pc.sum(pc.list_flatten(table.column("completion_mask"))).as_py() or 0),
+        dropped_turns=int(pc.sum(table.column("dropped_turns")).as_py() or 0),
     )

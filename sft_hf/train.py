@@ -20,13 +20,11 @@ from transformers import set_seed
 
 from sft_hf.callbacks import BaselineExactMatchCallback, GenerationSamplesCallback
 from sft_hf.collator import recipe_collator
-from sft_hf.data import load_recipe_splits
 from sft_hf.errors import Interrupted, RecipeError, install_secret_redaction
 from sft_hf.evaluation.generation import generate_responses, request_text
 from sft_hf.evaluation.metrics import exact_match
 from sft_hf.lora import prepare_training_args
 from sft_hf.modeling import load_model, load_tokenizer
-from sft_hf.packing import pack_dataset
 from sft_hf.precision import settle_precision
 from sft_hf.run import hub, peers
 from sft_hf.run.checkpoints import (
@@ -34,11 +32,11 @@ from sft_hf.run.checkpoints import (
 from sft_hf.run.config import format_recipe, parse_recipe_and_values, save_recipe
 from sft_hf.run.outputs import logged_train_loss, plot_loss_curve, save_template
 from sft_hf.run.preemption import StopOnSignal
+from sft_hf.run.training_data import prepare_training_data, source_results, track_data
 from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, StopOnSkippedSteps, atomic_save, check_output_dir
 from sft_hf.speed import allocator
 from sft_hf.speed.threads import run_on_cpu, set_cpu_threads
 from sft_hf.templates import get_template, reference_answer
-from sft_hf.tokenization import tokenize_dataset
 from sft_hf.trainer import InstructionTrainer
 
 logger = logging.getLogger("sft_hf")
@@ -90,20 +88,15 @@ def main(argv=None):
         check_resume_recipe(resume, recipe)
     set_seed(args.seed)
 
-    # 1. Data: load, split, template, tokenize (the main process first, the others reuse its datasets cache).
+    # 1. Data: load, split (or mix), template, tokenize and pack, or open the stream (sft_hf/run/training_data.py).
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
-    raw = load_recipe_splits(data_args, template)
-    with peers.main_process_first(args, desc="tokenize"):  # the others wait without ddp_timeout's limit
-        tokenized = tokenize_dataset(raw, tokenizer, template, args.max_length, data_args.dataset_num_proc,
-                                     verbose=args.process_index == 0, trained_turns=args.trained_turns)
-    if "messages" in raw["train"].column_names and not args.completion_only_loss:
+    data = prepare_training_data(data_args, args, tokenizer, template, resume)
+    raw = data.raw
+    if data.is_chat and not args.completion_only_loss:
         logger.warning("chat data with completion_only_loss false: user, system and tool turns are trained too; "
                        "set completion_only_loss: true to train only the assistant replies")
     held_out = raw["test"] if len(raw["test"]) else raw["validation"]
-
-    if args.packing:  # TRL's packing: whole examples best-fit into rows of max_length
-        tokenized["train"] = pack_dataset(tokenized["train"], args.max_length, verbose=args.process_index == 0)
 
     # 2. Model, and the precision it trains in (a LoRA model cannot keep fp32 master weights).
     model = load_model(model_args, tokenizer, args)
@@ -116,8 +109,8 @@ def main(argv=None):
     trainer = InstructionTrainer(
         model=model,
         args=args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"] if len(tokenized["validation"]) else None,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
         processing_class=tokenizer,
         data_collator=collator,
         # stop at a NaN/inf gradient before it is applied, and an fp16 run whose every step overflows
@@ -125,6 +118,7 @@ def main(argv=None):
         callbacks=[StopOnNonFiniteLoss(), StopOnSkippedSteps(), stop_on_signal],
         recipe=recipe,  # saved in each checkpoint, for check_resume_recipe
     )
+    track_data(data, trainer)  # per-source counts and the stream position, saved with every checkpoint
     if args.eval_exact_match and args.baseline_exact_match:
         trainer.add_callback(BaselineExactMatchCallback(lambda model: measure_exact_match(
             model, tokenizer, held_out.to_list(), template, args, "Before training:")[0]))
@@ -168,6 +162,8 @@ def main(argv=None):
     if resume:  # Trainer's train_loss covers only the steps after the resume (0.0 when none were left)
         metrics["train_loss"] = logged_train_loss(trainer.state.log_history)
     metrics["train_trained_tokens"] = trainer.trained_tokens_total
+    if (sources := source_results(data, trainer)) is not None:  # records and tokens of each source
+        metrics["sources"] = sources
     try:
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())

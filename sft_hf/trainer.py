@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator, has_varlen_attention, resolve_pad_token_id
+from sft_hf.collator import (IGNORE_INDEX, SOURCE_COUNTS, STREAM_POSITION, InstructionDataCollator,
+                             has_varlen_attention, resolve_pad_token_id)
 from sft_hf.precision import settle_precision
 from sft_hf.run.checkpoints import CrashSafeCheckpoints
 from sft_hf.speed import master_weights
@@ -132,6 +133,10 @@ class InstructionTrainer(Trainer):
         self._step_started: float | None = None  # when the current step's batches were fetched (StepClock ends it)
         self._training_seconds = 0.0  # training time since the last log: no logging, evaluation or saving
         self.trained_tokens_total = 0
+        # What the batches trained so far say about the data (sft_hf/streaming.py's DataStateCallback saves it):
+        # examples and trained tokens per mixture source, and the last streamed row trained on.
+        self.source_counts: torch.Tensor | None = None
+        self.stream_position: torch.Tensor | None = None
 
     # bf16 weights with fp32 master copies (speed/master_weights.py): the optimizer holds the fp32 truth, clips as it
     # reads the gradients, and gives the masters back to the model when training ends.
@@ -219,6 +224,10 @@ class InstructionTrainer(Trainer):
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if (counts := inputs.pop(SOURCE_COUNTS, None)) is not None:  # bookkeeping, not a model input
+            self.source_counts = counts if self.source_counts is None else self.source_counts + counts
+        if (position := inputs.pop(STREAM_POSITION, None)) is not None:
+            self.stream_position = position
         labels = inputs.get("labels")
         if labels is not None:
             # Counted on the batch's device and read only when logging: no host sync per step.

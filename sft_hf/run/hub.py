@@ -71,7 +71,11 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
     if model_args.use_peft:
         hyperparameters.update({k: getattr(model_args, k) for k in LORA_HYPERPARAMETERS})
     hyperparameters = {k: v.value if isinstance(v, Enum) else v for k, v in hyperparameters.items()}  # plain YAML
-    dataset = data_args.dataset_name if _is_hub_id(data_args.dataset_name) else None
+    sources = (metrics or {}).get("sources") or []  # a mixture's (sft_hf/mixture.py), with what each gave the run
+    mixture = bool(getattr(data_args, "dataset_mixture", None))
+    dataset = data_args.dataset_name if _is_hub_id(data_args.dataset_name) and not mixture else None
+    paths = [s["path"] for s in sources] if mixture else [dataset] if dataset else []
+    hub_datasets = list(dict.fromkeys(path for path in paths if _is_hub_id(path)))  # the card's `datasets:`
     metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     eval_results = [
         EvalResult(task_type="text-generation", dataset_type=dataset or "local", dataset_name=data_args.dataset_name
@@ -84,7 +88,7 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
     data = ModelCardData(
         model_name=name,
         base_model=model_args.model_name_or_path if _is_hub_id(model_args.model_name_or_path) else None,
-        datasets=[dataset] if dataset else None,
+        datasets=hub_datasets or None,
         license=base_model_license(model_args.model_name_or_path),
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-generation",
@@ -99,9 +103,10 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
         usage += ["", "from peft import AutoPeftModelForCausalLM",
                   f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")',
                   "model = model.merge_and_unload()  # optional: a plain transformers model"]
+    trained_on = f"a mixture of {len(sources)} sources" if mixture else f"`{data_args.dataset_name}`"
     body = [
         f"# {name}", "",
-        f"Instruction-tuned from `{model_args.model_name_or_path}` on `{data_args.dataset_name}` with "
+        f"Instruction-tuned from `{model_args.model_name_or_path}` on {trained_on} with "
         "[sft-hf](https://pypi.org/project/sft-hf/).", "",
         f"## Prompt template: `{template.name}`", "", "```",
         "the tokenizer's own chat template (`chat_template` in the tokenizer files), every turn"
@@ -110,6 +115,7 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
         "(saved as `sft_template.json`)" if template.multi_turn  # chat templates have no Alpaca `input` part
         else "(the `input` part only when the input is non-empty; saved as `sft_template.json`)", "",
         "## Usage", "", "```python", *usage, "```", "",
+        *data_section(sources),
         "## Training hyperparameters", "", "| name | value |", "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in hyperparameters.items()], "",
         "## Results", "", "| metric | value |", "| --- | --- |",
@@ -120,6 +126,19 @@ def build_model_card(output_dir: str, repo_id: str | None, model_args, data_args
                  "`accelerate launch recipes/train.py --config recipe.yaml`):", "", "```yaml",
                  yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))
+
+
+def data_section(sources: list[dict]) -> list[str]:
+    """The card's table of sources: each share, the records taken, and the examples and tokens trained from it."""
+    if not sources:
+        return []
+    lines = ["## Training data", "", "| source | share | records taken | of | examples trained | tokens trained |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for s in sources:
+        available = f"{s['available']:,}" if s.get("available") else "stream"
+        lines.append(f"| `{s['label']}` | {s['share']} | {s['taken']:,} | {available} | {s['examples_trained']:,} "
+                     f"| {s['tokens_trained']:,} |")
+    return lines + [""]
 
 
 def cannot_push_reason(token: str | None = None) -> str | None:
