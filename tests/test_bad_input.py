@@ -406,9 +406,9 @@ def test_evaluate_bad_arguments_are_one_line_before_any_generation(tmp_path):
 def test_recipe_values_of_the_wrong_type_name_their_source_in_one_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model_name_or_path: builtin:tiny-llama\nlearning_rate: abc\n")
-    with pytest.raises(RecipeError, match=rf"^{recipe}: argument --learning_rate/--learning-rate: invalid float value"):
+    with pytest.raises(RecipeError, match=rf"^{recipe}: argument --learning_rate: invalid float value"):
         parse_recipe(["--config", str(recipe)])
-    with pytest.raises(RecipeError, match=r"^command line: argument --learning_rate/--learning-rate: invalid float"):
+    with pytest.raises(RecipeError, match=r"^command line: argument --learning_rate: invalid float"):
         parse_recipe(["--config", str(recipe), "--learning_rate", "x"])
     # the command line's value wins without the file's being parsed; --config=path works like --config path
     assert parse_recipe([f"--config={recipe}", "--learning_rate", "0.001"])[2].learning_rate == 0.001
