@@ -2,8 +2,6 @@
 trainer's per-step token counting (sync-free) logs exact numbers. No timings are asserted: speed lives in
 benchmarks/bench_train.py."""
 import json
-import logging
-import random
 import sys
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from sft_hf import InstructionDataCollator, InstructionTrainer, SFTArguments, tokenize_dataset
+from sft_hf import tokenize_dataset
 from sft_hf.builtin import toy
 from sft_hf.templates import get_template
 
@@ -91,55 +89,6 @@ def test_gpu_contenders_and_mfu(monkeypatch):
     assert "2.00× TRL's best" in table and "MFU 13.5% of the GPU's dense bf16/fp16 peak (312 TFLOP/s)" in table
 
 
-def _rows(vocab_size: int, eos: int) -> list[dict]:
-    rng = random.Random(0)
-    return [{"input_ids": [rng.randrange(3, vocab_size) for _ in range(n - 1)] + [eos]} for n in (9, 5, 7, 3)]
-
-
-def test_trainer_logs_exact_token_counts_and_batching(tiny_model_dir, tmp_path, caplog):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    data = Dataset.from_list(_rows(model.config.vocab_size, model.config.eos_token_id))
-    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
-                        save_strategy="no", report_to="none", train_sampling_strategy="sequential",
-                        disable_tqdm=True, use_cpu=True)
-    with caplog.at_level(logging.INFO, logger="sft_hf.trainer"):
-        trainer = InstructionTrainer(model=model, args=args, train_dataset=data,
-                                     data_collator=InstructionDataCollator(model.config.pad_token_id))
-    assert "Batching: padded batches in sequential order" in caplog.text
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "padding_fraction" in h]
-    # batch 1: rows of 9 and 5 tokens → 18 positions, 4 of them padding; batch 2: 7 and 3 → 14 positions, 4 padding
-    assert [h["padding_fraction"] for h in logs] == [round(4 / 18, 4), round(4 / 14, 4)]
-    assert trainer.trained_tokens_total == (9 - 1) + (5 - 1) + (7 - 1) + (3 - 1)  # every token after the first
-
-
-def test_trainer_counts_the_padding_free_filler_as_padding(tiny_model_dir, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa_varlen")
-    data = Dataset.from_list(_rows(model.config.vocab_size, model.config.eos_token_id))
-    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
-                        save_strategy="no", report_to="none", train_sampling_strategy="sequential",
-                        disable_tqdm=True, use_cpu=True)
-    collator = InstructionDataCollator(model.config.pad_token_id, padding_free=True, pad_to_multiple_of=8)
-    trainer = InstructionTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "padding_fraction" in h]
-    # rows of 9 + 5 tokens → 16 positions, 2 of them filler; rows of 7 + 3 → 16 positions, 6 of them filler
-    assert [h["padding_fraction"] for h in logs] == [round(2 / 16, 4), round(6 / 16, 4)]
-    # each example's first token is not a target, nor is the filler
-    assert trainer.trained_tokens_total == (9 - 1) + (5 - 1) + (7 - 1) + (3 - 1)
-
-
-def test_padding_free_without_varlen_kernel_is_flagged(tiny_model_dir, tmp_path, caplog):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")  # no varlen kernel
-    data = Dataset.from_list(_rows(model.config.vocab_size, model.config.eos_token_id))
-    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, save_strategy="no",
-                        report_to="none", use_cpu=True)
-    collator = InstructionDataCollator(model.config.pad_token_id, padding_free=True)
-    with caplog.at_level(logging.INFO, logger="sft_hf.trainer"):
-        InstructionTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
-    assert "Batching: padding-free rows" in caplog.text and "WARNING: without a variable-length" in caplog.text
-
-
 def test_benchmark_data_prep_matches_trl_tokens(tmp_path, monkeypatch):
     """Both preparations produce the same 53,366 tokens for W1: the benchmark compares like with like."""
     pytest.importorskip("trl")
@@ -154,26 +103,3 @@ def test_benchmark_data_prep_matches_trl_tokens(tmp_path, monkeypatch):
     _, ours = bench_data.time_ours(records, tokenizer)
     _, trl = bench_data.time_trl(bench_data.trl_trainer_for_data_prep(model_dir, tokenizer), records)
     assert ours["input_ids"] == trl["input_ids"]
-
-
-def test_onednn_linear_matches_nn_linear(tiny_model_dir):
-    from sft_hf.speed import onednn_linear
-
-    if onednn_linear._linear is None or not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch build has no oneDNN linear op")
-    stock = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    fast = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    n_linear = sum(type(m) is torch.nn.Linear for m in fast.modules())
-    assert onednn_linear.use_onednn_linear(fast) == n_linear == 2 * 7 + 1  # 7 per layer + the LM head
-    assert list(fast.state_dict()) == list(stock.state_dict())  # save_pretrained writes the same tensors
-    ids = torch.randint(3, stock.config.vocab_size, (3, 11))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    losses = []
-    for model in (stock, fast):
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    for (name, p_stock), p_fast in zip(stock.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(p_fast.grad, p_stock.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -182,9 +182,9 @@ def test_every_path_and_module_mentioned_exists(doc):
 
 
 def test_path_extraction():
-    text = ("`sft_hf/run/gguf.py`, recipes/train.py. (`tests/test_resume.py`) ~/.cache/sft_hf/gguf/ "
+    text = ("`sft_hf/run/gguf.py`, recipes/train.py. (`tests/test_checkpoints.py`) ~/.cache/sft_hf/gguf/ "
             "accelerate_configs/<config>.yaml recipes/...yaml benchmarks/README.md#w3 sft_hf.run.config.parse_recipe")
-    assert mentioned_paths(text) == {"sft_hf/run/gguf.py", "recipes/train.py", "tests/test_resume.py",
+    assert mentioned_paths(text) == {"sft_hf/run/gguf.py", "recipes/train.py", "tests/test_checkpoints.py",
                                      "benchmarks/README.md"}
     assert missing_module_names("sft_hf.run.config.parse_recipe sft_hf.templates") == []
     assert missing_module_names("sft_hf.mc_eval and sft_hf.run.config.no_such_name") != []

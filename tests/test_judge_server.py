@@ -36,7 +36,7 @@ def llama_server(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def records():
-    return json.loads(RESPONSES.read_text())[:20]
+    return json.loads(RESPONSES.read_text())[:12]
 
 
 def make_judge(url, **kwargs):
@@ -45,7 +45,7 @@ def make_judge(url, **kwargs):
 
 @pytest.fixture(scope="session")
 def structured_run(llama_server, records):
-    """The 20 items judged once, structured (auto), not streamed, one request at a time: the reference run."""
+    """The 12 items judged once, structured (auto), not streamed, one request at a time: the reference run."""
     return judge_responses(records, make_judge(llama_server.url), max_workers=1, show_progress=False)
 
 
@@ -55,7 +55,7 @@ def scores(results):
 
 def test_structured_output_scores_every_item(structured_run):
     summary = summarize(structured_run)
-    assert (summary["num_items"], summary["num_scores"], summary["score_paths"]) == (20, 20, {"json": 20})
+    assert (summary["num_items"], summary["num_scores"], summary["score_paths"]) == (12, 12, {"json": 12})
     for result in structured_run:
         assert parse_structured_score(result["reply"]).score == result["score"]
         assert json.loads(result["reply"]) == {"score": result["score"]}

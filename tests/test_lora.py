@@ -8,6 +8,7 @@ import transformers
 
 from sft_hf.lora import LORA_TARGET_MODULES, QLoRAUnavailable, apply_lora, lora_target_modules, quantization_config
 from sft_hf.lora import main as merge_lora_main
+
 from tiny_setup import run_train, tiny_recipe_args, write_tiny_dataset, write_tiny_model
 
 
@@ -279,3 +280,20 @@ def test_lora_training_arguments(monkeypatch):
     args.activation_checkpointing_kwargs = {"use_reentrant": False}
     prepare_training_args(lora_args(), args)
     assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_merge_lora_refuses_a_non_empty_out_dir_and_names_a_non_adapter(tmp_path, capsys):
+    from sft_hf.cli import main as cli_main
+
+    adapter, out = tmp_path / "adapter", tmp_path / "run"
+    adapter.mkdir(), out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights of another run")
+    assert cli_main(["merge-lora", str(adapter), str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {adapter}: no adapter_config.json; is this a LoRA output_dir?"
+    (adapter / "adapter_config.json").write_text("{}")
+    assert cli_main(["merge-lora", str(adapter), str(out)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {out} exists and is not empty")
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]  # untouched
+    assert cli_main(["merge-lora", str(adapter), str(out / "model.safetensors"), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {out / 'model.safetensors'} is a file: name a folder for the " \
+                                              "merged model"

@@ -16,12 +16,8 @@ from sft_hf.mixture import load_mixture, parse_mixture
 from sft_hf.run.config import parse_recipe, save_recipe
 from sft_hf.templates import get_template
 from sft_hf.tokenization import tokenize_dataset
-from tiny_setup import run_train, tiny_recipe_args, write_tiny_model
+from tiny_setup import run_train, tiny_recipe_args, write_jsonl, write_tiny_model
 
-
-def write_jsonl(path, records):
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 def alpaca(n, tag="a"):

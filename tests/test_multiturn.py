@@ -14,6 +14,7 @@ from sft_hf.collator import IGNORE_INDEX, InstructionDataCollator
 from sft_hf.data import DataError, load_instruction_dataset
 from sft_hf.templates import TemplateError, get_template
 from sft_hf.tokenization import encode_records, tokenize_dataset
+from tiny_setup import write_jsonl
 
 # Chat templates as their models ship them (Llama 3, Gemma and Mistral verbatim; Qwen 2.5's without the tool list).
 LLAMA3 = (
@@ -348,10 +349,6 @@ def test_left_truncation_keeps_the_leading_special_tokens(base_dir, name):
     assert row["input_ids"][len(leading):] == full.input_ids[len(full.input_ids) - 30 + len(leading):]
     assert tok.decode(row["input_ids"][-n_reply:]) in ("Words." + tok.eos_token, "Words.<|eot_id|>")
 
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 def test_sharegpt_records_become_messages(tmp_path, smollm2_tokenizer):

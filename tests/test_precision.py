@@ -1,5 +1,6 @@
-"""`precision: auto` picks bf16 only where the hardware multiplies it natively, `--precision bf16` works on a CPU
-without other flags, and bf16 autocast training tracks fp32 training (the guard that lets `auto` switch to it)."""
+"""The precision plan (sft_hf/precision.py): `precision: auto` picks bf16 only where the run's device multiplies it
+natively, what rules out fp32 master weights (arguments, a LoRA model) turns bf16 into autocast, `--precision bf16`
+works on a CPU without other flags, and bf16 autocast training tracks fp32 training."""
 import pytest
 import torch
 from datasets import Dataset
@@ -107,3 +108,31 @@ def test_bf16_training_tracks_fp32(tiny_model_dir, instruction_records, tmp_path
     # (measured: 0.01%), so bf16 learns what fp32 learns
     assert sum(fp32[-5:]) < 0.8 * 5 * fp32[0]
     assert abs(sum(bf16[-5:]) - sum(fp32[-5:])) / sum(fp32[-5:]) < 0.01
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--gradient_accumulation_steps", "2"], "gradient accumulation"),
+    (["--optim", "sgd"], "not AdamW"),
+    (["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "steps"], "load_best"),
+])
+def test_runs_bf16_weights_cannot_train_take_bf16_autocast(tmp_path, flags, why):
+    """Decided before TrainingArguments sets up mixed precision: the Accelerator autocasts (not fp32 by mistake)."""
+    args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", *flags], default_recipe=None)[2]
+    assert (args.precision_plan.master_weights, args.bf16, args.mixed_precision) == (False, True, "bf16")
+    assert why in args.precision_plan.why
+
+
+def test_a_lora_model_takes_bf16_autocast_and_its_rows_stay_at_8(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from sft_hf.collator import recipe_collator
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", "--padding_free", "true"],
+                        default_recipe=None)[2]
+    assert args.precision_plan.master_weights
+    assert recipe_collator(AutoTokenizer.from_pretrained(tiny_model_dir), args, model).pad_to_multiple_of == 8
+    trainer = InstructionTrainer(model=model, args=args, train_dataset=None,
+                                 data_collator=InstructionDataCollator(pad_token_id=0))
+    assert not trainer.args.precision_plan.master_weights and trainer.accelerator.mixed_precision == "bf16"

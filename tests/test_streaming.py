@@ -5,7 +5,6 @@ own share."""
 import itertools
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,13 +14,9 @@ from sft_hf.data import DataError
 from sft_hf.errors import RecipeError
 from sft_hf.streaming import load_streams, process_rows
 from sft_hf.templates import get_template
-from tiny_setup import ROOT, load_weights, run_train, tiny_recipe_args, train_losses, write_tiny_dataset, \
-    write_tiny_model
+from tiny_setup import ROOT, load_weights, run_train, tiny_recipe_args, train_losses, write_jsonl, \
+    write_tiny_dataset, write_tiny_model
 
-
-def write_jsonl(path, records):
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 def records(n, tag="r"):
@@ -179,45 +174,38 @@ def test_a_streamed_run_killed_and_resumed_equals_one_never_interrupted(assets):
         torch.testing.assert_close(resumed_weights[name], straight_weights[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_two_processes_each_stream_their_own_share(assets):
+def test_two_processes_each_stream_their_own_share_and_resume_their_own_positions(assets):
     """Two processes of 4 rows each (every other record of the one-shard file) train what one process with batches
-    of 8 trains on the records in file order: no record twice, none left out."""
-    _, data, tmp = assets
-    model = write_tiny_model(tmp / "model_without_dropout")  # two processes draw other dropout masks than one
-    common = dict(max_steps=5, train_split_ratio=1.0, test_split_ratio=0.0, learning_rate=5e-3)
-    run_train(tiny_recipe_args(model, data, tmp / "one", train_sampling_strategy="sequential",
-                               per_device_train_batch_size=8, **common))
-    run_train(tiny_recipe_args(model, data, tmp / "two", streaming="true", shuffle_buffer_size=0,
-                               per_device_train_batch_size=4, **common),
-              accelerate_config=str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"))
-    one, two = train_losses(tmp / "one"), train_losses(tmp / "two")
-    assert len(one) == 5
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
-
-
-def test_two_processes_resume_their_own_stream_positions(assets):
-    """Each process's position is gathered into the checkpoint and given back to it: resumed from checkpoint-4, a
-    2-process streamed run trains steps 5-8 exactly as the run that went through."""
+    of 8 trains on the records in file order: no record twice, none left out. Each process's position is gathered
+    into the checkpoint and given back to it: resumed from checkpoint-4, the 2-process run trains steps 5-8 exactly
+    as the run that went through."""
     import shutil
 
     _, data, tmp = assets
-    model = write_tiny_model(tmp / "model_for_two")
-    recipe = dict(max_steps=8, per_device_train_batch_size=2, streaming="true", shuffle_buffer_size=6,
-                  save_strategy="steps", save_steps=4, learning_rate=5e-3)
+    model = write_tiny_model(tmp / "model_without_dropout")  # two processes draw other dropout masks than one
+    common = dict(max_steps=8, train_split_ratio=1.0, test_split_ratio=0.0, learning_rate=5e-3)
+    streamed = dict(streaming="true", shuffle_buffer_size=0, per_device_train_batch_size=4, save_strategy="steps",
+                    save_steps=4, **common)
     config = str(ROOT / "accelerate_configs" / "cpu_2proc.yaml")
-    run_train(tiny_recipe_args(model, data, tmp / "through", **recipe), accelerate_config=config)
-    saved = json.loads((tmp / "through" / "checkpoint-4" / "trainer_state.json").read_text())
+    run_train(tiny_recipe_args(model, data, tmp / "one", train_sampling_strategy="sequential",
+                               per_device_train_batch_size=8, **common))
+    run_train(tiny_recipe_args(model, data, tmp / "two", **streamed), accelerate_config=config)
+    one, two = train_losses(tmp / "one"), train_losses(tmp / "two")
+    assert len(one) == 8
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
+
+    saved = json.loads((tmp / "two" / "checkpoint-4" / "trainer_state.json").read_text())
     streams = saved["stateful_callbacks"]["DataStateCallback"]["attributes"]["streams"]
-    # 4 steps × 2 rows per process: the 8th row of each process's share, in block 1 (blocks of 6)
-    assert sorted(streams) == ["0", "1"] and all((s["block"], s["next"]) == (1, 2) for s in streams.values())
+    # 4 steps × 4 rows per process: the 17th row of each process's share, in its first (unshuffled) block
+    assert sorted(streams) == ["0", "1"] and all((s["block"], s["next"]) == (0, 16) for s in streams.values())
     resumed = tmp / "resumed"
     resumed.mkdir()
-    shutil.copytree(tmp / "through" / "checkpoint-4", resumed / "checkpoint-4")
+    shutil.copytree(tmp / "two" / "checkpoint-4", resumed / "checkpoint-4")
     run_train(tiny_recipe_args(model, data, resumed, resume_from_checkpoint=str(resumed / "checkpoint-4"),
-                               **recipe), accelerate_config=config)
-    through, again = train_losses(tmp / "through"), train_losses(resumed)
-    assert len(through) == 8 and len(again) == 8  # the checkpoint's log history, then steps 5-8
-    torch.testing.assert_close(torch.tensor(again[4:]), torch.tensor(through[4:]), rtol=1e-6, atol=1e-6)
+                               **streamed), accelerate_config=config)
+    again = train_losses(resumed)
+    assert len(again) == 8  # the checkpoint's log history, then steps 5-8
+    torch.testing.assert_close(torch.tensor(again[4:]), torch.tensor(two[4:]), rtol=1e-6, atol=1e-6)
 
 
 def test_streaming_without_max_steps_is_one_line(assets):

@@ -76,3 +76,14 @@ def test_unknown_template_and_missing_field_are_clear_errors():
     custom = get_template({"name": "q", "prompt": "{question}", "response": "\n"})
     with pytest.raises(TemplateError, match="needs field 'question'"):
         custom.render({"instruction": "x", "input": "", "output": "y"})
+
+
+def test_unknown_template_suggests_the_closest_name():
+    with pytest.raises(TemplateError, match="unknown template 'chatlm': did you mean 'chatml'"):
+        get_template("chatlm")
+    with pytest.raises(TemplateError, match="template file missing.yaml not found"):
+        get_template("missing.yaml")
+    with pytest.raises(TemplateError, match=r"'prompt': \{0\} is not a record field name"):
+        get_template({"prompt": "{0} says"})
+    with pytest.raises(TemplateError, match=r"'prompt': Single '\}' encountered"):
+        get_template({"prompt": "{instruction} }"})

@@ -1,10 +1,16 @@
-"""The map step: EOS appended, response start recorded, truncation that keeps the response, datasets cache reuse."""
+"""The map step (sft_hf/tokenization.py): EOS appended, response start recorded, truncation that keeps the response,
+datasets cache reuse; a record the template cannot render, a max_length too small for the template and a tokenizer
+without EOS are one line each."""
 import json
 
+import pytest
 from datasets import Dataset
 
 from sft_hf import load_instruction_dataset, tokenize_dataset
-from sft_hf.templates import get_template
+from sft_hf.builtin.toy import train_bpe_tokenizer
+from sft_hf.templates import TemplateError, get_template
+
+from tiny_setup import GOOD
 
 
 def test_eos_appended_and_prompt_length_recorded(bpe_tokenizer):
@@ -83,3 +89,40 @@ def test_csv_and_parquet_and_column_mapping(tmp_path, bpe_tokenizer):
             {"instruction": "What is 1+1?", "output": "2", "input": ""},
             {"instruction": "Capital of France?", "output": "Paris", "input": ""},
         ]
+
+
+def test_record_the_template_cannot_render_names_split_and_record(tokenizer):
+    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+               {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                             {"role": "assistant", "content": "d"}]}]
+    with pytest.raises(TemplateError, match=r"^\[data\] record 1: template 'alpaca' takes one user turn"):
+        tokenize_dataset(Dataset.from_list(records), tokenizer, "alpaca", max_length=64, verbose=False)
+
+
+def test_max_length_too_small_for_the_template_itself(tokenizer):
+    alpaca = get_template("alpaca")
+    empty = {"instruction": "", "input": "", "output": ""}
+    overhead = len(tokenizer(alpaca.format_prompt(empty))["input_ids"]) + 1  # + EOS
+    assert overhead > 20  # the Alpaca preamble alone is dozens of tokens
+    records = Dataset.from_list([{"instruction": "Hi", "input": "", "output": "Yo"}])
+    with pytest.raises(TemplateError, match=rf"max_length={overhead} is too small for template 'alpaca': its own "
+                                            rf"text and EOS take {overhead} tokens"):
+        tokenize_dataset(records, tokenizer, alpaca, max_length=overhead, verbose=False)
+    row = tokenize_dataset(records, tokenizer, alpaca, max_length=overhead + 1, verbose=False)[0]
+    assert row["length"] == overhead + 1 and row["truncated"]  # the instruction is cut, template and EOS kept
+
+
+def test_tokenizer_with_neither_pad_nor_eos(tmp_path, tokenizer):
+    from sft_hf.modeling import load_tokenizer
+    from sft_hf.run.config import ModelArguments
+
+    bare = train_bpe_tokenizer(["hello world"] * 10, 280)
+    bare.eos_token = None
+    bare.pad_token = None
+    assert bare.eos_token_id is None and bare.pad_token_id is None
+    with pytest.raises(TemplateError, match="the tokenizer has no eos_token \\(pad_token: None\\)"):
+        tokenize_dataset(Dataset.from_list([GOOD]), bare, "alpaca", max_length=64, verbose=False)
+    bare.save_pretrained(tmp_path)
+    with pytest.raises(TemplateError, match=rf"{tmp_path}: the tokenizer has no eos_token"):
+        load_tokenizer(ModelArguments(model_name_or_path=str(tmp_path)))

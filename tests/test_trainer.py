@@ -1,16 +1,24 @@
-"""The loss is a mean over trained tokens, however the global batch is split into micro-batches and processes."""
+"""InstructionTrainer (sft_hf/trainer.py): the loss is a mean over trained tokens, however the global batch is split
+into micro-batches and processes; logits only where a token is trained; exact token counts, tokens per second of
+training time only and the padding fraction in the logs; the private Trainer methods it overrides still exist."""
 import json
+import logging
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sft_hf import InstructionDataCollator
+from sft_hf.run.config import SFTArguments
+from sft_hf.trainer import InstructionTrainer
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import one_step  # noqa: E402
@@ -96,9 +104,9 @@ def test_tokens_per_second_counts_training_time_only(tiny_model_dir, tmp_path, m
     import types
 
     from datasets import Dataset
-    from transformers import TrainerCallback
 
-    from sft_hf import InstructionTrainer, SFTArguments, trainer as trainer_module
+    from sft_hf import InstructionTrainer, SFTArguments
+    from sft_hf import trainer as trainer_module
 
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
@@ -187,3 +195,66 @@ def test_the_private_trainer_methods_we_override_are_still_called_as_we_define_t
         theirs, mine = inspect.signature(getattr(Trainer, name)), inspect.signature(getattr(InstructionTrainer, name))
         assert list(theirs.parameters) == list(mine.parameters), name
         assert f"self.{name}(" in source, f"Trainer no longer calls {name}"
+
+
+def test_a_tied_output_head_is_not_reported_missing_at_resume(tmp_path, caplog):
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)  # lm_head tied
+    trainer = InstructionTrainer(model=transformers.GPT2LMHeadModel(config),
+                                 args=SFTArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+                                 data_collator=InstructionDataCollator(pad_token_id=0))
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))  # saved once, as the embedding
+        assert "missing keys" not in caplog.text
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "transformer.ln_f.weight"], []))
+    assert "There were missing keys in the checkpoint model loaded: ['transformer.ln_f.weight']" in caplog.text
+
+
+def _rows(vocab_size: int, eos: int) -> list[dict]:
+    rng = random.Random(0)
+    return [{"input_ids": [rng.randrange(3, vocab_size) for _ in range(n - 1)] + [eos]} for n in (9, 5, 7, 3)]
+
+
+def test_trainer_logs_exact_token_counts_and_batching(tiny_model_dir, tmp_path, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    data = Dataset.from_list(_rows(model.config.vocab_size, model.config.eos_token_id))
+    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                        save_strategy="no", report_to="none", train_sampling_strategy="sequential",
+                        disable_tqdm=True, use_cpu=True)
+    with caplog.at_level(logging.INFO, logger="sft_hf.trainer"):
+        trainer = InstructionTrainer(model=model, args=args, train_dataset=data,
+                                     data_collator=InstructionDataCollator(model.config.pad_token_id))
+    assert "Batching: padded batches in sequential order" in caplog.text
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "padding_fraction" in h]
+    # batch 1: rows of 9 and 5 tokens → 18 positions, 4 of them padding; batch 2: 7 and 3 → 14 positions, 4 padding
+    assert [h["padding_fraction"] for h in logs] == [round(4 / 18, 4), round(4 / 14, 4)]
+    assert trainer.trained_tokens_total == (9 - 1) + (5 - 1) + (7 - 1) + (3 - 1)  # every token after the first
+
+
+def test_trainer_counts_the_padding_free_filler_as_padding(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa_varlen")
+    data = Dataset.from_list(_rows(model.config.vocab_size, model.config.eos_token_id))
+    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                        save_strategy="no", report_to="none", train_sampling_strategy="sequential",
+                        disable_tqdm=True, use_cpu=True)
+    collator = InstructionDataCollator(model.config.pad_token_id, padding_free=True, pad_to_multiple_of=8)
+    trainer = InstructionTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "padding_fraction" in h]
+    # rows of 9 + 5 tokens → 16 positions, 2 of them filler; rows of 7 + 3 → 16 positions, 6 of them filler
+    assert [h["padding_fraction"] for h in logs] == [round(2 / 16, 4), round(6 / 16, 4)]
+    # each example's first token is not a target, nor is the filler
+    assert trainer.trained_tokens_total == (9 - 1) + (5 - 1) + (7 - 1) + (3 - 1)
+
+
+def test_padding_free_without_varlen_kernel_is_flagged(tiny_model_dir, tmp_path, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")  # no varlen kernel
+    data = Dataset.from_list(_rows(model.config.vocab_size, model.config.eos_token_id))
+    args = SFTArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, save_strategy="no",
+                        report_to="none", use_cpu=True)
+    collator = InstructionDataCollator(model.config.pad_token_id, padding_free=True)
+    with caplog.at_level(logging.INFO, logger="sft_hf.trainer"):
+        InstructionTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    assert "Batching: padding-free rows" in caplog.text and "WARNING: without a variable-length" in caplog.text

@@ -90,7 +90,7 @@ def test_load_model_chooses_it_only_for_full_attention_and_never_saves_it(tiny_m
     assert model.config._attn_implementation == NAME
     args = SFTArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, precision="fp32")
     collator = recipe_collator(tokenizer, args, model)
-    assert collator.padding_free and collator.pad_to_multiple_of == 8  # 32 with bf16 weights (tests/test_speed_levers.py)
+    assert collator.padding_free and collator.pad_to_multiple_of == 8  # 32 with bf16 weights (tests/test_speed.py)
     assert resolve_sampling_strategy(args, collator) == "random"
     assert "attention per example (sdpa_varlen)" in describe_batching(args, collator, model)
     model.save_pretrained(tmp_path / "saved")

@@ -10,6 +10,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "recipes" / "train.py")
+GOOD = {"instruction": "Add one.", "input": "2", "output": "3"}  # an Alpaca record that passes every check
+
+
+def write_jsonl(path: Path, lines: list) -> str:
+    """`lines` items are dicts (dumped as JSON) or raw str/bytes lines written as they are."""
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return str(path)
 
 
 def write_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, dropout: float = 0.0) -> str:
@@ -101,3 +112,11 @@ def load_weights(folder) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder, "model.safetensors")))
+
+
+def train_argv(tiny, out, *extra):
+    """Flags for a 2-step run of conftest.py's `tiny` model and data, saving a checkpoint every step."""
+    return ["--model_name_or_path", tiny["model"], "--dataset_name", tiny["data"], "--output_dir", str(out),
+            "--max_steps", "2", "--eval_exact_match", "false", "--eval_strategy", "no", "--logging_steps", "1",
+            "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1",
+            "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none", *extra]

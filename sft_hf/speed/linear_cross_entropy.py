@@ -9,7 +9,7 @@ the transposed chunk at 770 against 315 (benchmarks/README.md). The log-sum-exp 
 fp32; backwards, each chunk's softmax is formed in fp32 from the stored logits and turned at once into its slice of
 the weight gradient. The arithmetic is the stock path's: logits in the weight's dtype, softmax and loss in fp32, the
 gradient of the logits rounded to the weight's dtype before its GEMMs; the loss is the sum over the targets divided
-by `num_items_in_batch` (tests/test_speed_levers.py checks loss and gradients against the stock path).
+by `num_items_in_batch` (tests/test_speed.py checks loss and gradients against the stock path).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """2 gloo processes, each with its own shard of the gradients / weights (as under FSDP or ZeRO-3); only process 1's
 shard is NaN. StopOnNonFiniteLoss must raise on both (one all-reduced flag), or process 0 would go on alone and wait
-for process 1 forever. Writes rank<N>.json into the folder given; run by tests/test_faults.py."""
+for process 1 forever. Writes rank<N>.json into the folder given; run by tests/test_safety.py."""
 import json
 import sys
 import types

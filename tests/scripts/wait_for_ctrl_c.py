@@ -1,4 +1,4 @@
-"""A script for `sft-hf launch` that waits for Ctrl-C and answers it as recipes/train.py does (tests/test_faults.py)."""
+"""A script for `sft-hf launch` that waits for Ctrl-C and answers it as recipes/train.py does (tests/test_launch.py)."""
 import sys
 import time
 from pathlib import Path

@@ -1,6 +1,6 @@
-"""Recipe defaults and threads as a user meets them through `accelerate launch recipes/train.py`: every core unless
-the user chose, a recipe-less run starts from TrainingArguments' defaults, the command line beats the file, and the
-effective recipe saved as recipe.yaml re-runs to the same arguments."""
+"""CPU threads (sft_hf/speed/threads.py) as a user meets them through `accelerate launch recipes/train.py` and
+`recipes/evaluate.py`: every core unless the user chose, a CPU run on a GPU machine too; the first run also checks
+that its effective recipe, saved as recipe.yaml, re-runs to the same arguments."""
 import dataclasses
 import os
 import re
@@ -11,7 +11,8 @@ import psutil
 import pytest
 import yaml
 
-from sft_hf.run.config import DEFAULT_RECIPE, parse_recipe, parse_recipe_and_values
+from sft_hf.run.config import parse_recipe
+
 from tiny_setup import ROOT, TRAIN, write_tiny_dataset, write_tiny_model
 
 SECRET = "hf_NotARealTokenButSecret123"
@@ -22,14 +23,14 @@ def cores() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
+def tiny_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_files")
     return write_tiny_model(folder / "model"), write_tiny_dataset(folder / "data.jsonl")
 
 
-def launch(tiny, out, omp: str | None, *extra) -> subprocess.CompletedProcess:
+def launch(tiny_files, out, omp: str | None, *extra) -> subprocess.CompletedProcess:
     """`accelerate launch recipes/train.py ...` (no accelerate config: its launcher sets OMP_NUM_THREADS=1)."""
-    model, data = tiny
+    model, data = tiny_files
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_NUM_THREADS"))}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **({"OMP_NUM_THREADS": omp} if omp else {}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", TRAIN, "--model_name_or_path", model,
@@ -46,12 +47,12 @@ def threads_logged(result) -> int:
 
 
 @pytest.mark.skipif(cores() < 2, reason="needs 2 cores to tell every core from accelerate's 1")
-def test_accelerate_launch_uses_every_core_unless_the_user_sets_omp_num_threads(tiny, tmp_path):
-    default = launch(tiny, tmp_path / "a", None, "--hub_token", SECRET)
+def test_accelerate_launch_uses_every_core_unless_the_user_sets_omp_num_threads(tiny_files, tmp_path):
+    default = launch(tiny_files, tmp_path / "a", None, "--hub_token", SECRET)
     assert threads_logged(default) == cores()
     assert "accelerate launch's default OMP_NUM_THREADS=1 not taken" in default.stderr
-    assert threads_logged(launch(tiny, tmp_path / "b", "1")) == 1  # the user's choice stands
-    assert threads_logged(launch(tiny, tmp_path / "c", None, "--cpu_threads", "1")) == 1  # so does the recipe's
+    assert threads_logged(launch(tiny_files, tmp_path / "b", "1")) == 1  # the user's choice stands
+    assert threads_logged(launch(tiny_files, tmp_path / "c", None, "--cpu_threads", "1")) == 1  # so does the recipe's
 
     # the effective recipe: logged, saved (re-runnable), in the model card; the token nowhere
     recipe = yaml.safe_load((tmp_path / "a" / "recipe.yaml").read_text())
@@ -63,38 +64,13 @@ def test_accelerate_launch_uses_every_core_unless_the_user_sets_omp_num_threads(
     for text in (default.stdout, default.stderr, card, (tmp_path / "a" / "recipe.yaml").read_text()):
         assert SECRET not in text
 
-    original = parse_recipe(["--model_name_or_path", tiny[0], "--dataset_name", tiny[1], "--output_dir",
+    original = parse_recipe(["--model_name_or_path", tiny_files[0], "--dataset_name", tiny_files[1], "--output_dir",
                              str(tmp_path / "a"), "--max_steps", "2", "--per_device_train_batch_size", "4",
                              "--max_length", "64", "--learning_rate", "1e-3", "--report_to", "none",
                              "--save_strategy", "no"])
     rerun = parse_recipe(["--config", str(tmp_path / "a" / "recipe.yaml")])
     assert [dataclasses.asdict(a) for a in rerun[:2]] == [dataclasses.asdict(a) for a in original[:2]]
     assert rerun[2].to_dict() == original[2].to_dict()
-
-
-def test_a_run_without_config_that_names_model_or_data_starts_from_trainingarguments_defaults(tiny):
-    model_args, data_args, args, recipe = parse_recipe_and_values(
-        ["--model_name_or_path", tiny[0], "--dataset_name", tiny[1], "--num_train_epochs", "1"])
-    # TrainingArguments' / TRL's defaults, not recipes/default.yaml's toy choices
-    assert (args.max_steps, args.num_train_epochs, args.learning_rate) == (-1, 1.0, 5e-5)
-    assert (args.lr_scheduler_type.value, args.warmup_steps, args.per_device_train_batch_size) == ("linear", 0, 8)
-    assert (args.eval_strategy.value, args.eval_exact_match, args.completion_only_loss) == ("no", False, False)
-    assert (args.max_length, args.output_dir) == (1024, "trainer_output")
-    assert recipe == {"model_name_or_path": tiny[0], "dataset_name": tiny[1], "num_train_epochs": 1.0}
-
-
-def test_plain_run_is_the_default_recipe_and_the_command_line_beats_the_file():
-    default = yaml.safe_load(DEFAULT_RECIPE.read_text())
-    _, data_args, args = parse_recipe([])
-    assert args.max_steps == default["max_steps"] == 1000 and data_args.dataset_name == "builtin:toy-tasks"
-    _, _, args = parse_recipe(["--max_steps", "800"])  # any key overrides; the rest is still the default recipe
-    assert args.max_steps == 800 and args.learning_rate == default["learning_rate"]
-    # the file's max_steps would silently override --num_train_epochs: the command line wins
-    _, _, args = parse_recipe(["--config", str(DEFAULT_RECIPE), "--num_train_epochs", "2"])
-    assert (args.max_steps, args.num_train_epochs) == (-1, 2.0)
-    assert args.learning_rate == default["learning_rate"]  # other file keys stay
-    _, _, args = parse_recipe(["--config", str(ROOT / "recipes" / "smollm2-135m-alpaca.yaml"), "--max_steps", "5"])
-    assert (args.max_steps, args.num_train_epochs) == (5, 2.0)  # max_steps > 0 is TrainingArguments' own override
 
 
 @pytest.mark.skipif(cores() < 2, reason="needs 2 cores to tell every core from accelerate's 1")
@@ -107,19 +83,6 @@ def test_evaluate_under_accelerate_launch_uses_every_core(tmp_path):
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert threads_logged(result) == cores()
-
-
-def test_judging_saved_responses_never_imports_torch(tmp_path):
-    # no model runs, so none of the ~8 s of torch + Trainer imports (the metrics' `evaluate` library is off here)
-    responses = tmp_path / "responses.json"
-    responses.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi.", "model_response": "Hi."}]')
-    probe = (f"import runpy, sys\nsys.argv = [{str(ROOT / 'recipes' / 'evaluate.py')!r}, *sys.argv[1:]]\n"
-             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-             "except SystemExit as e:\n    print('EXIT', e.code, 'torch' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", probe, "--responses", str(responses), "--metrics", "false",
-                             "--output_dir", str(tmp_path / "eval")], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip().splitlines()[-1] == "EXIT 0 False", result.stdout + result.stderr[-2000:]
 
 
 def test_a_cpu_run_on_a_gpu_machine_gets_the_cpu_thread_policy(monkeypatch):

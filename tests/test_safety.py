@@ -1,65 +1,43 @@
-"""Faults: non-finite loss, interrupted saves, a second run into the same output dir; and security (secrets,
-safetensors, remote code)."""
+"""Safety (sft_hf/run/safety.py): a non-finite loss stops before the update, an fp16 run whose every step overflows
+stops, saves are atomic (an interrupted save never loads as a model), a second run into a non-empty output_dir says
+what to do, weights only as safetensors, remote code only when asked."""
 import json
-import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from sft_hf.run import safety
+from sft_hf import train as train_recipe  # noqa: E402  (recipes/train.py runs it)
 from sft_hf.collator import InstructionDataCollator
-from sft_hf.run.config import ModelArguments, RecipeError, SFTArguments
+from sft_hf.errors import NonFiniteLossError, run_cli
 from sft_hf.modeling import load_model, load_tokenizer
-from sft_hf.errors import NonFiniteLossError, redact, run_cli
+from sft_hf.run import safety
+from sft_hf.run.config import ModelArguments, RecipeError, SFTArguments
 from sft_hf.run.safety import StopOnNonFiniteLoss, atomic_save, staging_dir
-from sft_hf.templates import get_template
 from sft_hf.tokenization import tokenize_dataset
-from sft_hf.builtin.toy import make_toy_records, train_bpe_tokenizer
 from sft_hf.trainer import InstructionTrainer
 
-ROOT = Path(__file__).resolve().parent.parent
-from sft_hf import train as train_recipe  # noqa: E402  (recipes/train.py runs it)
+from tiny_setup import ROOT, train_argv
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A 2-layer hidden-32 Llama + BPE tokenizer saved like a Hub model, and 40 toy-task records as JSON lines."""
-    folder = tmp_path_factory.mktemp("tiny")
-    alpaca = get_template("alpaca")
-    records = make_toy_records(40, seed=3)
-    tokenizer = train_bpe_tokenizer([alpaca.format_prompt(r) + r["output"] for r in records], 300)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"model": str(folder / "model"), "data": str(folder / "data.jsonl"), "records": records}
+def test_inspect_outputs_do_not_make_the_output_dir_a_run(tmp_path):
+    from types import SimpleNamespace
 
+    from sft_hf.run.safety import check_output_dir
 
-def train_argv(tiny, out, *extra):
-    return ["--model_name_or_path", tiny["model"], "--dataset_name", tiny["data"], "--output_dir", str(out),
-            "--max_steps", "2", "--eval_exact_match", "false", "--eval_strategy", "no", "--logging_steps", "1",
-            "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1",
-            "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none", *extra]
-
-
-def load_weights(folder) -> dict[str, torch.Tensor]:
-    return dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
-
-
-# --- non-finite loss -------------------------------------------------------------------------------------------
+    out = tmp_path / "run"
+    (out / "data_report").mkdir(parents=True)
+    (out / "inspect.html").write_text("<html></html>")
+    args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=False)
+    check_output_dir(args)  # no error: looking at the data first is not a run
+    (out / "model.safetensors").write_bytes(b"")
+    with pytest.raises(RecipeError, match=r"is not empty \(model.safetensors\)"):
+        check_output_dir(args)
 
 
 class NaNLossAtStep(InstructionTrainer):
@@ -124,9 +102,6 @@ def test_cli_non_finite_loss_exits_non_zero_without_a_final_model(tiny, tmp_path
     assert error.endswith(f"last good checkpoint: {out}/checkpoint-1. Try a lower learning_rate, max_grad_norm > 0, "
                           "fp32 instead of fp16, or check the data.")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no final model, no checkpoint-2
-
-
-# --- atomic final save -----------------------------------------------------------------------------------------
 
 
 def test_save_that_raises_leaves_nothing(tiny, tmp_path):
@@ -204,9 +179,6 @@ def test_publish_interrupted_midway_never_mixes_old_and_new_models(tiny, tmp_pat
     assert torch.equal(load_weights(out)["model.embed_tokens.weight"], new.model.embed_tokens.weight)
 
 
-# --- a second run into the same output dir ---------------------------------------------------------------------
-
-
 def test_second_run_into_a_non_empty_output_dir(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     train_recipe.main(train_argv(tiny, out, "--max_steps", "3"))
@@ -252,111 +224,6 @@ def test_second_run_into_a_non_empty_output_dir(tiny, tmp_path, capsys):
     assert not staging_dir(out).exists()
 
 
-def test_a_tied_output_head_is_not_reported_missing_at_resume(tmp_path, caplog):
-    from torch.nn.modules.module import _IncompatibleKeys
-
-    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)  # lm_head tied
-    trainer = InstructionTrainer(model=transformers.GPT2LMHeadModel(config),
-                                 args=SFTArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
-                                 data_collator=InstructionDataCollator(pad_token_id=0))
-    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
-        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight"], []))  # saved once, as the embedding
-        assert "missing keys" not in caplog.text
-        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "transformer.ln_f.weight"], []))
-    assert "There were missing keys in the checkpoint model loaded: ['transformer.ln_f.weight']" in caplog.text
-
-
-# --- Ctrl-C ------------------------------------------------------------------------------------------------------
-
-
-def test_ctrl_c_says_in_one_line_what_is_kept_and_how_to_go_on(tiny, tmp_path, capsys, monkeypatch):
-    from transformers.trainer_callback import CallbackHandler
-
-    on_step_end = CallbackHandler.on_step_end
-
-    def ctrl_c_at_step_3(self, args, state, control):  # Ctrl-C during training, after checkpoint-2 was saved
-        if state.global_step == 3:
-            raise KeyboardInterrupt
-        return on_step_end(self, args, state, control)
-
-    out = tmp_path / "out"
-    monkeypatch.setattr(CallbackHandler, "on_step_end", ctrl_c_at_step_3)
-    assert run_cli(train_recipe.main, train_argv(tiny, out, "--max_steps", "5")) == 130
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (
-        f"error: interrupted at step 3 of 5; {out / 'checkpoint-2'} is the newest complete checkpoint: run the same "
-        "command with --resume_from_checkpoint true to go on from it")
-    assert not (out / "config.json").exists() and not staging_dir(out).exists()  # no final model: training stopped
-
-    # Ctrl-C during the evaluation after training: the trained model was saved before it, and says what it lacks
-    monkeypatch.setattr(CallbackHandler, "on_step_end", on_step_end)
-    monkeypatch.setattr(InstructionTrainer, "evaluate", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    argv = train_argv(tiny, out, "--max_steps", "5", "--resume_from_checkpoint", "true")
-    (out / "README.md").write_text("a card of an earlier model\n")  # must not be left describing the new one
-    assert run_cli(train_recipe.main, argv) == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: interrupted after training: the trained model is saved in {out}, without this run's evaluation, "
-        "metrics and model card")
-    assert json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())["global_step"] == 5
-    AutoModelForCausalLM.from_pretrained(out)  # loads
-    assert not (out / "README.md").exists() and not (out / "all_results.json").exists()
-
-
-def test_ctrl_c_under_sft_hf_launch_ends_with_the_scripts_line_not_a_launcher_traceback(tmp_path):
-    ready = tmp_path / "ready"
-    # a shell's background job ignores SIGINT, and so would its children: restore the default, as in a terminal
-    restore_sigint = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    process = subprocess.Popen(
-        [sys.executable, "-c", restore_sigint + "import sys; from sft_hf.cli import main; sys.exit(main())", "launch",
-         "--num_processes", "1", "--cpu", str(Path(__file__).parent / "scripts" / "wait_for_ctrl_c.py"), str(ready)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and err.count("error:") == 1  # the launcher adds nothing
-    assert err.strip().splitlines()[-1] == ("error: interrupted at step 3 of 5; run the same command with "
-                                            "--resume_from_checkpoint true")
-
-
-# --- security --------------------------------------------------------------------------------------------------
-
-SECRETS = {"HF_TOKEN": "hf_EnvSecretToken1234567890abcdef", "JUDGE_API_KEY": "sk-judge-Secret-0123456789abcdef"}
-CLI_TOKEN = "hf_CliSecretToken0987654321zyxwvu"
-
-
-def test_no_token_or_api_key_in_logs_cards_or_saved_files(tiny, tmp_path, monkeypatch, caplog, capsys):
-    for name, value in SECRETS.items():
-        monkeypatch.setenv(name, value)
-    out = tmp_path / "out"
-    with caplog.at_level(logging.INFO):
-        train_recipe.main(train_argv(tiny, out, "--hub_token", CLI_TOKEN))
-        # anything that logs a key (a judge client, a failed request) is redacted by the handlers main() set up
-        logging.getLogger("sft_hf.evaluation.judge").warning("POST with Authorization: Bearer %s", SECRETS["JUDGE_API_KEY"])
-    printed = capsys.readouterr()
-    logs = caplog.text + printed.out + printed.err
-    assert "Bearer <redacted>" in logs
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert {"README.md", "training_args.bin", "config.json", "trainer_state.json"} <= {p.name for p in files}
-    for secret in [*SECRETS.values(), CLI_TOKEN]:
-        assert secret not in logs
-        for path in files:  # pickled training args in the model and every checkpoint included
-            assert secret.encode() not in path.read_bytes(), path
-
-
-def test_redact():
-    os.environ["SFT_HF_TEST_SECRET"] = "s3cret-value-42"
-    try:
-        text = redact("key=s3cret-value-42 hf_abcdefghijklmnopqrstuvwxyz sk-0123456789abcdefXYZ Bearer abc.def-123")
-    finally:
-        del os.environ["SFT_HF_TEST_SECRET"]
-    assert text == "key=<redacted> <redacted> <redacted> Bearer <redacted>"
-    assert redact("tokens/example mean 12.5") == "tokens/example mean 12.5"
-
-
 def test_weights_saved_and_loaded_only_as_safetensors(tiny, tmp_path):
     out = tmp_path / "out"
     train_recipe.main(train_argv(tiny, out, "--max_steps", "1"))
@@ -394,7 +261,6 @@ def test_remote_code_is_not_run_unless_asked(tiny, tmp_path):
     assert not (folder / "CODE_RAN").exists()
 
 
-
 def test_every_process_stops_when_one_shard_is_non_finite(tmp_path):
     """2 gloo processes, only process 1's shard NaN (tests/scripts/non_finite_shards.py): both must stop."""
     subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "non_finite_shards.py"), str(tmp_path)],
@@ -410,21 +276,6 @@ def test_every_process_stops_when_one_shard_is_non_finite(tmp_path):
         "deepspeed weight on_pre_optimizer_step": None,
         "deepspeed weight on_step_end": "non-finite loss at step 7: the weight weight",
     }
-
-
-def test_sft_hf_debug_prints_the_traceback_under_the_one_line_error(tmp_path):
-    """Users get one line; whoever debugs the library sets SFT_HF_DEBUG=1 and gets the stack under it."""
-    argv = [sys.executable, str(ROOT / "recipes" / "train.py"), "--learning_rte", "1"]
-    plain = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, SFT_HF_DEBUG="0"))
-    debug = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, SFT_HF_DEBUG="1"))
-    line = "error: command line: unknown option --learning_rte; did you mean --learning_rate?"
-    assert plain.returncode == debug.returncode == 2
-    assert plain.stderr.strip().splitlines() == [line]
-    assert debug.stderr.startswith(line + "\nTraceback (most recent call last):")
-    assert "sft_hf/run/config.py" in debug.stderr and debug.stderr.strip().endswith(line[len("error: "):])
-
-
-# --- fp16: a loss scaler that skips every step ---------------------------------------------------------------------
 
 
 class InfLossBeforeStep(InstructionTrainer):
@@ -492,3 +343,7 @@ def test_fp16_run_that_overflows_for_fewer_steps_trains_on(tiny, tmp_path):
     assert trainer.state.global_step == 33 and callback.skipped == 0
     assert trainer.accelerator.scaler.get_scale() == 2.0**16 / 2**31
     assert any(not torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())
+
+
+def load_weights(folder) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())

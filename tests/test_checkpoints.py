@@ -1,5 +1,6 @@
-"""A run SIGKILLed mid-epoch while writing a checkpoint resumes (`--resume_from_checkpoint true`) from the last
-complete checkpoint, never the half-written one, and ends with the same losses and weights as an uninterrupted run."""
+"""Crash-safe checkpoints (sft_hf/run/checkpoints.py): a run SIGKILLed mid-epoch or while writing a checkpoint resumes
+(`--resume_from_checkpoint true`) from the last complete checkpoint, never a half-written one, and ends with the same
+losses and weights as an uninterrupted run; rotation never deletes the newest complete checkpoint."""
 import json
 import os
 
@@ -124,7 +125,7 @@ def test_rotation_keeps_a_complete_checkpoint_through_a_crash_then_resumes(tmp_p
     saved_recipe = yaml.safe_load((out / "checkpoint-8" / "recipe.yaml").read_text())
     assert saved_recipe["save_total_limit"] == 1 and saved_recipe["learning_rate"] == 1e-2
 
-    # (a resume with other training values is refused: tests/test_faults.py::test_second_run_into_a_non_empty_output_dir)
+    # (a resume with other training values is refused: tests/test_safety.py::test_second_run_into_a_non_empty_output_dir)
     # values that only change how the run is logged, evaluated or saved may change (cpu_threads here)
     result = run_train(tiny_recipe_args(model, data, out, resume_from_checkpoint="true", cpu_threads=1, **recipe))
     assert f"resuming from {out / 'checkpoint-8'}" in result.stderr

@@ -1,4 +1,5 @@
-"""recipes/evaluate.py end to end: generate → responses JSON → metrics → judge; and the generation it relies on."""
+"""`sft-hf evaluate` / recipes/evaluate.py (sft_hf/evaluation/cli.py) end to end: generate → responses JSON → metrics →
+judge; bad arguments are one line before any generation; judging saved responses never imports torch."""
 import json
 import os
 import shutil
@@ -7,16 +8,15 @@ import sys
 
 import pytest
 
+from sft_hf.builtin.toy import make_toy_records
+from sft_hf.evaluation import cli as evaluate_recipe  # noqa: E402  (recipes/evaluate.py runs it)
 from sft_hf.evaluation.generation import extract_response, generate_responses
 from sft_hf.evaluation.judge import make_judge_prompt
-from sft_hf.templates import get_template
 from sft_hf.evaluation.metrics import reference_metrics
-from sft_hf.builtin.toy import make_toy_records
+from sft_hf.templates import get_template
 
 from conftest import ROOT, SHARED_DATA
 from eval_helpers import FakeJudgeServer, _chatty_model_dir  # noqa: F401  (fixture chatty_model_dir)
-
-from sft_hf.evaluation import cli as evaluate_recipe  # noqa: E402  (recipes/evaluate.py runs it)
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,39 @@ def test_multiple_choice_from_the_recipe_before_and_after(tmp_path, chatty_model
     table = capsys.readouterr().out.split("subject ")[-1].strip().split("\n\n")[0].splitlines()
     assert table[0].split() == ["before", "after"]
     assert table[-1].split() == ["overall", f"{report['mc_base']['overall']:.4f}", f"{report['mc']['overall']:.4f}"]
+
+
+def run_evaluate(*args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / "evaluate.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_evaluate_bad_arguments_are_one_line_before_any_generation(tmp_path):
+    result = run_evaluate("--responses", str(tmp_path / "missing.json"), cwd=tmp_path)
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2, f"error: --responses {tmp_path / 'missing.json'}: no such file")
+    # the judge backend is checked before the model is loaded or anything generated
+    result = run_evaluate("--model", "builtin:tiny-llama", "--dataset_name", "builtin:toy-tasks", "--judge_backend",
+                          "olama", "--output_dir", str(tmp_path / "ev"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown --judge_backend 'olama': use ollama, openai, hf (did you mean 'ollama'?)")
+    assert not (tmp_path / "ev").exists()
+    result = run_evaluate("--responses", "r.json", "--judge_backnd", "hf", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: command line: unknown option --judge_backnd; did you mean --judge_backend?")
+
+
+def test_judging_saved_responses_never_imports_torch(tmp_path):
+    # no model runs, so none of the ~8 s of torch + Trainer imports (the metrics' `evaluate` library is off here)
+    responses = tmp_path / "responses.json"
+    responses.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi.", "model_response": "Hi."}]')
+    probe = (f"import runpy, sys\nsys.argv = [{str(ROOT / 'recipes' / 'evaluate.py')!r}, *sys.argv[1:]]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as e:\n    print('EXIT', e.code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe, "--responses", str(responses), "--metrics", "false",
+                             "--output_dir", str(tmp_path / "eval")], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "EXIT 0 False", result.stdout + result.stderr[-2000:]

@@ -153,34 +153,6 @@ def test_bf16_master_weights_train_as_fp32_and_resume_exactly(tiny_model_dir, in
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("flags, why", [
-    (["--gradient_accumulation_steps", "2"], "gradient accumulation"),
-    (["--optim", "sgd"], "not AdamW"),
-    (["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "steps"], "load_best"),
-])
-def test_runs_bf16_weights_cannot_train_take_bf16_autocast(tmp_path, flags, why):
-    """Decided before TrainingArguments sets up mixed precision: the Accelerator autocasts (not fp32 by mistake)."""
-    args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", *flags], default_recipe=None)[2]
-    assert (args.precision_plan.master_weights, args.bf16, args.mixed_precision) == (False, True, "bf16")
-    assert why in args.precision_plan.why
-
-
-def test_a_lora_model_takes_bf16_autocast_and_its_rows_stay_at_8(tiny_model_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    from sft_hf.collator import recipe_collator
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    args = parse_recipe(["--output_dir", str(tmp_path), "--precision", "bf16", "--padding_free", "true"],
-                        default_recipe=None)[2]
-    assert args.precision_plan.master_weights
-    assert recipe_collator(AutoTokenizer.from_pretrained(tiny_model_dir), args, model).pad_to_multiple_of == 8
-    trainer = InstructionTrainer(model=model, args=args, train_dataset=None,
-                                 data_collator=InstructionDataCollator(pad_token_id=0))
-    assert not trainer.args.precision_plan.master_weights and trainer.accelerator.mixed_precision == "bf16"
-
-
 def test_a_second_train_casts_again_and_starts_a_new_optimizer(tiny_model_dir, instruction_records, tmp_path):
     from transformers import TrainerCallback
 
@@ -197,3 +169,49 @@ def test_a_second_train_casts_again_and_starts_a_new_optimizer(tiny_model_dir, i
         trainer.train()
         assert trainer.optimizer is None and all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert WeightDtypes.seen == [torch.bfloat16] * 4  # both runs trained bf16 weights, not fp32 ones by mistake
+
+
+def test_onednn_linear_matches_nn_linear(tiny_model_dir):
+    from sft_hf.speed import onednn_linear
+
+    if onednn_linear._linear is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    stock = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fast = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    n_linear = sum(type(m) is torch.nn.Linear for m in fast.modules())
+    assert onednn_linear.use_onednn_linear(fast) == n_linear == 2 * 7 + 1  # 7 per layer + the LM head
+    assert list(fast.state_dict()) == list(stock.state_dict())  # save_pretrained writes the same tensors
+    ids = torch.randint(3, stock.config.vocab_size, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    losses = []
+    for model in (stock, fast):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (name, p_stock), p_fast in zip(stock.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_stock.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_onednn_linear_takes_zero_rows_like_nn_linear(tiny_model_dir):
+    """An MoE expert that routed no tokens calls its linears on an empty [0, hidden] input: forward and backward must
+    give empty / zero results as nn.Linear does (oneDNN cannot build the weight-gradient product for them)."""
+    from sft_hf.speed import onednn_linear
+
+    if onednn_linear._linear is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    torch.manual_seed(0)
+    stock = torch.nn.Linear(7, 3)
+    fast = torch.nn.Linear(7, 3)
+    fast.load_state_dict(stock.state_dict())
+    assert onednn_linear.use_onednn_linear(fast) == 1
+    for shape in ((0, 7), (2, 0, 7)):
+        for layer in (stock, fast):
+            layer.zero_grad()
+            x = torch.empty(*shape, requires_grad=True)
+            y = layer(x)
+            assert y.shape == (*shape[:-1], 3)
+            (y.sum() + 0.0).backward()
+            assert x.grad.shape == x.shape
+            assert torch.equal(layer.weight.grad, torch.zeros(3, 7)) and torch.equal(layer.bias.grad, torch.zeros(3))
