@@ -12,20 +12,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from sft_hf.run.checkpoints import (COMPLETE_MARKER, check_resume_recipe, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
                                 rotate_checkpoints)
 from sft_hf.errors import RecipeError
-from tiny_setup import load_weights, run_train, tiny_recipe_args, train_losses, write_tiny_dataset, write_tiny_model
+from tiny_setup import CRASH_WHILE_SAVING_STEP_12, load_weights, run_train, tiny_recipe_args, train_losses, \
+    write_tiny_dataset, write_tiny_model
 
-# Killed inside Trainer._save_checkpoint for step 12: the weights and optimizer of checkpoint-12 are on disk, its
-# RNG and trainer state are not. SIGKILL: no Python cleanup, no atexit, like the OOM killer or a preempted node.
-CRASH_WHILE_SAVING_STEP_12 = """
-import os, signal
-from transformers import Trainer
-save_rng_state = Trainer._save_rng_state
-def crash_while_saving(self, output_dir):
-    if self.state.global_step == 12:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return save_rng_state(self, output_dir)
-Trainer._save_rng_state = crash_while_saving
-"""
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
-from tiny_setup import ROOT, load_weights, run_env, run_train, tiny_recipe_args, train_losses, write_tiny_dataset, \
-    write_tiny_model
+from tiny_setup import ROOT, load_weights, run_env, run_or_kill_group, run_train, tiny_recipe_args, train_losses, \
+    write_tiny_dataset, write_tiny_model
 
 CONFIGS = ROOT / "accelerate_configs"
 
@@ -168,21 +168,9 @@ def test_exact_match_and_samples_on_two_processes_are_those_of_one(assets, tmp_p
 
 
 def run_two_processes(script: str, *args, timeout: int = 180) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 script args` on the CPU; a run still going after `timeout` seconds is killed with
-    all its processes and fails the test (a hang is a failure, not a stuck suite)."""
-    import os
-    import signal
-
+    """`torchrun --nproc_per_node 2 script args` on the CPU; a hang fails the test after `timeout` seconds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
-    process = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{script} hung for {timeout} s:\n{stderr[-6000:]}")
-    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+    return run_or_kill_group(cmd, timeout, script)
 
 
 def eos_twin_model(folder) -> str:

@@ -14,7 +14,7 @@ from sft_hf.data import DataError
 from sft_hf.errors import RecipeError
 from sft_hf.streaming import load_streams, process_rows
 from sft_hf.templates import get_template
-from tiny_setup import ROOT, load_weights, run_train, tiny_recipe_args, train_losses, write_jsonl, \
+from tiny_setup import CRASH_WHILE_SAVING_STEP_12, ROOT, load_weights, run_train, tiny_recipe_args, train_losses, write_jsonl, \
     write_tiny_dataset, write_tiny_model
 
 
@@ -140,16 +140,6 @@ def test_a_streamed_run_trains_the_map_style_batches_to_the_same_losses(assets):
     torch.testing.assert_close(torch.tensor(streamed), torch.tensor(mapped), rtol=1e-6, atol=1e-6)
 
 
-CRASH_WHILE_SAVING_STEP_12 = """
-import os, signal
-from transformers import Trainer
-save_rng_state = Trainer._save_rng_state
-def crash_while_saving(self, output_dir):
-    if self.state.global_step == 12:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return save_rng_state(self, output_dir)
-Trainer._save_rng_state = crash_while_saving
-"""
 
 
 def test_a_streamed_run_killed_and_resumed_equals_one_never_interrupted(assets):
@@ -208,11 +198,13 @@ def test_two_processes_each_stream_their_own_share_and_resume_their_own_position
     torch.testing.assert_close(torch.tensor(again[4:]), torch.tensor(two[4:]), rtol=1e-6, atol=1e-6)
 
 
-def test_streaming_without_max_steps_is_one_line(assets):
+def test_streaming_without_max_steps_is_one_line(assets, capsys):
+    from sft_hf import train
+    from sft_hf.errors import run_cli
+
     model, data, tmp = assets
-    result = run_train(tiny_recipe_args(model, data, tmp / "no_steps", streaming="true"), check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert run_cli(train.main, tiny_recipe_args(model, data, tmp / "no_steps", streaming="true")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: streaming: true needs max_steps (a stream has no length to count epochs in)")
     assert not (tmp / "no_steps").exists()
 

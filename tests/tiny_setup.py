@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "recipes" / "train.py")
 GOOD = {"instruction": "Add one.", "input": "2", "output": "3"}  # an Alpaca record that passes every check
+
+# A `run_train` prelude: killed inside Trainer._save_checkpoint for step 12, the weights and optimizer of
+# checkpoint-12 are on disk, its RNG and trainer state are not. SIGKILL: no Python cleanup, no atexit, like the OOM
+# killer or a preempted node.
+CRASH_WHILE_SAVING_STEP_12 = """
+import os, signal
+from transformers import Trainer
+save_rng_state = Trainer._save_rng_state
+def crash_while_saving(self, output_dir):
+    if self.state.global_step == 12:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_rng_state(self, output_dir)
+Trainer._save_rng_state = crash_while_saving
+"""
 
 
 def write_jsonl(path: Path, lines: list) -> str:
@@ -120,3 +135,19 @@ def train_argv(tiny, out, *extra):
             "--max_steps", "2", "--eval_exact_match", "false", "--eval_strategy", "no", "--logging_steps", "1",
             "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1",
             "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none", *extra]
+
+
+def run_or_kill_group(cmd: list[str], timeout: int, what: str) -> subprocess.CompletedProcess:
+    """Run `cmd` (a launcher and the processes it starts) in a session of its own; still going after `timeout`
+    seconds, it is killed with all its processes and the test fails: a hang is a failure, not a stuck suite."""
+    import pytest
+
+    process = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{what} hung for {timeout} s:\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)

@@ -2,8 +2,6 @@
 conftest.py here: other test modules import names from tests/conftest.py as `conftest`, which a second one would
 shadow.)"""
 import importlib.util
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/tiny_setup.py
 
-from tiny_setup import ROOT, TRAIN, run_env  # noqa: E402
+from tiny_setup import ROOT, TRAIN, run_or_kill_group  # noqa: E402
 
 CONFIGS = ROOT / "accelerate_configs"
 LAUNCH_TIMEOUT = 900  # seconds: a run still going by then hangs (e.g. processes out of step) and fails its test
@@ -42,14 +40,8 @@ def launch(config: str, processes: int, argv: list[str]) -> subprocess.Completed
     a run that outlives LAUNCH_TIMEOUT is killed with all its processes (they would hold the GPUs) and fails."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
            "--num_processes", str(processes), TRAIN, *argv]
-    process = subprocess.Popen(cmd, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{config} × {processes} hung for {LAUNCH_TIMEOUT} s:\n{stderr[-6000:]}")
-    if process.returncode != 0:
-        pytest.fail(f"{config} × {processes} failed ({process.returncode}):\n{stdout[-2000:]}\n{stderr[-6000:]}")
-    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+    result = run_or_kill_group(cmd, LAUNCH_TIMEOUT, f"{config} × {processes}")
+    if result.returncode != 0:
+        pytest.fail(f"{config} × {processes} failed ({result.returncode}):\n{result.stdout[-2000:]}\n"
+                    f"{result.stderr[-6000:]}")
+    return result
