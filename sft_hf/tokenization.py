@@ -328,21 +328,38 @@ def min_response_length(dataset: Dataset, tokenizer, template: Template) -> int:
 
 
 def compute_stats(tokenized: Dataset, split: str, n_in: int) -> TokenizeStats:
-    """The split's statistics, in Arrow (no Python list of millions of lengths)."""
+    """The split's statistics, chunk by chunk of the memory-mapped table: memory independent of the number of rows
+    (a histogram of the lengths gives their exact percentile)."""
     if not len(tokenized):
         return TokenizeStats(split, n_in, 0, 0, n_in, 0.0, 0, 0.0, 0, 0, 0)
     table = tokenized.with_format("arrow", columns=["length", "truncated", "dropped_turns", "completion_mask"])[:]
-    lengths = table.column("length").to_numpy()
+    counts = np.zeros(1, dtype=np.int64)  # counts[k]: rows of length k
+    for chunk in table.column("length").chunks:
+        chunk_counts = np.bincount(chunk.to_numpy(zero_copy_only=False))
+        counts = np.pad(counts, (0, max(0, len(chunk_counts) - len(counts))))
+        counts[: len(chunk_counts)] += chunk_counts
+    lengths = np.arange(len(counts))
     return TokenizeStats(
         split=split,
         examples_in=n_in,
         kept=len(tokenized),
         truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
         dropped=n_in - len(tokenized),
-        mean_length=float(lengths.mean()),
-        max_length=int(lengths.max()),
-        p95_length=float(np.percentile(lengths, 95)),
-        tokens=int(lengths.sum()),
+        mean_length=float((counts * lengths).sum() / counts.sum()),
+        max_length=int(lengths[counts > 0][-1]),
+        p95_length=percentile_of_counts(counts, 95),
+        tokens=int((counts * lengths).sum()),
         trained_tokens=int(pc.sum(pc.list_flatten(table.column("completion_mask"))).as_py() or 0),
         dropped_turns=int(pc.sum(table.column("dropped_turns")).as_py() or 0),
     )
+
+
+def percentile_of_counts(counts: np.ndarray, q: float) -> float:
+    """`np.percentile(values, q)` (linear interpolation) of the values whose histogram is `counts` (value k occurring
+    counts[k] times), without the values."""
+    cumulative = np.cumsum(counts)
+    position = (cumulative[-1] - 1) * q / 100
+    below, fraction = int(np.floor(position)), position - np.floor(position)
+    low = int(np.searchsorted(cumulative, below, side="right"))  # the value at that rank of the sorted values
+    high = int(np.searchsorted(cumulative, min(below + 1, cumulative[-1] - 1), side="right"))
+    return float(low + fraction * (high - low))

@@ -126,3 +126,26 @@ def test_tokenizer_with_neither_pad_nor_eos(tmp_path, tokenizer):
     bare.save_pretrained(tmp_path)
     with pytest.raises(TemplateError, match=rf"{tmp_path}: the tokenizer has no eos_token"):
         load_tokenizer(ModelArguments(model_name_or_path=str(tmp_path)))
+
+
+def test_split_statistics_are_numpys_over_the_rows_without_holding_them(bpe_tokenizer):
+    """compute_stats reads the lengths chunk by chunk into a histogram; its figures must be numpy's over the rows
+    (mean, max, 95th percentile with numpy's linear interpolation), also with several chunks."""
+    import numpy as np
+
+    from sft_hf.tokenization import compute_stats, percentile_of_counts
+
+    records = [{"instruction": "word " * (i % 13), "input": "", "output": "x " * (i % 7 + 1)} for i in range(2500)]
+    tokenized = tokenize_dataset(Dataset.from_list(records), bpe_tokenizer, get_template("alpaca"), max_length=None,
+                                 verbose=False)
+    assert tokenized.data.column("length").num_chunks > 1  # the map wrote several record batches
+    lengths = np.array(tokenized["length"])
+    stats = compute_stats(tokenized, "train", len(records))
+    assert (stats.tokens, stats.max_length) == (lengths.sum(), lengths.max())
+    assert stats.mean_length == pytest.approx(lengths.mean(), rel=1e-12)
+    assert stats.p95_length == pytest.approx(np.percentile(lengths, 95), abs=1e-9)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        values = rng.integers(0, rng.integers(1, 40), rng.integers(1, 50))
+        for q in (0, 5, 50, 95, 100):
+            assert percentile_of_counts(np.bincount(values), q) == pytest.approx(np.percentile(values, q), abs=1e-9)
