@@ -77,24 +77,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """For a training run: a 2-layer hidden-32 Llama + BPE tokenizer saved like a Hub model, and 40 toy-task records
-    as JSON lines."""
-    import torch
-    import transformers
-
-    from sft_hf.builtin.toy import make_toy_records, train_bpe_tokenizer
-    from sft_hf.templates import get_template
+    """For a training run: tiny_setup's 2-layer hidden-32 Llama + BPE tokenizer saved like a Hub model, and 40
+    toy-task records as JSON lines."""
+    from sft_hf.builtin.toy import make_toy_records
+    from tiny_setup import write_jsonl, write_tiny_model
 
     folder = tmp_path_factory.mktemp("tiny")
-    alpaca = get_template("alpaca")
     records = make_toy_records(40, seed=3)
-    tokenizer = train_bpe_tokenizer([alpaca.format_prompt(r) + r["output"] for r in records], 300)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"model": str(folder / "model"), "data": str(folder / "data.jsonl"), "records": records}
+    return {"model": write_tiny_model(folder / "model"), "data": write_jsonl(folder / "data.jsonl", records),
+            "records": records}
