@@ -20,7 +20,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from cluster_setup import ACCELERATE, CONFIGS, FAULTS, SFT_HF, finish, start_machines  # noqa: E402
+from cluster_setup import ACCELERATE, CONFIGS, FAULTS, SFT_HF, error_lines, finish, start_machines  # noqa: E402
 from tiny_setup import run_env, tiny_recipe_args, write_tiny_dataset, write_tiny_model  # noqa: E402
 
 STEP = 6
@@ -59,8 +59,8 @@ def run_case(name: str, tmp: Path, model: str, data: str) -> str:
         try:
             code, err = finish(processes[0], timeout=PATIENCE)
             seconds = time.time() - marker.stat().st_mtime
-            last = next((line for line in reversed(err.splitlines()) if "error: " in line), "")
-            result = f"{seconds:5.1f} s, exit {code}: {last[last.find('error: '):][:110]}"
+            last = (error_lines(err) or [""])[-1]
+            result = f"{seconds:5.1f} s, exit {code}: {last[:110]}"
         except subprocess.TimeoutExpired:
             result = f"still waiting {time.time() - marker.stat().st_mtime:.0f} s after the fault"
     finally:

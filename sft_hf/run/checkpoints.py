@@ -151,14 +151,24 @@ def check_resume_recipe(checkpoint: str | Path, recipe: dict) -> None:
         f"(--model_name_or_path {checkpoint} --output_dir <a new folder>)")
 
 
-def interrupted_training_message(output_dir: str | Path, state) -> str:
-    """What Ctrl-C during training leaves, and how to go on from it (`state`: Trainer's TrainerState)."""
-    where = f"interrupted at step {state.global_step} of {state.max_steps}"
+def resume_hint(output_dir: str | Path, none_saved: str) -> str:
+    """Where a stopped run goes on from: its newest complete checkpoint, or `none_saved` when it has none."""
     checkpoint = latest_complete_checkpoint(output_dir)
     if checkpoint is None:
-        return f"{where}; no checkpoint was saved (save_strategy: steps keeps them), so nothing of this run is kept"
-    return (f"{where}; {checkpoint} is the newest complete checkpoint: run the same command with "
-            "--resume_from_checkpoint true to go on from it")
+        return none_saved
+    return (f"{checkpoint} is the newest complete checkpoint: run the same command with --resume_from_checkpoint "
+            "true to go on from it")
+
+
+def interrupted_training_message(output_dir: str | Path, state) -> str:
+    """What Ctrl-C during training leaves, and how to go on from it (`state`: Trainer's TrainerState)."""
+    return (f"interrupted at step {state.global_step} of {state.max_steps}; " + resume_hint(
+        output_dir, "no checkpoint was saved (save_strategy: steps keeps them), so nothing of this run is kept"))
+
+
+def resumes_latest(resume_from_checkpoint) -> bool:
+    """`resume_from_checkpoint` asks for the newest complete checkpoint ("true", "yes", "latest")."""
+    return resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "yes", "latest")
 
 
 def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
@@ -170,7 +180,7 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
     """
     if value is None or value is False or str(value).lower() in ("", "false", "no", "none"):
         return None
-    if value is True or str(value).lower() in ("true", "yes", "latest"):
+    if resumes_latest(value):
         checkpoint = latest_complete_checkpoint(output_dir)
         finished = [n for n in MARKER_FILES if Path(output_dir, n).is_file()]
         if checkpoint is None and finished:  # starting from scratch would replace a finished model

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from sft_hf.errors import PEER_DIED_EXIT_CODE, Preempted, UserError
-from sft_hf.run.checkpoints import latest_complete_checkpoint
+from sft_hf.run.checkpoints import resume_hint
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +218,7 @@ class PeerWatch:
         return json.loads(self.store.compare_set("verdict", "", verdict))
 
     def _conclude(self, verdict: dict) -> None:
-        checkpoint = latest_complete_checkpoint(self.output_dir)
-        resume = (f"{checkpoint} is the newest complete checkpoint: run the same command with "
-                  "--resume_from_checkpoint true to go on from it" if checkpoint else
-                  "no checkpoint was saved yet (save_strategy: steps keeps them)")
+        resume = resume_hint(self.output_dir, "no checkpoint was saved yet (save_strategy: steps keeps them)")
         line = f"error: {verdict['text']}; the run stops. {resume}"
         dead = verdict["rank"]  # None: no process is known dead, the store is
         # one line per machine: from its first process, or its second when the first is the dead one

@@ -29,12 +29,13 @@ import threading
 import weakref
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft_hf.errors import Interrupted, Preempted
+from sft_hf.run.checkpoints import resumes_latest
 from sft_hf.run.peers import leave_process_group
+from sft_hf.run.safety import agreed_max
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 def agreed_signal(received: int, device) -> int:
     """The number of a signal some process received, 0 when none did: one all-reduced integer per optimizer step."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return received
-    flag = torch.tensor([received], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return int(flag.item())
-
-
-def resumes_latest(resume_from_checkpoint) -> bool:
-    """The run's `resume_from_checkpoint` goes on from the newest complete checkpoint (sft_hf/run/checkpoints.py)."""
-    return resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "yes", "latest")
+    return agreed_max(received, device)
 
 
 class StopOnSignal(TrainerCallback):

@@ -95,13 +95,23 @@ def first_non_finite(model, grads: bool) -> str | None:
     return None
 
 
-def agreed_any(flag: bool, device) -> bool:
-    """True on every process if `flag` is true on any (one all-reduce when several processes run)."""
+def last_checkpoint(args) -> str | None:
+    """The newest checkpoint in the run's output_dir, for a message that stops training."""
+    return get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+
+
+def agreed_max(value: int, device) -> int:
+    """The largest of the processes' `value`s, on every process (one all-reduce when several processes run)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def agreed_any(flag: bool, device) -> bool:
+    """True on every process if `flag` is true on any."""
+    return bool(agreed_max(int(flag), device))
 
 
 def agreed_non_finite(bad: str | None, device) -> str | None:
@@ -154,7 +164,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
     @staticmethod
     def _message(args, state, what: str, when: str) -> str:
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        last = last_checkpoint(args)
         return (
             f"non-finite loss at step {state.global_step + 1}: {what} is NaN/inf ({when}). Training stopped and "
             f"nothing was saved for this step; last good checkpoint: {last or 'none saved yet'}. "
@@ -207,7 +217,7 @@ class StopOnSkippedSteps(TrainerCallback):
         self.skipped += 1
         if self.skipped >= self.limit:
             first = state.global_step - self.skipped + 1
-            last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+            last = last_checkpoint(args)
             raise NonFiniteLossError(
                 f"fp16 overflow: the loss scaler skipped {self.skipped} optimizer steps in a row (steps {first}-"
                 f"{state.global_step}{f', loss scale now {scale:g}' if scale is not None else ''}): the gradients "
