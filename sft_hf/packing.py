@@ -47,13 +47,14 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def _pack_batch(batch: dict, max_length: int) -> dict:
-    bins = best_fit_decreasing([len(ids) for ids in batch["input_ids"]], max_length)
+    lengths = [len(ids) for ids in batch["input_ids"]]
+    bins = best_fit_decreasing(lengths, max_length)
     packed = {column: [[token for i in members for token in batch[column][i]] for members in bins]
               for column in PACKED_COLUMNS if column in batch}
     packed.update({column: [[batch[column][i] for i in members] for members in bins]
                    for column in PER_EXAMPLE_COLUMNS if column in batch})
-    packed["seq_lengths"] = [[len(batch["input_ids"][i]) for i in members] for members in bins]
-    packed["length"] = [sum(lengths) for lengths in packed["seq_lengths"]]
+    packed["seq_lengths"] = [[lengths[i] for i in members] for members in bins]
+    packed["length"] = [sum(row) for row in packed["seq_lengths"]]
     return packed
 
 

@@ -30,10 +30,22 @@ ROW_MULTIPLE_BF16_WEIGHTS = 32
 class PrecisionPlan:
     precision: str  # what trains: fp32, bf16 (bf16 weights + fp32 masters), bf16-autocast or fp16
     device: str  # "cuda" or "cpu": where the run computes
-    master_weights: bool  # the model holds bf16 weights, the optimizer their fp32 masters
-    autocast: str | None  # "bf16" / "fp16": Trainer's mixed precision over fp32 weights; None: none
-    row_multiple: int  # padding-free rows are rounded up to this many tokens
     why: str  # for the log: why this precision on this run
+
+    @property
+    def master_weights(self) -> bool:
+        """The model holds bf16 weights, the optimizer their fp32 masters."""
+        return self.precision == "bf16"
+
+    @property
+    def autocast(self) -> str | None:
+        """"bf16" / "fp16": Trainer's mixed precision over fp32 weights; None: none."""
+        return {"bf16-autocast": "bf16", "fp16": "fp16"}.get(self.precision)
+
+    @property
+    def row_multiple(self) -> int:
+        """Padding-free rows are rounded up to this many tokens."""
+        return ROW_MULTIPLE_BF16_WEIGHTS if self.master_weights and self.device == "cpu" else ROW_MULTIPLE
 
     def describe(self) -> str:
         what = {"fp32": "fp32", "bf16": "bf16 weights with fp32 master weights in the optimizer",
@@ -117,11 +129,7 @@ def plan_precision(args, model=None) -> PrecisionPlan:
         precision = "bf16-autocast"
     elif precision == "bf16" and (ruled_out := _masters_ruled_out(args, model)):
         precision, why = "bf16-autocast", f"{why}; not bf16 weights: {ruled_out}"
-    master_weights = precision == "bf16"
-    return PrecisionPlan(
-        precision=precision, device=device, master_weights=master_weights,
-        autocast={"bf16-autocast": "bf16", "fp16": "fp16"}.get(precision),
-        row_multiple=ROW_MULTIPLE_BF16_WEIGHTS if master_weights and device == "cpu" else ROW_MULTIPLE, why=why)
+    return PrecisionPlan(precision=precision, device=device, why=why)
 
 
 def apply_precision(args, plan: PrecisionPlan) -> None:

@@ -339,16 +339,17 @@ def compute_stats(tokenized: Dataset, split: str, n_in: int) -> TokenizeStats:
         counts = np.pad(counts, (0, max(0, len(chunk_counts) - len(counts))))
         counts[: len(chunk_counts)] += chunk_counts
     lengths = np.arange(len(counts))
+    tokens = int((counts * lengths).sum())
     return TokenizeStats(
         split=split,
         examples_in=n_in,
         kept=len(tokenized),
         truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
         dropped=n_in - len(tokenized),
-        mean_length=float((counts * lengths).sum() / counts.sum()),
+        mean_length=tokens / int(counts.sum()),
         max_length=int(lengths[counts > 0][-1]),
         p95_length=percentile_of_counts(counts, 95),
-        tokens=int((counts * lengths).sum()),
+        tokens=tokens,
         trained_tokens=int(pc.sum(pc.list_flatten(table.column("completion_mask"))).as_py() or 0),
         dropped_turns=int(pc.sum(table.column("dropped_turns")).as_py() or 0),
     )

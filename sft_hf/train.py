@@ -35,7 +35,7 @@ from sft_hf.run.preemption import StopOnSignal
 from sft_hf.run.training_data import prepare_training_data, source_results, track_data
 from sft_hf.run.safety import RUN_RESULTS, StopOnNonFiniteLoss, StopOnSkippedSteps, atomic_save, check_output_dir
 from sft_hf.speed import allocator
-from sft_hf.speed.threads import run_on_cpu, set_cpu_threads
+from sft_hf.speed.threads import set_cpu_threads
 from sft_hf.templates import get_template, reference_answer
 from sft_hf.trainer import InstructionTrainer
 
@@ -73,7 +73,7 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_warning()
     install_secret_redaction()  # tokens / API keys from the environment never reach a log line
     # every core unless the user chose (accelerate launch would give 1), also for a CPU run on a GPU machine
-    set_cpu_threads(args.cpu_threads, run_on_cpu(args))
+    set_cpu_threads(args.cpu_threads, args.precision_plan.device == "cpu")
     if args.process_index == 0:
         logger.info("malloc: %s (SFT_HF_ALLOCATOR=system keeps glibc's; sft_hf/speed/allocator.py says why)",
                     allocator.active_allocator())
