@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from sft_hf.errors import DataError, RecipeError
+from sft_hf.evaluation.win_rate import bootstrap_interval
 
 LABELS = ("model", "tie", "baseline")  # from the judge's side: its model won, a tie, its baseline won
-CONFIDENCE = 0.95
 
 
 @dataclass
@@ -159,11 +159,7 @@ def bootstrap_agreement(items: list[Item], rounds: int, seed: int) -> np.ndarray
 
 def interval(samples: np.ndarray) -> tuple[float, float] | None:
     kept = samples[~np.isnan(samples)]
-    if not len(kept):
-        return None
-    tail = (1 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(kept, [tail, 100 - tail])
-    return float(low), float(high)
+    return bootstrap_interval(kept) if len(kept) else None
 
 
 def preferences(items: list[Item], verdicts: dict) -> dict:

@@ -64,7 +64,10 @@ class Voter:
         return f"login:{self.login}" if self.login is not None else f"session:{self.session}"
 
 
-def voter_of(request) -> Voter:
+def voter_of(request) -> Voter | None:
+    """Who sent a page event; None without a request (a handler called outside Gradio)."""
+    if request is None:
+        return None
     login = getattr(request, "username", None)
     session_hash = getattr(request, "session_hash", None)
     client = getattr(request, "client", None)
@@ -293,7 +296,7 @@ def build_app(arena: Arena) -> gr.Blocks:
         def start(request: gr.Request = None):
             if arena.deck is None or arena.stopped:
                 return show(None)
-            b = arena.new_battle(voter_of(request) if request is not None else None)
+            b = arena.new_battle(voter_of(request))
             return show(b, "" if b is not None else "You have voted on every instruction and pair of models here. "
                                                     "Thank you!")
 
@@ -303,7 +306,7 @@ def build_app(arena: Arena) -> gr.Blocks:
         if arena.live_models:
             def ask_both(prompt, request: gr.Request = None):
                 try:
-                    return show(arena.ask(prompt, voter_of(request) if request is not None else None))
+                    return show(arena.ask(prompt, voter_of(request)))
                 except LiveModelsFailed as e:  # a warning; the page stays as it was
                     gr.Warning(str(e))
                     return [gr.skip()] * len(shown)
@@ -314,7 +317,7 @@ def build_app(arena: Arena) -> gr.Blocks:
 
         for winner, button in buttons.items():
             def vote(b: Battle | None, request: gr.Request = None, winner=winner):
-                text, votable = arena.vote(b, winner, voter_of(request) if request is not None else None)
+                text, votable = arena.vote(b, winner, voter_of(request))
                 return [text, *[gr.Button(interactive=votable)] * len(buttons)]
 
             # votes are cheap and SQLite serialises them: no queue limit, twenty voters at once are fine

@@ -54,8 +54,9 @@ class ResponseColumn:
     path: Path
     column: str = DEFAULT_COLUMN
 
-    @classmethod
-    def parse(cls, spec: str) -> "ResponseColumn":
+    @staticmethod
+    def split(spec: str) -> tuple[str, Path, str]:
+        """(name, file, column) of `name=file.json`, `name=file.json:column` or `file.json`; nothing checked."""
         name, sep, location = spec.partition("=")
         if not sep:
             name, location = "", spec
@@ -63,6 +64,11 @@ class ResponseColumn:
         if not path.is_file() and ":" in location:  # path.json:column (a path that itself holds ':' wins)
             head, column = location.rsplit(":", 1)
             path = Path(head)
+        return name, path, column
+
+    @classmethod
+    def parse(cls, spec: str) -> "ResponseColumn":
+        name, path, column = cls.split(spec)
         if not path.is_file():
             raise RecipeError(f"--responses {spec}: no such file {str(path)!r} (use name=file.json or "
                               f"name=file.json:column)")

@@ -223,8 +223,9 @@ def check_output(flag: str, path: str | None, inputs: list[str]) -> None:
 
 def response_file(spec: str) -> str:
     """The file of a --responses spec (name=file.json or name=file.json:column)."""
-    location = spec.partition("=")[2] or spec
-    return location.rsplit(":", 1)[0] if ":" in location and not Path(location).is_file() else location
+    from sft_hf.evaluation.arena.battles import ResponseColumn
+
+    return str(ResponseColumn.split(spec)[1])
 
 
 def main(argv=None) -> int:

@@ -249,21 +249,28 @@ class VoteStore:
         return (True, vote.winner) if stored is None else (False, stored[0])
 
     @staticmethod
-    def _voted(conn: sqlite3.Connection, vote: Vote) -> bool:
-        if vote.voter is not None:
-            who, args = "voter = ?", (vote.voter,)
-        elif vote.session is not None:
-            who, args = "voter IS NULL AND session = ?", (vote.session,)
-        else:  # neither a login nor a session (votes added by a script): no per-voter limit
+    def _who(voter: str | None, session: str | None) -> tuple[str, tuple] | None:
+        """The SQL condition for one voter's votes: a login, else an anonymous session; None for neither (votes
+        added by a script: no per-voter limit)."""
+        if voter is not None:
+            return "voter = ?", (voter,)
+        if session is not None:
+            return "voter IS NULL AND session = ?", (session,)
+        return None
+
+    @classmethod
+    def _voted(cls, conn: sqlite3.Connection, vote: Vote) -> bool:
+        if (condition := cls._who(vote.voter, vote.session)) is None:
             return False
+        who, args = condition
         return conn.execute(f"SELECT 1 FROM votes WHERE matchup = ? AND {who} LIMIT 1",
                             (vote.matchup, *args)).fetchone() is not None
 
     def matchups_of(self, voter: str | None, session: str | None) -> set[str]:
         """The matchups (matchup_key) this voter already voted on."""
-        if voter is None and session is None:
+        if (condition := self._who(voter, session)) is None:
             return set()
-        who, args = ("voter = ?", (voter,)) if voter is not None else ("voter IS NULL AND session = ?", (session,))
+        who, args = condition
         with closing(self._connect()) as conn:
             return {row[0] for row in conn.execute(f"SELECT matchup FROM votes WHERE {who}", args)}
 
