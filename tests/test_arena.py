@@ -17,6 +17,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import closing
 from types import SimpleNamespace
 
 import numpy as np
@@ -206,6 +207,43 @@ def test_a_replayed_vote_counts_once(tmp_path):
         t.join()
     assert sum(inserted for inserted, _ in results) == 1 and len({winner for _, winner in results}) == 1
     assert store.count() == 2
+
+
+READER_SCRIPT = """
+import sys
+from sft_hf.evaluation.arena.votes import VoteStore
+store = VoteStore(sys.argv[1], create=False)
+print("reading", flush=True)
+while True:
+    store.votes()  # each read's connection, the last one to close, checkpoints and deletes the WAL if it can
+"""
+
+
+def test_votes_added_beside_an_open_connection_while_another_process_reads(tmp_path):
+    """A process that holds a connection to the votes file (a notebook, a test) opens a VoteStore on it and votes
+    while the arena's server reads. Checking the file with open()/close() dropped this process's SQLite locks, the
+    reader deleted the WAL under it, and the 5th vote or so failed with "disk I/O error" (seen in CI)."""
+    path = tmp_path / "votes.sqlite"
+    VoteStore(path).add(make_vote("b0"))
+    reader = subprocess.Popen([sys.executable, "-c", READER_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True,
+                              cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert reader.stdout.readline() == "reading\n"
+        held = []
+        for k in range(60):
+            held.append(sqlite3.connect(path))  # left open, as `with sqlite3.connect(...)` leaves it
+            assert held[-1].execute("SELECT count(*) FROM votes").fetchone() == (k + 1,)
+            assert VoteStore(path).add(make_vote(f"b{k + 1}", WINNERS[k % 4])) == (True, WINNERS[k % 4])
+        assert reader.poll() is None, "the reading process died"
+    finally:
+        reader.kill()
+        reader.wait()
+        reader.stdout.close()
+    for conn in held:
+        conn.close()
+    assert VoteStore(path).count() == 61
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 VOTER_SCRIPT = """

@@ -109,10 +109,11 @@ def inspect_votes_file(path: str | Path) -> int:
     database (no tables), else the votes schema version. Anything else is a DataError saying what it is: not
     SQLite, damaged (PRAGMA quick_check), another program's database, a newer sft-hf's votes."""
     path = Path(path)
-    if path.stat().st_size and not is_sqlite_file(path):
-        raise DataError(f"{path}: not a votes database (not an SQLite file at all)")
     if not path.stat().st_size:
         return 0
+    # SQLite itself tells a file that is not SQLite: opening and closing the file with open() here would drop
+    # every POSIX lock this process's own connections hold on it, and another process could then delete the WAL
+    # under them ("disk I/O error"; sqlite.org/howtocorrupt.html 2.2)
     try:
         with closing(sqlite3.connect(read_only_uri(path), uri=True, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
             problems = [line.strip() for row in conn.execute("PRAGMA quick_check(3)") for line in row[0].splitlines()
@@ -128,6 +129,8 @@ def inspect_votes_file(path: str | Path) -> int:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(votes)"))
     except sqlite3.DatabaseError as e:  # damaged beyond reading its schema, or locked by another program
+        if str(e) == "file is not a database":
+            raise DataError(f"{path}: not a votes database (not an SQLite file at all)") from None
         raise DataError(f"{path}: damaged or unreadable database ({e}); the arena will not write to it. Keep it "
                         f"(`sqlite3 {path} .recover` may save its votes) and give --votes a new file") from None
     if tables == ["votes"] and version in COLUMNS and columns == COLUMNS[version]:
@@ -212,7 +215,8 @@ class VoteStore:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         print(f"{self.path}: votes file upgraded from schema version {version} to {SCHEMA_VERSION}", flush=True)
 
@@ -244,7 +248,8 @@ class VoteStore:
                                  list(row.values()))
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # an I/O error may have ended it already; its own error is the one to see
+                    conn.execute("ROLLBACK")
                 raise
         return (True, vote.winner) if stored is None else (False, stored[0])
 
