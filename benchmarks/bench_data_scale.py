@@ -13,7 +13,10 @@ loading, checks, templating, tokenizing, model load). *peak RSS*: the largest re
 RSS growth*: the most the run's processes together (the main one and its map workers) grew while the data was being
 prepared (sft-hf: `prepare_training_data`; TRL: `load_dataset`, its formatting map and `SFTTrainer._prepare_dataset`),
 above what they held when that started, as proportional set size (PSS: pages a forked map worker shares with the main
-process are counted once); its anonymous part (Python objects, Arrow buffers; not file pages) in brackets. The
+process are counted once); its anonymous part (Python objects, Arrow buffers; not file pages) in brackets. *reading
+growth*: the same anonymous growth while the files are read alone, before any tokenizing (sft-hf:
+`load_recipe_splits`, which reads, checks and splits; TRL: `datasets.load_dataset`); the map workers that tokenize
+add a fixed amount whatever the record count. The
 generated files live in `$SFT_HF_CACHE/bench-data-scale` (default ~/.cache/sft_hf), never in the repository. TRL:
 `pip install "trl>=1.0"` (the [bench] extra).
 """
@@ -97,7 +100,7 @@ class Probe:
 
         self.process, self.result_path = psutil.Process(), result_path
         self.result = {"phases": {}}
-        self.phase, self.phase_start, self.phase_peak = None, None, None
+        self.active = {}  # phase → [start, peak] while it runs (phases may nest: reading inside preparing)
         threading.Thread(target=self._sample, daemon=True).start()
 
     def tree(self) -> tuple[int, int]:
@@ -116,9 +119,10 @@ class Probe:
 
     def _sample(self):
         while True:
-            if self.phase is not None:
+            if self.active:
                 now = self.tree()
-                self.phase_peak = tuple(max(a, b) for a, b in zip(self.phase_peak, now))
+                for span in list(self.active.values()):
+                    span[1] = tuple(max(a, b) for a, b in zip(span[1], now))
             time.sleep(0.1)
 
     def measured(self, phase: str, function, *args, **kwargs):
@@ -127,23 +131,22 @@ class Probe:
         return holder.run(*args, **kwargs)
 
     def wrap(self, owner, name: str, phase: str):
+        """Measures `phase` around each call of owner.name (a call made inside another of the same phase is part of
+        it); the phase's growth is the largest over its calls."""
         original = getattr(owner, name)
 
         def wrapped(*args, **kwargs):
-            outer = self.phase is not None
-            if not outer:
-                self.phase, self.phase_start = phase, self.tree()
-                self.phase_peak = self.phase_start
+            if phase in self.active:
+                return original(*args, **kwargs)
+            start = self.tree()
+            self.active[phase] = [start, start]
             try:
                 return original(*args, **kwargs)
             finally:
-                if not outer:
-                    end = self.tree()
-                    peak = tuple(max(a, b) for a, b in zip(self.phase_peak, end))
-                    growth = [p - s for p, s in zip(peak, self.phase_start)]
-                    previous = self.result["phases"].get(phase, [0, 0])
-                    self.result["phases"][phase] = [max(g, p) for g, p in zip(growth, previous)]
-                    self.phase = None
+                peak = tuple(max(a, b) for a, b in zip(self.active.pop(phase)[1], self.tree()))
+                growth = [p - s for p, s in zip(peak, start)]
+                previous = self.result["phases"].get(phase, [0, 0])
+                self.result["phases"][phase] = [max(g, p) for g, p in zip(growth, previous)]
 
         setattr(owner, name, wrapped)
 
@@ -174,6 +177,7 @@ def run_sft_worker(result_path: str, argv: list[str]) -> None:
     import sft_hf.run.training_data as training_data
 
     probe.wrap(training_data, "prepare_training_data", "data")
+    probe.wrap(training_data, "load_recipe_splits", "reading")
     sys.argv = [str(ROOT / "recipes" / "train.py"), *argv]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
@@ -187,6 +191,7 @@ def run_trl_worker(result_path: str, kind: str, files: list[str], model: str, nu
     from sft_hf.templates import alpaca_to_messages, get_template
 
     probe.wrap(SFTTrainer, "_prepare_dataset", "data")
+    probe.wrap(datasets, "load_dataset", "reading")
     alpaca = get_template("alpaca")
 
     def prompt_completion(batch):
@@ -240,9 +245,9 @@ def measure(command: list[str], result_path: Path, cache: Path) -> dict:
     if not result_path.is_file():
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({process.returncode}):\n{''.join(stderr_tail)}")
     result = json.loads(result_path.read_text())
-    growth = result["phases"].get("data", [0, 0])
+    growth, reading = result["phases"].get("data", [0, 0]), result["phases"].get("reading")
     return {"first_step": result["first_step"] - start, "peak_rss": usage.ru_maxrss * 1024,
-            "data_growth": growth[0], "data_growth_anon": growth[1]}
+            "data_growth": growth[0], "data_growth_anon": growth[1], "reading_growth_anon": reading and reading[1]}
 
 
 def run_case(contender: str, kind: str, files: list[str], opts, model: str, work: Path) -> dict:
@@ -317,8 +322,9 @@ def table(rows: list[dict]) -> str:
         return f"{value / 2**20:,.0f} MB"
 
     lines = ["| workload | records | sft-hf first step | TRL first step | TRL / sft-hf | sft-hf peak RSS "
-             "| TRL peak RSS | sft-hf data RSS growth (anon) | TRL data RSS growth (anon) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| TRL peak RSS | sft-hf data RSS growth (anon) | TRL data RSS growth (anon) | sft-hf reading growth (anon) "
+             "| TRL reading growth (anon) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         ours, trl = row.get("sft-hf"), row.get("trl")
         cells = [row["workload"], row["records"]]
@@ -326,6 +332,8 @@ def table(rows: list[dict]) -> str:
                   f"{trl['first_step'] / ours['first_step']:.2f}×" if ours and trl else "–"]
         cells += [mb(r["peak_rss"]) if r else "–" for r in (ours, trl)]
         cells += [f"{mb(r['data_growth'])} ({mb(r['data_growth_anon'])})" if r else "–" for r in (ours, trl)]
+        cells += [mb(r["reading_growth_anon"]) if r and r.get("reading_growth_anon") is not None else "–"
+                  for r in (ours, trl)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
 from sft_hf.errors import DataError
+from sft_hf.speed.allocator import release_free_memory
 from sft_hf.templates import Template, TemplateError, get_template, messages_to_alpaca
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_PREFIX = "builtin:"
 CHECK_BATCH = 1 << 16  # records per Arrow batch in the checks: bounded memory at any file size
+# rows per Arrow record batch in the cache of a local file (datasets' default is 1,000): every record batch of a
+# memory-mapped table holds a few KB of metadata in memory, 56 MB for 4 M records at 1,000 rows
+READ_BATCH_ROWS = 100_000
 SCAN_PROGRESS_BYTES = 64 << 20  # a line-by-line scan of a larger file shows a progress bar
 
 
@@ -65,11 +69,13 @@ def map_num_proc(num_proc: int | None, n_records: int) -> int | None:
 
 @contextlib.contextmanager
 def fork_friendly(num_proc: int | None):
-    """Around a `Dataset.map` with worker processes: Python's garbage collector is kept off the objects that exist
-    now, so forked workers do not copy the parent's pages by walking them (docs/data.md#large-files)."""
+    """Around a `Dataset.map` with worker processes: the memory malloc keeps for reuse goes back to the system, and
+    Python's garbage collector is kept off the objects that exist now, so forked workers do not copy the parent's
+    pages by walking them (docs/data.md#large-files)."""
     if not num_proc or num_proc <= 1:
         yield
         return
+    release_free_memory()
     gc.freeze()
     try:
         yield
@@ -157,7 +163,7 @@ def read_source(dataset_name: str, dataset_config: str | None, column_mapping: d
     if sum(len(ds) for ds in raw.values()) == 0:
         detail = f" ({len(skipped)} bad records skipped; the first: {skipped[0]})" if skipped else ""
         raise DataError(f"{source}: no usable record left{detail}")
-    pa.default_memory_pool().release_unused()  # Arrow keeps what reading freed for reuse; forked workers would too
+    release_free_memory()  # what reading freed, kept by malloc and Arrow for reuse; forked workers would hold it too
     return raw
 
 
@@ -209,7 +215,7 @@ def template_fields(template: Template | None) -> frozenset[str]:
 def _load_file(builder: str, path: str, **kwargs) -> DatasetDict:
     """`datasets.load_dataset(builder)` on one file: Arrow, read in chunks and cached."""
     try:
-        return datasets.load_dataset(builder, data_files={"train": path}, **kwargs)
+        return datasets.load_dataset(builder, data_files={"train": path}, writer_batch_size=READ_BATCH_ROWS, **kwargs)
     except Exception as e:  # datasets wraps parser errors deep inside; say which file
         cause = e.__cause__ or e
         raise DataError(f"{path}: could not be read as {builder}: {type(cause).__name__}: {cause}") from e
@@ -235,7 +241,8 @@ def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -
     is scanned line by line for every bad line and record. With `skip_bad_records`, the good records of such a file
     are written to a cleaned copy in the datasets cache as they are scanned, and Arrow reads that."""
     try:
-        raw = _quietly(path, datasets.load_dataset, "json", data_files={"train": path}, on_mixed_types=None)
+        raw = _quietly(path, datasets.load_dataset, "json", data_files={"train": path}, on_mixed_types=None,
+                       writer_batch_size=READ_BATCH_ROWS)
         if all(_valid_utf8(ds) for ds in raw.values()):  # Arrow's JSON reader keeps bytes that are not UTF-8
             return raw
     except Exception:  # noqa: BLE001 - malformed JSON, bad bytes, mixed types: the scan names them
