@@ -40,9 +40,6 @@ logger = logging.getLogger(__name__)
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILTIN_PREFIX = "builtin:"
 CHECK_BATCH = 1 << 16  # records per Arrow batch in the checks: bounded memory at any file size
-# rows per Arrow record batch in the cache of a local file (datasets' default is 1,000): every record batch of a
-# memory-mapped table holds a few KB of metadata in memory, 56 MB for 4 M records at 1,000 rows
-READ_BATCH_ROWS = 100_000
 SCAN_PROGRESS_BYTES = 64 << 20  # a line-by-line scan of a larger file shows a progress bar
 
 
@@ -215,7 +212,7 @@ def template_fields(template: Template | None) -> frozenset[str]:
 def _load_file(builder: str, path: str, **kwargs) -> DatasetDict:
     """`datasets.load_dataset(builder)` on one file: Arrow, read in chunks and cached."""
     try:
-        return datasets.load_dataset(builder, data_files={"train": path}, writer_batch_size=READ_BATCH_ROWS, **kwargs)
+        return datasets.load_dataset(builder, data_files={"train": path}, **kwargs)
     except Exception as e:  # datasets wraps parser errors deep inside; say which file
         cause = e.__cause__ or e
         raise DataError(f"{path}: could not be read as {builder}: {type(cause).__name__}: {cause}") from e
@@ -241,8 +238,7 @@ def _load_json_file(path, column_mapping, template, skip_bad_records, skipped) -
     is scanned line by line for every bad line and record. With `skip_bad_records`, the good records of such a file
     are written to a cleaned copy in the datasets cache as they are scanned, and Arrow reads that."""
     try:
-        raw = _quietly(path, datasets.load_dataset, "json", data_files={"train": path}, on_mixed_types=None,
-                       writer_batch_size=READ_BATCH_ROWS)
+        raw = _quietly(path, datasets.load_dataset, "json", data_files={"train": path}, on_mixed_types=None)
         if all(_valid_utf8(ds) for ds in raw.values()):  # Arrow's JSON reader keeps bytes that are not UTF-8
             return raw
     except Exception:  # noqa: BLE001 - malformed JSON, bad bytes, mixed types: the scan names them

@@ -9,6 +9,7 @@ import sys
 from html.parser import HTMLParser
 
 import pytest
+import yaml
 from datasets import Dataset
 from transformers import AutoTokenizer
 
@@ -222,6 +223,31 @@ def test_cli_inspect_uses_the_recipe_arguments(tokenizer, tmp_path, capsys):
     assert "completion_only_loss <code>False</code>" in out.read_text()
     terminal = capsys.readouterr().out
     assert re.search(r"train\[0\] · \d+ tokens", terminal) and "train[1]" in terminal and "train[2]" not in terminal
+
+
+def test_inspect_and_report_take_a_recipe_as_train_does(tokenizer, tmp_path, capsys):
+    """A --dataset_name on the command line replaces the recipe's mixture (train's rule), and values a run cannot
+    use are refused, in `sft-hf inspect` and `sft-hf report` alike."""
+    records = [{"instruction": f"Name color {i}.", "input": "", "output": "red"} for i in range(10)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(tmp_path / "tok"), "output_dir": str(tmp_path),
+                                      "dataset_mixture": [{"path": "elsewhere.jsonl", "fraction": 0.5}]}))
+    page = tmp_path / "inspect.html"
+    assert cli_main(["inspect", "--config", str(recipe), "--dataset_name", str(data), "--n", "1",
+                     "--html", str(page)]) == 0
+    assert f"<code>{data}</code>" in page.read_text() and "elsewhere" not in page.read_text()
+    assert re.search(r"train\[0\] · \d+ tokens", capsys.readouterr().out)
+    assert cli_main(["report", "--config", str(recipe), "--dataset_name", str(data),
+                     "--out_dir", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["splits"]["train"]["examples"] == 8
+    for command in ("inspect", "report"):
+        assert cli_main([command, "--config", str(recipe), "--dataset_name", str(data),
+                         "--per_device_train_batch_size", "0"]) == 2
+        assert capsys.readouterr().err.strip() == ("error: command line: per_device_train_batch_size must be at least "
+                                                   "1, got 0")
 
 
 def test_module_entry_point_lists_the_commands():

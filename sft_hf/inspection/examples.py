@@ -281,10 +281,10 @@ class InspectArguments:
 
 
 def main(argv: list[str]) -> int:
-    from sft_hf.run.config import ARG_CLASSES, COMMON_TRAINING_ARGS, Command, parse_recipe_and_values
+    from sft_hf.run.config import parse_recipe_and_values, recipe_command
 
-    command = Command(
-        prog="sft-hf inspect", dataclass_types=(InspectArguments, *ARG_CLASSES), common=COMMON_TRAINING_ARGS,
+    command = recipe_command(
+        "sft-hf inspect", InspectArguments,
         summary="Show the first N examples token by token as the collator feeds them. Every other key (--config, "
                 "--dataset_name, --template, --max_length, ...) is a recipe key, as in training.")
     own, model_args, data_args, args, _ = parse_recipe_and_values(argv, command=command)

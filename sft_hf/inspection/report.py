@@ -329,10 +329,10 @@ class ReportArguments:
 def main(argv: list[str]) -> int:
     from sft_hf.collator import recipe_collator
     from sft_hf.inspection.examples import load_recipe_data
-    from sft_hf.run.config import ARG_CLASSES, COMMON_TRAINING_ARGS, Command, parse_recipe_and_values
+    from sft_hf.run.config import parse_recipe_and_values, recipe_command
 
-    command = Command(
-        prog="sft-hf report", dataclass_types=(ReportArguments, *ARG_CLASSES), common=COMMON_TRAINING_ARGS,
+    command = recipe_command(
+        "sft-hf report", ReportArguments,
         summary="Dataset report for a recipe: lengths, truncation, padding, trained tokens, duplicates. Every other "
                 "key (--config, --dataset_name, --template, --max_length, --per_device_train_batch_size, ...) is a "
                 "recipe key, as in training.")

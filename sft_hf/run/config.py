@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import TrainingArguments
@@ -260,6 +260,12 @@ TRAIN = Command(
     summary="Fine-tune a causal LM on instructions. Every key is set in the YAML recipe or overridden with "
             "--<key> <value>. Without a recipe the built-in default recipe runs (sft_hf/builtin/default.yaml), "
             "unless the command line names a model or a dataset. Each run saves its recipe as <output_dir>/recipe.yaml.")
+
+
+def recipe_command(prog: str, own_arguments, summary: str) -> Command:
+    """A command that takes a training recipe and options of its own (`sft-hf inspect`, `report`): train's keys with
+    train's conventions (a flag supersedes the file keys it replaces, the least usable values)."""
+    return replace(TRAIN, prog=prog, dataclass_types=(own_arguments, *ARG_CLASSES), summary=summary)
 
 
 def parse_recipe(argv: list[str] | None = None, default_recipe: Path | None = DEFAULT_RECIPE):
