@@ -93,6 +93,8 @@ def session_id(session_hash: str) -> str:
 # ---------------------------------------------------------------------------------------------- checking the file
 
 def is_sqlite_file(path: str | Path) -> bool:
+    """Only for a file this process holds no SQLite connection to: closing any descriptor of a file drops every POSIX
+    lock the process holds on it, its connections' locks included (sqlite.org/howtocorrupt.html 2.2)."""
     try:
         with open(path, "rb") as f:
             return f.read(16) == SQLITE_MAGIC
