@@ -74,7 +74,10 @@ def release_free_memory() -> None:
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
-    process = ctypes.CDLL(None)
+    try:
+        process = ctypes.CDLL(None)  # the running program, with the malloc it links or preloads
+    except (OSError, TypeError):  # Windows has no such handle
+        return
     if hasattr(process, "MallocExtension_ReleaseFreeMemory"):  # tcmalloc, preloaded by use_fast_allocator
         process.MallocExtension_ReleaseFreeMemory()
     elif hasattr(process, "malloc_trim"):  # glibc
