@@ -160,7 +160,6 @@ def read_source(dataset_name: str, dataset_config: str | None, column_mapping: d
     if sum(len(ds) for ds in raw.values()) == 0:
         detail = f" ({len(skipped)} bad records skipped; the first: {skipped[0]})" if skipped else ""
         raise DataError(f"{source}: no usable record left{detail}")
-    release_free_memory()  # what reading freed, kept by malloc and Arrow for reuse; forked workers would hold it too
     return raw
 
 

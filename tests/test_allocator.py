@@ -24,11 +24,15 @@ sys.exit(3)
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD: Linux")
 
 
-def run_probe(**env_overrides) -> tuple[int, list[list[str]]]:
+def run_script(script: str, *args: str, **env_overrides) -> subprocess.CompletedProcess:
+    """`script` in a fresh interpreter whose environment chose no allocator and no Arrow pool, unless given here."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.CHOICE, allocator.ARROW_POOL)}
     env.update(PYTHONPATH=str(ROOT), **env_overrides)
-    result = subprocess.run([sys.executable, "-c", PROBE, "--flag", "a b"], env=env, capture_output=True, text=True,
-                            timeout=60)
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def run_probe(**env_overrides) -> tuple[int, list[list[str]]]:
+    result = run_script(PROBE, "--flag", "a b", **env_overrides)
     return result.returncode, [line.split(" ", 2) for line in result.stdout.splitlines()]
 
 
@@ -100,9 +104,7 @@ print(allocator.active_allocator(), start, freed, anon_mb())
 def test_release_free_memory_gives_freed_blocks_back(choice):
     """What a large read freed goes back to the system before map workers fork (sft_hf/data.py fork_friendly):
     both tcmalloc and glibc keep ~200 MB of freed small blocks otherwise."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.CHOICE)}
-    env.update(PYTHONPATH=str(ROOT), **({allocator.CHOICE: choice} if choice else {}))
-    result = subprocess.run([sys.executable, "-c", RELEASE_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    result = run_script(RELEASE_PROBE, **({allocator.CHOICE: choice} if choice else {}))
     assert result.returncode == 0, result.stderr
     library, start, freed, released = result.stdout.split()[-4:]
     if not choice and "tcmalloc" not in library:

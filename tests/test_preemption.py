@@ -11,7 +11,8 @@ import torch
 from cluster_setup import SFT_HF, error_lines, launch
 from sft_hf.errors import Preempted
 from sft_hf.run.checkpoints import COMPLETE_MARKER
-from sft_hf.run.preemption import StopOnSignal, agreed_signal
+from sft_hf.run.preemption import StopOnSignal
+from sft_hf.run.safety import agreed_max
 from tiny_setup import load_weights, run_train, tiny_recipe_args, train_losses, write_tiny_dataset, write_tiny_model
 
 STEPS = 6
@@ -90,7 +91,7 @@ def test_signal_before_training_stops_at_once_and_during_training_at_the_step_en
         assert stopper.received == signal.SIGTERM and not stopper.stopped
         control = stopper.on_step_end(Args, State, Control())
         assert control.should_save and control.should_training_stop and not control.should_evaluate
-        assert stopper.stopped_step == 4 and agreed_signal(0, "cpu") == 0  # one process: no collective
+        assert stopper.stopped_step == 4 and agreed_max(0, "cpu") == 0  # one process: no collective
         signal.raise_signal(signal.SIGTERM)  # a second one changes nothing
         assert stopper.agreed == signal.SIGTERM and stopper.stopped_step == 4
     finally:

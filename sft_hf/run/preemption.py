@@ -42,11 +42,6 @@ logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def agreed_signal(received: int, device) -> int:
-    """The number of a signal some process received, 0 when none did: one all-reduced integer per optimizer step."""
-    return agreed_max(received, device)
-
-
 class StopOnSignal(TrainerCallback):
     """SIGTERM / SIGUSR1: finish the optimizer step, save a complete checkpoint on every process, stop training.
 
@@ -88,7 +83,8 @@ class StopOnSignal(TrainerCallback):
         self.training = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.agreed = agreed_signal(self.received, args.device)
+        # the number of a signal some process received, 0 when none did: one all-reduced integer per optimizer step
+        self.agreed = agreed_max(self.received, args.device)
         if self.agreed:
             control.should_save = True  # Trainer's own save: marked complete once every process wrote its part
             control.should_training_stop = True

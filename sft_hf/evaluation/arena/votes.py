@@ -113,9 +113,7 @@ def inspect_votes_file(path: str | Path) -> int:
     path = Path(path)
     if not path.stat().st_size:
         return 0
-    # SQLite itself tells a file that is not SQLite: opening and closing the file with open() here would drop
-    # every POSIX lock this process's own connections hold on it, and another process could then delete the WAL
-    # under them ("disk I/O error"; sqlite.org/howtocorrupt.html 2.2)
+    # SQLite itself tells a file that is not SQLite, not is_sqlite_file: this process may hold connections to it
     try:
         with closing(sqlite3.connect(read_only_uri(path), uri=True, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
             problems = [line.strip() for row in conn.execute("PRAGMA quick_check(3)") for line in row[0].splitlines()
